@@ -1,0 +1,48 @@
+"""JSON-lines logging on stderr (journald-friendly). Never log secrets or tensor contents."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """Format records as one JSON object per line; extra= fields become top-level keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                doc[key] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str, separators=(",", ":"))
+
+
+def configure_logging(level: int = logging.INFO, stream: Any = None) -> None:
+    """Send the ``edgert`` logger tree to stderr as JSON lines at ``level``."""
+    logger = logging.getLogger("edgert")
+    for handler in list(logger.handlers):
+        if getattr(handler, "_edgert", False):
+            logger.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    handler._edgert = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def monotonic_ms() -> float:
+    """Milliseconds from the monotonic clock (for durations, never for timestamps)."""
+    return time.monotonic() * 1000.0
