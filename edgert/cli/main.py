@@ -18,6 +18,13 @@ COMMANDS = {
     "models": "edgert.cli.models:models",
     "infer": "edgert.cli.infer:infer",
     "bench": "edgert.cli.bench:bench",
+    "keys": "edgert.cli.keys:keys",
+    "package": "edgert.cli.package:package",
+    "audit": "edgert.cli.audit:audit",
+    "capture": "edgert.cli.capture:capture",
+    "daemon": "edgert.cli.daemon:daemon",
+    "demo": "edgert.cli.daemon:demo",
+    "mqtt": "edgert.cli.mqtt:mqtt",
 }
 
 
