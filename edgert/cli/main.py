@@ -11,20 +11,20 @@ from edgert import __version__
 from edgert.cli.lazy import LazyGroup
 from edgert.errors import EdgertError, exit_code_for
 
-#: name -> "module:click-object". One line per command group; each module owns its group.
+#: name -> ("module:click_object", short help). One line per command group; each module owns its group.
 COMMANDS = {
-    "doctor": "edgert.cli.doctor:doctor",
-    "profiles": "edgert.cli.profiles:profiles",
-    "models": "edgert.cli.models:models",
-    "infer": "edgert.cli.infer:infer",
-    "bench": "edgert.cli.bench:bench",
-    "keys": "edgert.cli.keys:keys",
-    "package": "edgert.cli.package:package",
-    "audit": "edgert.cli.audit:audit",
-    "capture": "edgert.cli.capture:capture",
-    "daemon": "edgert.cli.daemon:daemon",
-    "demo": "edgert.cli.daemon:demo",
-    "mqtt": "edgert.cli.mqtt:mqtt",
+    "doctor": ("edgert.cli.doctor:doctor", "Check packages, backends and providers; detect the device profile."),
+    "profiles": ("edgert.cli.profiles:profiles", "List and show device profiles."),
+    "models": ("edgert.cli.models:models", "Inspect model files; manage the encrypted model store."),
+    "infer": ("edgert.cli.infer:infer", "Run one inference on a model file."),
+    "bench": ("edgert.cli.bench:bench", "Benchmark a model in-process: p50/p90/p99, throughput."),
+    "keys": ("edgert.cli.keys:keys", "Create and show this device's keys."),
+    "package": ("edgert.cli.package:package", "Create and inspect encrypted model packages (.edgepkg)."),
+    "audit": ("edgert.cli.audit:audit", "Verify and read the tamper-evident audit log."),
+    "capture": ("edgert.cli.capture:capture", "Sealed data capture (fleet side: open captures)."),
+    "daemon": ("edgert.cli.daemon:daemon", "Run the serving daemon (OIP v2 HTTP, Unix socket, MQTT sync)."),
+    "demo": ("edgert.cli.daemon:demo", "Run the daemon with the bundled sample models, offline, on CPU."),
+    "mqtt": ("edgert.cli.mqtt:mqtt", "Check the MQTT broker connection, TLS and ACLs."),
 }
 
 

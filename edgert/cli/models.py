@@ -1,0 +1,66 @@
+"""``edgert models …``: inspect model files; store commands (list, import, activate, …) load lazily."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import click
+
+from edgert.cli.common import echo_json, profile_option
+from edgert.cli.lazy import LazyGroup
+
+STORE_COMMANDS = {
+    "list": ("edgert.cli.store_cmds:list_cmd", "List models in the store with active/previous versions."),
+    "import": ("edgert.cli.store_cmds:import_cmd", "Encrypt a plaintext model to this device and store it."),
+    "activate": ("edgert.cli.store_cmds:activate_cmd", "Make a stored version active (reaches the daemon)."),
+    "rollback": ("edgert.cli.store_cmds:rollback_cmd", "Go back to the previous version of a model."),
+    "remove": ("edgert.cli.store_cmds:remove_cmd", "Remove a model version from the store."),
+}
+
+
+@click.group(cls=LazyGroup, lazy_subcommands=STORE_COMMANDS)
+def models() -> None:
+    """Inspect model files and manage the device's encrypted model store."""
+
+
+@models.command("inspect")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@profile_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(file: Path, profile: str, as_json: bool) -> None:
+    """Show a model's format, size, hash, inputs, outputs and the provider it would run on."""
+    from edgert.errors import ModelError
+    from edgert.runtime import Runtime, _read_model_file
+
+    data = _read_model_file(file)
+    if data[:8] == b"EDGEPKG\0" or file.suffix == ".edgepkg":
+        raise ModelError(f"{file} is an encrypted edgert package", hint=f"use 'edgert package inspect {file}'")
+    model = Runtime(profile).load(data, name=file.stem)
+    doc = model.describe()
+    doc.update(
+        {
+            "file": str(file),
+            "size_bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "load_ms": round(model.load_seconds * 1000, 2),
+            "profile": model.profile.name,
+            "skipped": [{"provider": p, "reason": r} for p, r in model.selection.skipped],
+        }
+    )
+    if as_json:
+        echo_json(doc)
+        return
+    click.echo(f"file:     {file}")
+    click.echo(f"format:   {doc['format']}")
+    click.echo(f"size:     {len(data):,} bytes")
+    click.echo(f"sha256:   {doc['sha256']}")
+    click.echo(f"provider: {doc['provider']} (profile {doc['profile']}, loaded in {doc['load_ms']} ms)")
+    for p, r in model.selection.skipped:
+        click.echo(f"  skipped {p}: {r}")
+    click.echo("inputs:")
+    for spec in model.inputs:
+        click.echo(f"  {spec.describe()}")
+    click.echo("outputs:")
+    for spec in model.outputs:
+        click.echo(f"  {spec.describe()}")
