@@ -1,0 +1,128 @@
+"""Device command processing: verify the fleet signature, dispatch, build the reply. Pure logic.
+
+Handlers are injected (the daemon provides activate/rollback/reboot); built-in ``ping`` needs
+nothing. Every refusal and every accepted command goes to the audit sink.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edgert.errors import EdgertError
+from edgert.mqtt.signing import CommandRejected, NonceCache, SignedCommand, verify_command
+
+__all__ = ["COMMANDS", "MAX_REPLY_BYTES", "AuditSink", "CommandProcessor", "Handler"]
+
+log = logging.getLogger("edgert.mqtt.commands")
+
+COMMANDS = (
+    "ping",
+    "get-status",
+    "get-config",
+    "set-telemetry-interval",
+    "activate-model",
+    "rollback-model",
+    "collect-logs",
+    "reboot-daemon",
+)
+#: Replies stay well under AWS IoT Core's 128 KB message limit.
+MAX_REPLY_BYTES = 96 * 1024
+REPLY_VERSION = 1
+
+Handler = Callable[[Mapping[str, Any]], Mapping[str, Any]]
+AuditSink = Callable[..., None]
+
+
+def _no_audit(event: str, **fields: Any) -> None:
+    pass
+
+
+@dataclass
+class CommandProcessor:
+    """Turns command payloads into reply payloads for one device."""
+
+    fleet: str
+    device: str
+    public_key: Ed25519PublicKey | None
+    handlers: dict[str, Handler] = field(default_factory=dict)
+    audit: AuditSink = _no_audit
+    nonces: NonceCache = field(default_factory=NonceCache)
+
+    def __post_init__(self) -> None:
+        self.handlers.setdefault("ping", lambda args: {"pong": True, "echo": str(args.get("echo", ""))[:256]})
+        unknown = set(self.handlers) - set(COMMANDS)
+        if unknown:
+            raise ValueError(f"unknown command handler(s): {sorted(unknown)}")
+
+    def handle(self, payload: bytes, *, now: float, request_id: str | None = None) -> dict[str, Any]:
+        """Process one command payload and return the reply document (never raises)."""
+        try:
+            command = self._verify(payload, now)
+        except CommandRejected as exc:
+            self.audit("mqtt.command.refused", reason=exc.code, bytes=len(payload))
+            log.warning("command refused", extra={"reason": exc.code})
+            return self._reply(request_id, ok=False, code=exc.code, message=exc.message)
+        rid = command.request_id or request_id
+        self.audit("mqtt.command.accepted", cmd=command.cmd, nonce=command.nonce)
+        return self._dispatch(command, rid)
+
+    def _verify(self, payload: bytes, now: float) -> SignedCommand:
+        if self.public_key is None:
+            raise CommandRejected("no_key", "device has no pinned fleet command key; commands are disabled")
+        return verify_command(
+            payload, self.public_key, fleet=self.fleet, device=self.device, now=now, nonces=self.nonces
+        )
+
+    def _dispatch(self, command: SignedCommand, rid: str | None) -> dict[str, Any]:
+        handler = self.handlers.get(command.cmd)
+        if handler is None:
+            code = "unknown_command" if command.cmd not in COMMANDS else "unsupported"
+            return self._reply(
+                rid,
+                ok=False,
+                code=code,
+                message=f"command {command.cmd!r} is not available here",
+                cmd=command.cmd,
+            )
+        try:
+            result = dict(handler(command.args))
+        except EdgertError as exc:
+            self.audit("mqtt.command.failed", cmd=command.cmd, error=exc.message)
+            return self._reply(rid, ok=False, code="failed", message=exc.message, cmd=command.cmd)
+        except (ValueError, TypeError, KeyError) as exc:
+            return self._reply(rid, ok=False, code="bad_args", message=str(exc)[:500], cmd=command.cmd)
+        except Exception as exc:
+            log.exception("command handler crashed", extra={"cmd": command.cmd})
+            return self._reply(rid, ok=False, code="internal", message=type(exc).__name__, cmd=command.cmd)
+        return self._reply(rid, ok=True, result=result, cmd=command.cmd)
+
+    def _reply(
+        self,
+        rid: str | None,
+        *,
+        ok: bool,
+        code: str | None = None,
+        message: str | None = None,
+        result: Mapping[str, Any] | None = None,
+        cmd: str | None = None,
+    ) -> dict[str, Any]:
+        doc: dict[str, Any] = {"v": REPLY_VERSION, "device": self.device, "ok": ok}
+        if rid is not None:
+            doc["request_id"] = rid
+        if cmd is not None:
+            doc["cmd"] = cmd
+        if ok:
+            doc["result"] = result or {}
+        else:
+            doc["error"] = {"code": code, "message": message}
+        if len(json.dumps(doc, default=str)) > MAX_REPLY_BYTES:
+            doc.pop("result", None)
+            doc["ok"] = False
+            doc["error"] = {"code": "too_large", "message": f"result exceeds {MAX_REPLY_BYTES} bytes"}
+        return doc

@@ -1,0 +1,365 @@
+"""The device sync service: status, spooled telemetry and events, signed commands over MQTT.
+
+Threads: the :class:`~edgert.mqtt.client.MqttLink` network thread, a drainer that moves spooled
+records to the broker (window of ``max_inflight`` unacknowledged QoS 1 publishes, acks deleted in
+batches), a telemetry timer and a command worker. Nothing here is ever called from the inference
+path, so an unreachable broker cannot slow inference: the telemetry timer only reads the metrics
+snapshot and writes to SQLite.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgert import __version__
+from edgert.errors import SyncError
+from edgert.mqtt import topics
+from edgert.mqtt.client import MqttLink
+from edgert.mqtt.commands import AuditSink, CommandProcessor, Handler
+from edgert.mqtt.config import MAX_TELEMETRY_INTERVAL_S, MIN_TELEMETRY_INTERVAL_S, MqttConfig
+from edgert.mqtt.signing import load_public_key
+from edgert.mqtt.spool import Record, Spool
+from edgert.mqtt.status import offline_status, online_status
+from edgert.mqtt.telemetry import DeviceStats, build_telemetry
+
+__all__ = ["MAX_LOG_LINES", "SyncService"]
+
+log = logging.getLogger("edgert.mqtt.sync")
+
+MAX_LOG_LINES = 200
+MAX_LOG_BYTES = 64 * 1024
+COMMAND_QUEUE = 32
+#: How long stop() waits for the graceful ``offline`` status to be acknowledged.
+OFFLINE_ACK_TIMEOUT_S = 2.0
+_REPLAYED_SUFFIX = b',"replayed":true}'
+
+
+def _empty() -> Mapping[str, Any]:
+    return {}
+
+
+class SyncService:
+    """Keeps one device in sync with the fleet over MQTT; a daemon service with start()/stop()."""
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        *,
+        spool: Spool | None = None,
+        status_provider: Callable[[], Mapping[str, Any]] = _empty,
+        stats_provider: Callable[[], Mapping[str, Any]] = _empty,
+        audit: AuditSink | None = None,
+        handlers: Mapping[str, Handler] | None = None,
+        log_tail: Callable[[int], list[str]] | None = None,
+        device_stats: DeviceStats | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        from edgert.paths import spool_path, state_dir
+
+        self.cfg = cfg
+        self.clock = clock
+        self.spool = spool or Spool(cfg.spool_path or spool_path(state_dir()), cfg.spool_max_records)
+        self.status_provider, self.stats_provider = status_provider, stats_provider
+        self.device_stats = device_stats or DeviceStats(disk_path=str(Path(self.spool.path).parent))
+        self.log_tail = log_tail
+        self.interval = cfg.telemetry_interval
+        self.boot_id = secrets.token_hex(4)
+        self.seq = 0
+        self.status_topic = topics.device_topic(cfg.fleet, cfg.device_id, "status")
+        self.telemetry_topic = topics.device_topic(cfg.fleet, cfg.device_id, "telemetry")
+        self.events_topic = topics.device_topic(cfg.fleet, cfg.device_id, "events")
+        self.cmd_topic = topics.device_topic(cfg.fleet, cfg.device_id, "cmd")
+        self.reply_topic = topics.device_topic(cfg.fleet, cfg.device_id, "reply")
+        key = load_public_key(cfg.command_key_file) if cfg.command_key_file else None
+        self.commands = CommandProcessor(
+            cfg.fleet, cfg.device_id, key, handlers=self._handlers(handlers or {}), audit=audit or _no_audit
+        )
+        self.link = MqttLink(
+            cfg,
+            will=(self.status_topic, offline_status(device=cfg.device_id, graceful=False)),
+            on_connect=self._on_connect,
+            on_puback=self._on_puback,
+            on_message=self._on_message,
+        )
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+        self._inflight: dict[int, int] = {}
+        self._generation = self.spool.generation
+        self._acks: collections.deque[tuple[int, int, str]] = collections.deque()
+        self._last_sent = 0
+        self._replay_upto = 0
+        self._status_mid: int | None = None
+        self._status_acked = threading.Event()
+        self._wake = threading.Event()
+        self._tick = threading.Event()
+        self._stop = threading.Event()
+        self._cmds: queue.Queue[tuple[bytes, bytes | None] | None] = queue.Queue(COMMAND_QUEUE)
+        self._threads: list[threading.Thread] = []
+        self.counters = {"published": 0, "acked": 0, "rejected": 0, "replayed": 0, "commands": 0}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the network, drain, telemetry and command threads; returns at once."""
+        for name, target in (
+            ("drain", self._drain_loop),
+            ("telemetry", self._telemetry_loop),
+            ("commands", self._command_loop),
+        ):
+            thread = threading.Thread(target=target, name=f"edgert-mqtt-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self.link.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish a graceful ``offline`` status if connected, then stop every thread."""
+        if self.link.connected.is_set():
+            self._status_acked.clear()
+            self._status_mid = self.link.publish(
+                self.status_topic, offline_status(device=self.cfg.device_id, graceful=True), retain=True
+            )
+            self._status_acked.wait(OFFLINE_ACK_TIMEOUT_S)
+        self._stop.set()
+        self._wake.set()
+        self._tick.set()
+        self._cmds.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads.clear()
+        self.link.stop(timeout)
+        self._apply_acks()
+        self.spool.close()
+
+    # -- public operations -------------------------------------------------------------------
+    def publish_telemetry(self) -> int:
+        """Take one telemetry reading and spool it; return the number of messages spooled."""
+        snapshot = self.stats_provider()
+        self.seq += 1
+        parts = build_telemetry(
+            device=self.cfg.device_id,
+            boot_id=self.boot_id,
+            seq=self.seq,
+            ts=self.clock(),
+            interval_s=self.interval,
+            models=snapshot.get("models", {}),
+            device_stats=self.device_stats.read(),
+            sync_stats=self.spool.stats(),
+        )
+        for payload in parts:
+            self.spool.enqueue(self.telemetry_topic, payload, self.clock())
+        self._wake.set()
+        return len(parts)
+
+    def emit_event(self, payload: bytes) -> None:
+        """Spool a JSON event document for the ``events`` channel."""
+        self.spool.enqueue(self.events_topic, payload, self.clock())
+        self._wake.set()
+
+    def set_interval(self, seconds: float) -> None:
+        """Change the telemetry interval at run time."""
+        if not MIN_TELEMETRY_INTERVAL_S <= seconds <= MAX_TELEMETRY_INTERVAL_S:
+            raise ValueError(f"interval must be in {MIN_TELEMETRY_INTERVAL_S}..{MAX_TELEMETRY_INTERVAL_S} s")
+        self.interval = float(seconds)
+        self._tick.set()
+
+    def stats(self) -> dict[str, Any]:
+        """Connection state, counters and spool statistics (for status, CLI and tests)."""
+        err = self.link.last_error
+        return {
+            "connected": self.link.connected.is_set(),
+            "connects": self.link.connects,
+            "last_error": err.message if err else None,
+            "inflight": len(self._inflight),
+            **self.counters,
+            "spool": self.spool.stats(),
+        }
+
+    # -- network callbacks -------------------------------------------------------------------
+    def _on_connect(self, session_present: bool) -> None:
+        self._replay_upto = self.spool.last_id()
+        self.link.subscribe(self.cmd_topic, qos=1)
+        info = self.status_provider()
+        self.link.publish(
+            self.status_topic,
+            online_status(
+                device=self.cfg.device_id,
+                version=__version__,
+                ts=self.clock(),
+                uptime_s=time.monotonic() - self._started,
+                info=info,
+            ),
+            retain=True,
+        )
+        self._wake.set()
+
+    def _on_puback(self, mid: int, code: int, reason: str) -> None:
+        # Runs under paho's message lock: only record the ack; the drainer does the SQLite work.
+        if mid == self._status_mid:
+            self._status_acked.set()
+        self._acks.append((mid, code, reason))
+        self._wake.set()
+
+    def _on_message(self, topic: str, payload: bytes, props: Any) -> None:
+        if topic != self.cmd_topic:
+            return
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        try:
+            self._cmds.put_nowait((payload, bytes(corr) if corr else None))
+        except queue.Full:
+            log.warning("command queue full; command dropped")
+
+    # -- drainer -----------------------------------------------------------------------------
+    def _drain_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            try:
+                self._apply_acks()
+                if self.link.connected.is_set():
+                    self._fill_window()
+            except Exception:
+                log.exception("telemetry drain failed; will retry")
+                self._stop.wait(1.0)
+
+    def _apply_acks(self) -> None:
+        done: list[int] = []
+        while self._acks:
+            mid, code, reason = self._acks.popleft()
+            with self._lock:
+                rid = self._inflight.pop(mid, None)
+            if rid is None:
+                continue  # status or reply publishes: not spooled
+            if code >= 0x80:
+                self.spool.reject(rid, code, reason)
+                self.counters["rejected"] += 1
+                log.warning(
+                    "broker rejected a spooled message", extra={"reason_code": code, "reason": reason}
+                )
+            else:
+                done.append(rid)
+        self.spool.ack_many(done)
+        self.counters["acked"] += len(done)
+
+    def _fill_window(self) -> None:
+        if self.spool.generation != self._generation:
+            # The spool was rebuilt (corruption): ids restart, so restart the cursor too.
+            self._generation, self._last_sent = self.spool.generation, 0
+            with self._lock:
+                self._inflight.clear()
+        room = self.cfg.max_inflight - len(self._inflight)
+        if room <= 0:
+            return
+        for record in self.spool.peek(self._last_sent, room):
+            if not self.link.connected.is_set():
+                return
+            mid = self._send(record)
+            self._last_sent = record.id
+            with self._lock:
+                self._inflight[mid] = record.id
+
+    def _send(self, record: Record) -> int:
+        payload, props = record.payload, None
+        if record.id <= self._replay_upto and payload.endswith(b"}"):
+            payload = payload[:-1] + _REPLAYED_SUFFIX
+            self.counters["replayed"] += 1
+        if self.cfg.mqtt5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = "application/json"
+        self.counters["published"] += 1
+        return self.link.publish(record.topic, payload, qos=1, properties=props)
+
+    # -- telemetry ---------------------------------------------------------------------------
+    def _telemetry_loop(self) -> None:
+        next_at = time.monotonic() + self.interval
+        while not self._stop.is_set():
+            self._tick.wait(max(0.0, next_at - time.monotonic()))
+            if self._tick.is_set():
+                self._tick.clear()
+                next_at = time.monotonic() + self.interval
+                continue
+            next_at += self.interval
+            if next_at < time.monotonic():
+                next_at = time.monotonic() + self.interval
+            try:
+                self.publish_telemetry()
+            except Exception:
+                log.exception("telemetry reading failed")
+
+    # -- commands ----------------------------------------------------------------------------
+    def _command_loop(self) -> None:
+        import json
+
+        while True:
+            item = self._cmds.get()
+            if item is None or self._stop.is_set():
+                return
+            payload, corr = item
+            self.counters["commands"] += 1
+            reply = self.commands.handle(payload, now=self.clock())
+            props = None
+            if self.cfg.mqtt5 and corr is not None:
+                props = Properties(PacketTypes.PUBLISH)
+                props.CorrelationData = corr
+            try:
+                self.link.publish(
+                    self.reply_topic, json.dumps(reply, default=str).encode(), qos=1, properties=props
+                )
+            except SyncError as exc:
+                log.warning("cannot send command reply", extra={"error": exc.message})
+
+    def _handlers(self, extra: Mapping[str, Handler]) -> dict[str, Handler]:
+        handlers: dict[str, Handler] = {
+            "get-status": lambda args: {"status": dict(self.status_provider()), "sync": self.stats()},
+            "get-config": lambda args: {
+                "mqtt": _public_config(self.cfg),
+                "telemetry_interval": self.interval,
+            },
+            "set-telemetry-interval": self._cmd_set_interval,
+            "collect-logs": self._cmd_collect_logs,
+        }
+        handlers.update(extra)
+        return handlers
+
+    def _cmd_set_interval(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
+        seconds = args.get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise ValueError("args.seconds must be a number")
+        self.set_interval(float(seconds))
+        return {"telemetry_interval": self.interval}
+
+    def _cmd_collect_logs(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
+        if self.log_tail is None:
+            raise ValueError("this device has no log source configured")
+        lines = args.get("lines", 50)
+        if isinstance(lines, bool) or not isinstance(lines, int) or lines < 1:
+            raise ValueError("args.lines must be a positive integer")
+        tail = self.log_tail(min(lines, MAX_LOG_LINES))[-MAX_LOG_LINES:]
+        out: list[str] = []
+        size = 0
+        for line in reversed(tail):
+            size += len(line.encode()) + 1
+            if size > MAX_LOG_BYTES:
+                break
+            out.append(line)
+        return {"lines": list(reversed(out)), "truncated": len(out) < len(tail)}
+
+
+def _public_config(cfg: MqttConfig) -> dict[str, Any]:
+    """The config without anything secret (paths are fine; file contents are never read here)."""
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(cfg).items() if k not in ("username",)}
+
+
+def _no_audit(event: str, **fields: Any) -> None:
+    pass
