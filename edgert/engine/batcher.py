@@ -1,0 +1,202 @@
+"""The dynamic batcher: a worker thread per model that joins queued requests into batches.
+
+Requests come from the event loop (``submit_async``) and from other threads (``submit_sync``).
+The worker applies :func:`edgert.engine.batching.plan_batch`, runs the joined batch outside the
+event loop (onnxruntime releases the GIL while it runs), splits the outputs and completes the
+requests. Async requests are completed with one ``call_soon_threadsafe`` per batch and loop, not one
+per request, so waking the loop costs one self-pipe write per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from edgert.engine.batching import WAIT, join_inputs, plan_batch, split_outputs
+from edgert.errors import BackendError, EdgertError
+
+__all__ = ["STOP_JOIN_TIMEOUT_S", "Batcher"]
+
+log = logging.getLogger("edgert.engine")
+
+#: How long ``stop`` waits for the worker thread to finish its current batch.
+STOP_JOIN_TIMEOUT_S = 10.0
+
+Outputs = dict[str, np.ndarray]
+Runner = Callable[[dict[str, np.ndarray]], Outputs]
+
+
+class _Request:
+    __slots__ = ("enqueued", "error", "event", "future", "inputs", "loop", "result", "rows")
+
+    def __init__(self, inputs: dict[str, np.ndarray], rows: int) -> None:
+        self.inputs = inputs
+        self.rows = rows
+        self.enqueued = time.monotonic()
+        self.result: Outputs | None = None
+        self.error: BaseException | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.future: asyncio.Future[Outputs] | None = None
+        self.event: threading.Event | None = None
+
+
+def _resolve_async(requests: list[_Request]) -> None:
+    """Complete futures on their loop (called via call_soon_threadsafe)."""
+    for req in requests:
+        fut = req.future
+        if fut is None or fut.done():  # the caller was cancelled
+            continue
+        if req.error is not None:
+            fut.set_exception(req.error)
+        else:
+            fut.set_result(req.result)  # type: ignore[arg-type]
+
+
+class Batcher:
+    """Queues validated requests of one model and runs them in batches on a worker thread."""
+
+    def __init__(
+        self,
+        name: str,
+        run: Runner,
+        *,
+        max_batch_size: int,
+        max_queue_delay_us: int,
+        preferred_batch_sizes: tuple[int, ...] = (),
+    ) -> None:
+        self.name = name
+        self._run = run
+        self._max_batch = max_batch_size
+        self._delay = max_queue_delay_us / 1e6
+        self._preferred = preferred_batch_sizes
+        self._queue: deque[_Request] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name=f"edgert-batcher-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting to be batched."""
+        return len(self._queue)
+
+    def _enqueue(self, req: _Request) -> None:
+        with self._cond:
+            if self._stopping:
+                raise BackendError(
+                    f"model {self.name!r} is being replaced or removed", hint="retry the request"
+                )
+            self._queue.append(req)
+            self._cond.notify()
+
+    def submit_async(self, inputs: dict[str, np.ndarray], rows: int) -> asyncio.Future[Outputs]:
+        """Queue a request from the running event loop; await the returned future."""
+        req = _Request(inputs, rows)
+        req.loop = asyncio.get_running_loop()
+        req.future = req.loop.create_future()
+        self._enqueue(req)
+        return req.future
+
+    def submit_sync(self, inputs: dict[str, np.ndarray], rows: int) -> Outputs:
+        """Queue a request from any thread and block until its outputs are ready."""
+        req = _Request(inputs, rows)
+        req.event = threading.Event()
+        self._enqueue(req)
+        req.event.wait()
+        if req.error is not None:
+            raise req.error
+        assert req.result is not None
+        return req.result
+
+    def stop(self, error: BaseException | None = None) -> None:
+        """Stop the worker after the queue drains; with ``error``, fail queued requests instead."""
+        with self._cond:
+            self._stopping = True
+            if error is not None:
+                pending = list(self._queue)
+                self._queue.clear()
+            else:
+                pending = []
+            self._cond.notify_all()
+        for req in pending:
+            req.error = error
+        self._complete(pending)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(STOP_JOIN_TIMEOUT_S)
+
+    def _next_batch(self) -> list[_Request] | None:
+        with self._cond:
+            while True:
+                if not self._queue:
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                    continue
+                rows = [r.rows for r in _head(self._queue, self._max_batch)]
+                waited = time.monotonic() - self._queue[0].enqueued
+                # A stopping batcher does not wait for company: drain as fast as possible.
+                take = plan_batch(
+                    rows, self._max_batch, self._preferred, waited >= self._delay or self._stopping
+                )
+                if take == WAIT:
+                    self._cond.wait(self._delay - waited)
+                    continue
+                return [self._queue.popleft() for _ in range(take)]
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._execute(batch)
+            self._complete(batch)
+
+    def _execute(self, batch: list[_Request]) -> None:
+        rows = [r.rows for r in batch]
+        try:
+            outputs = self._run(join_inputs([r.inputs for r in batch]))
+            for req, out in zip(batch, split_outputs(outputs, rows), strict=False):
+                req.result = out
+        except BaseException as exc:  # a worker must never die; the error goes to the callers
+            if len(batch) > 1:
+                # Isolate the failure: run each request alone so one bad request fails only itself.
+                for req in batch:
+                    self._execute([req])
+                return
+            batch[0].error = _as_edgert(exc, self.name)
+
+    def _complete(self, batch: list[_Request]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
+        for req in batch:
+            if req.event is not None:
+                req.event.set()
+            elif req.loop is not None:
+                by_loop.setdefault(req.loop, []).append(req)
+        for loop, reqs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_async, reqs)
+            except RuntimeError:  # the loop closed: nobody is waiting any more
+                log.debug("dropping results for a closed event loop", extra={"model": self.name})
+
+
+def _head(queue: deque[_Request], n: int) -> list[_Request]:
+    out = []
+    for req in queue:
+        out.append(req)
+        if len(out) >= n:
+            break
+    return out
+
+
+def _as_edgert(exc: BaseException, name: str) -> BaseException:
+    if isinstance(exc, EdgertError):
+        return exc
+    if not isinstance(exc, Exception):
+        return exc
+    return BackendError(f"model {name!r} failed while running: {type(exc).__name__}: {exc}")

@@ -1,0 +1,594 @@
+"""The serving engine: validation, admission control, result cache, dynamic batching, cascades, hot swap.
+
+Request path: admit (in-flight and queue limits) -> validate -> cache lookup -> batcher, inline run
+or thread pool -> cache store -> metrics. Execution placement is chosen per model from its measured
+warm-up latency (see :data:`edgert.engine.served.INLINE_THRESHOLD_S`): batched models always run on
+their batcher's worker thread; unbatched tiny models run inline on the caller's thread; unbatched
+slow models run on the engine's thread pool so the event loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from edgert.engine.batcher import Batcher
+from edgert.engine.batching import batch_rows
+from edgert.engine.cache import cache_key
+from edgert.engine.cascade import escalate_mask, merge_rows
+from edgert.engine.config import CascadeConfig, InferResult, ModelConfig, ModelInfo, ServableModel
+from edgert.engine.served import Progress, Served, check_batchable, check_compatible, warm_up
+from edgert.errors import BackendError, ConfigError, EdgertError, InputError, OverloadedError, ServeError
+from edgert.metrics import Metrics
+
+__all__ = ["DRAIN_POLL_S", "SWAP_DRAIN_TIMEOUT_S", "Engine", "UnknownModelError"]
+
+log = logging.getLogger("edgert.engine")
+
+#: How long a swap waits for requests still running on the old version before abandoning it.
+SWAP_DRAIN_TIMEOUT_S = 30.0
+#: Poll interval while waiting for in-flight requests to finish (drain, swap).
+DRAIN_POLL_S = 0.002
+#: Bounds of the Retry-After estimate given with OverloadedError.
+RETRY_AFTER_MIN_S = 0.01
+RETRY_AFTER_MAX_S = 5.0
+#: Threads for unbatched slow models (onnxruntime releases the GIL, so these run in parallel).
+POOL_THREADS = max(2, os.cpu_count() or 2)
+
+
+class UnknownModelError(ServeError, KeyError):
+    """No model or version of that name is served (maps to HTTP 404)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return ServeError.__str__(self)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, InputError):
+        return "input"
+    if isinstance(exc, OverloadedError):
+        return "overloaded"
+    if isinstance(exc, BackendError):
+        return "backend"
+    return "error" if isinstance(exc, EdgertError) else "internal"
+
+
+class Engine:
+    """Serves loaded models and cascades to async and threaded callers; see the module docstring."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._served: dict[str, Served] = {}
+        self._cascades: dict[str, CascadeConfig] = {}
+        self._draining = False
+        self._pool: ThreadPoolExecutor | None = None
+        metrics.add_gauge_source("queue_depth", "Requests waiting in the batch queue.", self._queue_depths)
+        metrics.add_gauge_source("in_flight", "Admitted requests not yet finished.", self._in_flight)
+
+    # -- registry ----------------------------------------------------------------------------------
+    def add_model(self, model: ServableModel, config: ModelConfig, *, warmup: int = 3) -> None:
+        """Warm up ``model`` and serve it under ``config.name``."""
+        with self._lock:
+            if config.name in self._served or config.name in self._cascades:
+                raise ConfigError(f"model {config.name!r} is already served", hint="use swap() to replace it")
+        served = self._prepare(model, config, warmup)
+        with self._lock:
+            self._served[config.name] = served
+        self._publish_info(served)
+
+    def add_cascade(self, config: CascadeConfig) -> None:
+        """Serve a cascade of two already-added models under ``config.name``."""
+        with self._lock:
+            if config.name in self._served or config.name in self._cascades:
+                raise ConfigError(f"cascade {config.name!r}: the name is already served")
+            missing = [m for m in (config.small, config.large) if m not in self._served]
+            if missing:
+                raise ConfigError(
+                    f"cascade {config.name!r}: unknown member model(s) {missing}",
+                    hint="add the member models before the cascade",
+                )
+            small, large = self._served[config.small].model, self._served[config.large].model
+        check_compatible(small, large, config.name)
+        for member in (small, large):
+            if config.output not in {o.name for o in member.outputs}:
+                raise ConfigError(
+                    f"cascade {config.name!r}: model {member.name!r} has no output {config.output!r}"
+                )
+        if any(not s.shape or s.shape[0] is not None for s in small.inputs):
+            raise ConfigError(
+                f"cascade {config.name!r}: inputs need a dynamic batch dimension for per-row escalation"
+            )
+        with self._lock:
+            self._cascades[config.name] = config
+        self.metrics.set_model_info(
+            config.name,
+            version=f"{small.version}+{large.version}",
+            provider=f"cascade({small.provider},{large.provider})",
+            kind="cascade",
+        )
+
+    def remove(self, name: str) -> None:
+        """Stop serving ``name``; queued requests finish, running ones finish before the model closes."""
+        with self._lock:
+            if name in self._cascades:
+                del self._cascades[name]
+                served = None
+            else:
+                users = [c.name for c in self._cascades.values() if name in (c.small, c.large)]
+                if users:
+                    raise ConfigError(
+                        f"model {name!r} is used by cascade(s) {users}", hint="remove them first"
+                    )
+                served = self._served.pop(name, None)
+                if served is None:
+                    raise self._unknown(name)
+        if served is not None:
+            self._retire(served)
+        self.metrics.remove_model(name)
+
+    def models(self) -> list[ModelInfo]:
+        """Describe every served model and cascade."""
+        with self._lock:
+            names = sorted([*self._served, *self._cascades])
+        return [self.get(n) for n in names]
+
+    def get(self, name: str, version: str | None = None) -> ModelInfo:
+        """Describe ``name`` (optionally checking ``version``); raises UnknownModelError."""
+        with self._lock:
+            cascade = self._cascades.get(name)
+            served = self._served.get(cascade.small if cascade else name)
+            large = self._served.get(cascade.large) if cascade else None
+        if served is None:
+            raise self._unknown(name)
+        if cascade is not None and large is not None:
+            info = ModelInfo(
+                name=name,
+                versions=(f"{served.model.version}+{large.model.version}",),
+                inputs=tuple(served.model.inputs),
+                outputs=tuple(served.model.outputs),
+                provider=f"cascade({served.model.provider},{large.model.provider})",
+                format=served.model.format,
+                ready=not self._draining,
+                kind="cascade",
+            )
+        else:
+            info = ModelInfo(
+                name=name,
+                versions=(served.model.version,),
+                inputs=tuple(served.model.inputs),
+                outputs=tuple(served.model.outputs),
+                provider=served.model.provider,
+                format=served.model.format,
+                ready=not self._draining and not served.retired,
+                max_batch_size=served.max_batch,
+            )
+        if version is not None and version not in info.versions:
+            raise UnknownModelError(
+                f"model {name!r} has no version {version!r}; serving {list(info.versions)}",
+                hint="omit the version to use the served one",
+            )
+        return info
+
+    def progress(self) -> dict[str, Progress]:
+        """Per-model supervision view: runs in progress and the monotonic time of the last progress."""
+        with self._lock:
+            return {n: Progress(s.running, s.last_progress) for n, s in self._served.items()}
+
+    def stalled(self, now: float, limit_s: float) -> list[str]:
+        """Names of models with a run going for more than ``limit_s`` without progress (``now`` monotonic)."""
+        return sorted(n for n, p in self.progress().items() if p.stalled(now, limit_s))
+
+    # -- inference ---------------------------------------------------------------------------------
+    async def infer(
+        self,
+        name: str,
+        inputs: Mapping[str, Any],
+        *,
+        version: str | None = None,
+        outputs: Sequence[str] | None = None,
+        request_id: str | None = None,
+    ) -> InferResult:
+        """Run one request (validated, admitted, cached, batched); raises InputError/OverloadedError/..."""
+        start = time.perf_counter()
+        cascade = self._cascades.get(name)
+        if cascade is not None:
+            return await self._cascade_async(cascade, inputs, version, outputs, start)
+        served = self._admit(name, version)
+        try:
+            validated, key, hit = self._before(served, inputs, outputs)
+            if hit is not None:
+                out = hit
+            elif served.batcher is not None:
+                out = await served.batcher.submit_async(validated, batch_rows(validated))
+            elif served.inline:
+                out = self._run(served, validated)
+            else:
+                loop = asyncio.get_running_loop()
+                out = await loop.run_in_executor(self._executor(), self._run, served, validated)
+            result = self._after(served, out, outputs, key, cached=hit is not None)
+        except BaseException as exc:
+            self._failed(name, start, exc)
+            raise
+        finally:
+            self._release(served)
+        self.metrics.observe_request(name, time.perf_counter() - start)
+        return result
+
+    def infer_sync(
+        self,
+        name: str,
+        inputs: Mapping[str, Any],
+        *,
+        version: str | None = None,
+        outputs: Sequence[str] | None = None,
+        request_id: str | None = None,
+    ) -> InferResult:
+        """Blocking :meth:`infer` for threads (never call it from a running event loop: it blocks)."""
+        start = time.perf_counter()
+        cascade = self._cascades.get(name)
+        if cascade is not None:
+            return self._cascade_sync(cascade, inputs, version, outputs, start)
+        served = self._admit(name, version)
+        try:
+            validated, key, hit = self._before(served, inputs, outputs)
+            if hit is not None:
+                out = hit
+            elif served.batcher is not None:
+                out = served.batcher.submit_sync(validated, batch_rows(validated))
+            else:
+                out = self._run(served, validated)
+            result = self._after(served, out, outputs, key, cached=hit is not None)
+        except BaseException as exc:
+            self._failed(name, start, exc)
+            raise
+        finally:
+            self._release(served)
+        self.metrics.observe_request(name, time.perf_counter() - start)
+        return result
+
+    def _admit(self, name: str, version: str | None) -> Served:
+        with self._lock:
+            served = self._served.get(name)
+            if served is None:
+                raise self._unknown(name)
+            if version is not None and version != served.model.version:
+                raise UnknownModelError(
+                    f"model {name!r} has no version {version!r}; serving {served.model.version!r}",
+                    hint="omit the version to use the served one",
+                )
+            if self._draining:
+                error = OverloadedError("the engine is shutting down", retry_after=RETRY_AFTER_MAX_S)
+            elif served.active >= served.config.max_in_flight:
+                error = self._overloaded(served, f"{served.active} requests in flight")
+            elif served.batcher is not None and served.batcher.depth >= served.config.max_queue:
+                error = self._overloaded(served, f"{served.batcher.depth} requests queued")
+            else:
+                served.active += 1
+                return served
+        self.metrics.observe_request(name, 0.0, error="overloaded")
+        raise error
+
+    @staticmethod
+    def _overloaded(served: Served, why: str) -> OverloadedError:
+        retry = min(RETRY_AFTER_MAX_S, max(RETRY_AFTER_MIN_S, served.retry_after()))
+        return OverloadedError(
+            f"model {served.name!r} is overloaded ({why})",
+            retry_after=retry,
+            hint=f"retry after {retry:.3g} s, or raise max_in_flight/max_queue for this model",
+        )
+
+    def _release(self, served: Served) -> None:
+        with self._lock:
+            served.active -= 1
+            close = served.retired and served.active == 0 and not served.closed
+            if close:
+                served.closed = True
+        if close:
+            self._close_model(served)
+
+    def _failed(self, name: str, start: float, exc: BaseException) -> None:
+        if not isinstance(exc, asyncio.CancelledError):
+            self.metrics.observe_request(name, time.perf_counter() - start, error=_reason(exc))
+
+    def _before(
+        self, served: Served, inputs: Mapping[str, Any], outputs: Sequence[str] | None
+    ) -> tuple[dict[str, np.ndarray], bytes | None, dict[str, np.ndarray] | None]:
+        """Validate, then look up the cache: returns (validated inputs, cache key, cached outputs)."""
+        if outputs:
+            unknown = [o for o in outputs if o not in served.output_names]
+            if unknown:
+                raise InputError(
+                    f"model {served.name!r} has no output(s) {unknown}; "
+                    f"outputs are {sorted(served.output_names)}"
+                )
+        validated = served.model.validate(inputs)
+        if served.config.nan_policy == "reject":
+            for name in served.float_inputs:
+                if not np.isfinite(validated[name]).all():
+                    raise InputError(
+                        f"input {name!r} contains NaN or Inf, which model {served.name!r} rejects",
+                        hint='clean the input, or set nan_policy = "allow" for this model',
+                    )
+        if served.cache is None:
+            return validated, None, None
+        key = cache_key(served.name, served.model.version, validated, outputs)
+        hit = served.cache.get(key)
+        self.metrics.observe_cache(served.name, hit is not None)
+        return validated, key, hit
+
+    def _after(
+        self,
+        served: Served,
+        out: dict[str, np.ndarray],
+        outputs: Sequence[str] | None,
+        key: bytes | None,
+        *,
+        cached: bool,
+    ) -> InferResult:
+        if outputs:
+            out = {o: out[o] for o in outputs}
+        if key is not None and not cached and served.cache is not None:
+            served.cache.put(key, out)
+        return InferResult(out, served.name, served.model.version, cached=cached)
+
+    def _run(self, served: Served, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one (possibly batched) session call with progress tracking and batch-size metrics."""
+        with self._lock:
+            if served.running == 0:
+                served.last_progress = time.monotonic()
+            served.running += 1
+        try:
+            out = served.model.run(inputs)
+        except EdgertError:
+            raise
+        except Exception as exc:
+            raise BackendError(
+                f"model {served.name!r} failed while running: {type(exc).__name__}: {exc}"
+            ) from None
+        finally:
+            with self._lock:
+                served.running -= 1
+                served.last_progress = time.monotonic()
+        self.metrics.observe_batch(served.name, batch_rows(inputs))
+        return out
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="edgert-infer")
+        return self._pool
+
+    # -- cascades ----------------------------------------------------------------------------------
+    def _cascade_inputs(
+        self, cfg: CascadeConfig, inputs: Mapping[str, Any], version: str | None
+    ) -> dict[str, Any]:
+        info = self.get(cfg.name, version)  # raises for a wrong version
+        del info
+        with self._lock:
+            small = self._served.get(cfg.small)
+        if small is None:
+            raise self._unknown(cfg.small)
+        return small.model.validate(inputs)
+
+    def _cascade_split(self, cfg: CascadeConfig, small: InferResult) -> np.ndarray:
+        return escalate_mask(small.outputs[cfg.output], cfg.rule, cfg.threshold)
+
+    def _cascade_result(
+        self,
+        cfg: CascadeConfig,
+        small: InferResult,
+        large: InferResult | None,
+        mask: np.ndarray,
+        outputs: Sequence[str] | None,
+        start: float,
+    ) -> InferResult:
+        merged = merge_rows(small.outputs, large.outputs, mask) if large is not None else small.outputs
+        if outputs:
+            missing = [o for o in outputs if o not in merged]
+            if missing:
+                raise InputError(
+                    f"cascade {cfg.name!r} has no output(s) {missing}; outputs are {sorted(merged)}"
+                )
+            merged = {o: merged[o] for o in outputs}
+        escalated = int(mask.sum())
+        self.metrics.observe_cascade(cfg.name, int(mask.shape[0]), escalated)
+        self.metrics.observe_request(cfg.name, time.perf_counter() - start)
+        version = (
+            f"{small.model_version}+{large.model_version if large else self._served[cfg.large].model.version}"
+        )
+        return InferResult(merged, cfg.name, version, escalated=escalated > 0, escalated_rows=escalated)
+
+    async def _cascade_async(
+        self,
+        cfg: CascadeConfig,
+        inputs: Mapping[str, Any],
+        version: str | None,
+        outputs: Sequence[str] | None,
+        start: float,
+    ) -> InferResult:
+        try:
+            x = self._cascade_inputs(cfg, inputs, version)
+            small = await self.infer(cfg.small, x)
+            mask = self._cascade_split(cfg, small)
+            large = await self.infer(cfg.large, {k: v[mask] for k, v in x.items()}) if mask.any() else None
+            return self._cascade_result(cfg, small, large, mask, outputs, start)
+        except BaseException as exc:
+            self._failed(cfg.name, start, exc)
+            raise
+
+    def _cascade_sync(
+        self,
+        cfg: CascadeConfig,
+        inputs: Mapping[str, Any],
+        version: str | None,
+        outputs: Sequence[str] | None,
+        start: float,
+    ) -> InferResult:
+        try:
+            x = self._cascade_inputs(cfg, inputs, version)
+            small = self.infer_sync(cfg.small, x)
+            mask = self._cascade_split(cfg, small)
+            large = self.infer_sync(cfg.large, {k: v[mask] for k, v in x.items()}) if mask.any() else None
+            return self._cascade_result(cfg, small, large, mask, outputs, start)
+        except BaseException as exc:
+            self._failed(cfg.name, start, exc)
+            raise
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def _prepare(self, model: ServableModel, config: ModelConfig, warmup: int) -> Served:
+        max_batch = config.max_batch_size
+        if max_batch and model.max_batch:
+            max_batch = min(max_batch, model.max_batch)  # the runtime's limit for this model/profile
+        if max_batch:
+            check_batchable(model, config.name)
+        run_seconds = warm_up(model, warmup)
+        served = Served(model, config, max_batch=max_batch, run_seconds=run_seconds)
+        if max_batch:
+            served.batcher = Batcher(
+                config.name,
+                partial(self._run, served),
+                max_batch_size=max_batch,
+                max_queue_delay_us=config.max_queue_delay_us,
+                preferred_batch_sizes=config.preferred_batch_sizes,
+            )
+        log.info(
+            "serving model",
+            extra={
+                "model": config.name,
+                "version": model.version,
+                "provider": model.provider,
+                "max_batch": max_batch,
+                "placement": "batcher" if max_batch else ("inline" if served.inline else "pool"),
+                "warm_run_us": round(run_seconds * 1e6, 1),
+            },
+        )
+        return served
+
+    async def swap(
+        self,
+        name: str,
+        new_model: ServableModel,
+        *,
+        warmup: int = 3,
+        drain_timeout: float = SWAP_DRAIN_TIMEOUT_S,
+    ) -> None:
+        """Warm up ``new_model`` beside the served one, switch atomically, then retire the old one.
+
+        Requests admitted before the switch finish on the old version; it closes when the last one
+        leaves. On failure (incompatible inputs, warm-up error) the old version keeps serving, the
+        new model is closed (the engine owns it) and the error is raised. If old requests are still
+        running after ``drain_timeout`` (a hung session), queued ones fail and the old session is
+        abandoned unclosed, because closing a session mid-run is unsafe.
+        """
+        with self._lock:
+            old = self._served.get(name)
+        if old is None:
+            raise self._unknown(name)
+        try:
+            check_compatible(old.model, new_model, name)
+            new = await asyncio.to_thread(self._prepare, new_model, old.config, warmup)
+        except BaseException:
+            log.warning(
+                "swap failed; the old version keeps serving",
+                extra={"model": name, "version": old.model.version, "new_version": new_model.version},
+            )
+            await asyncio.to_thread(new_model.close)
+            raise
+        with self._lock:
+            self._served[name] = new
+        self._publish_info(new)
+        log.info(
+            "swapped model",
+            extra={"model": name, "old_version": old.model.version, "version": new_model.version},
+        )
+        await asyncio.to_thread(self._retire, old)
+        deadline = time.monotonic() + drain_timeout
+        while not old.closed and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if not old.closed:
+            log.error(
+                "old version still busy after the swap; abandoning its session",
+                extra={"model": name, "version": old.model.version, "active": old.active},
+            )
+            if old.batcher is not None:
+                old.batcher.stop(
+                    BackendError(
+                        f"model {name!r} was restarted while this request waited", hint="retry the request"
+                    )
+                )
+
+    def _retire(self, served: Served) -> None:
+        """Stop admitting to ``served``; drain its batch queue; close it now or when its last request ends."""
+        with self._lock:
+            served.retired = True
+        if served.batcher is not None:
+            served.batcher.stop()
+        with self._lock:
+            close = served.active == 0 and not served.closed
+            if close:
+                served.closed = True
+        if close:
+            self._close_model(served)
+
+    def _close_model(self, served: Served) -> None:
+        try:
+            served.model.close()
+        except Exception:  # closing must not fail a request; log and move on
+            log.exception("closing model failed", extra={"model": served.name})
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting requests and wait up to ``timeout`` s for in-flight ones to finish."""
+        with self._lock:
+            self._draining = True
+        deadline = time.monotonic() + timeout
+        while any(v for v in self._in_flight().values()) and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        left = sum(self._in_flight().values())
+        if left:
+            log.warning("drain timed out", extra={"in_flight": left})
+
+    def close(self) -> None:
+        """Stop all batchers, close all models and the thread pool (after :meth:`drain`)."""
+        with self._lock:
+            self._draining = True
+            served = list(self._served.values())
+            self._served.clear()
+            self._cascades.clear()
+            pool, self._pool = self._pool, None
+        for s in served:
+            self._retire(s)
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _publish_info(self, served: Served) -> None:
+        m = served.model
+        self.metrics.set_model_info(
+            served.name, version=m.version, provider=m.provider, fmt=m.format, load_seconds=m.load_seconds
+        )
+
+    def _unknown(self, name: str) -> UnknownModelError:
+        known = sorted([*self._served, *self._cascades])
+        return UnknownModelError(
+            f"unknown model {name!r}; served models: {known}",
+            hint="list them with GET /v2/models or 'edgert models list'",
+        )
+
+    def _queue_depths(self) -> dict[str, float]:
+        with self._lock:
+            return {n: s.batcher.depth for n, s in self._served.items() if s.batcher is not None}
+
+    def _in_flight(self) -> dict[str, float]:
+        with self._lock:
+            return {n: s.active for n, s in self._served.items()}
