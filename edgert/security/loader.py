@@ -1,0 +1,131 @@
+"""Glue for the daemon: open the device's keystore, audit log and store; import and load models.
+
+Two calls set up a device (or a demo) with models::
+
+    keys = open_keystore(root, create=True)
+    import_files(root, ["models/digits_small_int8.onnx"], keys=keys)
+
+and one loads a model from the store without plaintext touching the disk::
+
+    model = load_from_store(runtime, store, "digits_small_int8")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from edgert import paths
+from edgert.errors import ModelError
+from edgert.security.audit import AuditLog
+from edgert.security.keys import DeviceKeys, init_keystore, load_keystore
+from edgert.security.package import Manifest, create_package
+from edgert.security.store import ModelStore
+
+__all__ = ["guess_variant", "import_files", "import_model", "load_from_store", "open_audit",
+           "open_keystore", "open_store", "shred"]
+
+SHRED_BLOCK = 1 << 20
+
+
+def open_keystore(root: Path, *, create: bool = False) -> DeviceKeys:
+    """Load the device keys under ``root`` (creating and auditing them if ``create`` and absent)."""
+    kdir = paths.keys_dir(Path(root))
+    if create and not kdir.exists():
+        keys = init_keystore(kdir)
+        with open_audit(root, keys) as audit:
+            audit.append("keys_created", fingerprint=keys.wrap_fingerprint)
+        return keys
+    return load_keystore(kdir)
+
+
+def open_audit(root: Path, keys: DeviceKeys | None) -> AuditLog:
+    """The device audit log, signing checkpoints with the device Ed25519 key."""
+    return AuditLog(paths.audit_dir(Path(root)), keys.sign if keys else None)
+
+
+def open_store(root: Path, keys: DeviceKeys, audit: AuditLog | None = None) -> ModelStore:
+    """The device model store under ``root``."""
+    return ModelStore(paths.store_dir(Path(root)), keys, audit=audit)
+
+
+def guess_variant(filename: str) -> str:
+    """Variant from a file name: int8, fp16, edgetpu, else fp32."""
+    lowered = filename.lower()
+    for variant in ("edgetpu", "int8", "fp16"):
+        if variant in lowered:
+            return variant
+    return "fp32"
+
+
+def shred(path: Path) -> None:
+    """Overwrite a file with random bytes, fsync, then unlink it.
+
+    Best effort only: flash storage (SD cards, eMMC, SSDs) remaps writes, so old blocks may
+    survive until the device erases them. Encrypting at the source is the real protection.
+    """
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        remaining = size
+        while remaining > 0:
+            n = min(SHRED_BLOCK, remaining)
+            f.write(os.urandom(n))
+            remaining -= n
+        f.flush()
+        os.fsync(f.fileno())
+    path.unlink()
+
+
+def import_model(store: ModelStore, source: Path, *, name: str | None = None, version: str = "1",
+                 variant: str | None = None, shred_source: bool = False, allow_downgrade: bool = False,
+                 now: datetime | None = None) -> Manifest:
+    """Encrypt a plaintext model file to this device's own key and install it in ``store``."""
+    source = Path(source)
+    if not source.is_file():
+        raise ModelError(f"model file {source} does not exist", hint="check the path")
+    name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", source.stem)
+    # The encrypted package goes to a temp file inside the store's directory (ciphertext only).
+    fd, tmp_name = tempfile.mkstemp(prefix=".import-", suffix=".edgepkg.tmp", dir=store.root)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w+b") as out:
+            create_package(source, out, name=name, version=version,
+                           variant=variant or guess_variant(source.name),
+                           recipients=[store.keys.wrap_public], now=now or datetime.now(timezone.utc))
+        manifest = store.install(tmp, allow_downgrade=allow_downgrade)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    store._emit("model_import", model=manifest.name, version=manifest.version, source=source.name,
+                shredded=shred_source)
+    if shred_source:
+        shred(source)
+    return manifest
+
+
+def import_files(root: Path, files: Iterable[str | os.PathLike[str]], *, keys: DeviceKeys | None = None,
+                 version: str = "1") -> list[Manifest]:
+    """Import several plaintext model files into the store under ``root`` (names from file stems)."""
+    keys = keys or open_keystore(root, create=True)
+    with open_audit(root, keys) as audit:
+        store = open_store(root, keys, audit)
+        return [import_model(store, Path(f), version=version) for f in files]
+
+
+def load_from_store(runtime: Any, store: ModelStore, name: str, version: str | None = None,
+                    **load_kwargs: Any) -> Any:
+    """Decrypt a stored model into memory and load it with ``runtime.load`` (no plaintext on disk)."""
+    manifest, plaintext = store.read_model(name, version)
+    try:
+        return runtime.load(plaintext, name=manifest.name, version=manifest.version,
+                            format=manifest.format, **load_kwargs)
+    finally:
+        # Runtime.load hands the backends its own bytes copy, so ours can be wiped (best effort:
+        # the runtime's copy lives until the garbage collector frees it).
+        plaintext[:] = bytes(len(plaintext))

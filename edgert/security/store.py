@@ -1,0 +1,345 @@
+"""The device's encrypted model store: packages kept as received, active/previous, anti-rollback.
+
+Layout under ``<state>/models``::
+
+    state.json                    {"models": {name: {active, previous, installed}}, "highest": {name: v}}
+    packages/<name>/<version>.edgepkg
+
+``state.json`` is the single commit point: every change writes a temp file, fsyncs it,
+``os.replace``\\ s it and fsyncs the directory, so a crash leaves the old state or the new one.
+Package files are written (and verified) before the state that refers to them; files the state
+does not mention are garbage from an interrupted operation and are removed when the store opens.
+``highest`` survives ``remove``, so removing a model cannot be used to install an older version.
+Plaintext is only ever produced in memory (:meth:`ModelStore.read_model`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgert.errors import EdgertError, ModelError, RollbackError, SecurityError, StoreError
+from edgert.security import package as pkg
+from edgert.security.atomic import TMP_SUFFIX, FileSystem, ensure_private_dir
+from edgert.security.keys import DeviceKeys
+
+__all__ = ["AuditSink", "ModelEntry", "ModelStore"]
+
+STATE_FILE = "state.json"
+PACKAGES_DIR = "packages"
+LOCK_FILE = ".lock"
+PKG_SUFFIX = ".edgepkg"
+COPY_BLOCK = 1 << 20
+
+
+class AuditSink(Protocol):
+    """Anything with ``append(event, **fields)`` (normally :class:`edgert.security.audit.AuditLog`)."""
+
+    def append(self, event: str, **fields: Any) -> Any:
+        """Record one event."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model's state in the store."""
+
+    name: str
+    active: str | None
+    previous: str | None
+    installed: list[str]
+    highest: str | None
+
+
+def _empty_state() -> dict[str, Any]:
+    return {"store_version": 1, "models": {}, "highest": {}}
+
+
+def _disk_error(exc: OSError, what: str) -> StoreError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"no space left on the device while {what}; nothing was changed",
+                          hint="free disk space (e.g. 'edgert models remove' old versions) and retry")
+    return StoreError(f"cannot write the model store while {what}: {exc.strerror}; nothing was changed",
+                      hint="check the state directory's permissions and free space")
+
+
+class ModelStore:
+    """Encrypted packages on disk, decrypted into memory only."""
+
+    def __init__(self, root: Path, keys: DeviceKeys, *, fs: FileSystem | None = None,
+                 audit: AuditSink | None = None, edgert_version: str | None = None) -> None:
+        from edgert import __version__
+
+        self.root = Path(root)
+        self.keys = keys
+        self.fs = fs or FileSystem()
+        self.audit = audit
+        self.edgert_version = edgert_version or __version__
+        ensure_private_dir(self.root / PACKAGES_DIR)
+        self._collect_garbage()
+
+    # ---- state -------------------------------------------------------------------------------
+    def _load_state(self) -> dict[str, Any]:
+        path = self.root / STATE_FILE
+        try:
+            state = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return _empty_state()
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"model store state {path} is unreadable or corrupt",
+                             hint="restore it from backup, or remove it and re-install the models") from exc
+        if not isinstance(state, dict) or not isinstance(state.get("models"), dict):
+            raise StoreError(f"model store state {path} has an unexpected shape",
+                             hint="restore it from backup, or remove it and re-install the models")
+        state.setdefault("highest", {})
+        return state
+
+    def _save_state(self, state: dict[str, Any], what: str) -> None:
+        data = json.dumps(state, sort_keys=True, indent=1).encode("utf-8")
+        try:
+            self.fs.atomic_write(self.root / STATE_FILE, [data], step="state")
+        except OSError as exc:
+            raise _disk_error(exc, what) from exc
+
+    @contextlib.contextmanager
+    def _locked(self, blocking: bool = True) -> Iterator[bool]:
+        """Serialise changes across processes (daemon and CLI) with an advisory lock."""
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def _package_path(self, name: str, version: str) -> Path:
+        return self.root / PACKAGES_DIR / pkg.check_name(name) / f"{version}{PKG_SUFFIX}"
+
+    def _collect_garbage(self) -> None:
+        """Remove temp files and packages the state does not refer to (left by a crash)."""
+        with self._locked(blocking=False) as got:
+            if not got:
+                return
+            state = self._load_state()
+            for model_dir in (self.root / PACKAGES_DIR).iterdir():
+                if not model_dir.is_dir():
+                    continue
+                keep = set(state["models"].get(model_dir.name, {}).get("installed", []))
+                for f in model_dir.iterdir():
+                    version = f.name[: -len(PKG_SUFFIX)] if f.name.endswith(PKG_SUFFIX) else None
+                    if f.name.endswith(TMP_SUFFIX) or version not in keep:
+                        self.fs.remove(f, step="gc")
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.append(event, **fields)
+
+    # ---- queries -----------------------------------------------------------------------------
+    def entries(self) -> list[ModelEntry]:
+        """Every model in the store, sorted by name."""
+        state = self._load_state()
+        names = sorted(set(state["models"]) | set(state["highest"]))
+        out = []
+        for name in names:
+            m = state["models"].get(name, {})
+            out.append(ModelEntry(name, m.get("active"), m.get("previous"),
+                                  sorted(m.get("installed", []), key=pkg.parse_version),
+                                  state["highest"].get(name)))
+        return out
+
+    def entry(self, name: str) -> ModelEntry:
+        """State of one model (StoreError if unknown)."""
+        for e in self.entries():
+            if e.name == name and e.installed:
+                return e
+        raise StoreError(f"model {name!r} is not installed", hint="'edgert models list' shows what is")
+
+    def header(self, name: str, version: str | None = None) -> pkg.PackageHeader:
+        """Parsed (not decrypted) header of an installed package; version None means active."""
+        path = self._resolve(name, version)
+        with open(path, "rb") as f:
+            return pkg.read_header(f)
+
+    def _resolve(self, name: str, version: str | None) -> Path:
+        e = self.entry(name)
+        version = version or e.active
+        if version is None:
+            raise StoreError(f"model {name!r} has no active version",
+                             hint=f"'edgert models activate {name} VERSION'")
+        if version not in e.installed:
+            raise StoreError(f"model {name!r} has no installed version {version!r}",
+                             hint=f"installed: {', '.join(e.installed)}")
+        return self._package_path(name, version)
+
+    def read_model(self, name: str, version: str | None = None) -> tuple[pkg.Manifest, bytearray]:
+        """Decrypt an installed package into memory (the active version unless given)."""
+        path = self._resolve(name, version)
+        try:
+            with open(path, "rb") as f:
+                header = pkg.read_header(f)
+                key = header.key_for(self.keys.wrap)
+                out = bytearray(header.manifest.plaintext_size)
+                pkg.decrypt_payload(f, header, key, out=out)
+        except OSError as exc:
+            raise StoreError(f"cannot read package {path}: {exc.strerror}") from exc
+        return header.manifest, out
+
+    # ---- changes -----------------------------------------------------------------------------
+    def install(self, source: Path, *, activate: bool = True, allow_downgrade: bool = False) -> pkg.Manifest:
+        """Copy a package into the store, verify it fully, then commit (and activate) it."""
+        source = Path(source)
+        with self._locked():
+            state = self._load_state()
+            try:
+                with open(source, "rb") as f:
+                    header = pkg.read_header(f)
+            except OSError as exc:
+                raise ModelError(f"cannot read package {source}: {exc.strerror}") from exc
+            except SecurityError:
+                self._emit("package_verify_failed", source=source.name)
+                raise
+            m = header.manifest
+            m.check_compatible(self.edgert_version)
+            self._check_rollback(state, m, allow_downgrade)
+            installed = state["models"].get(m.name, {}).get("installed", [])
+            final = self._package_path(m.name, m.version)
+            if m.version in installed:
+                if self.header(m.name, m.version).manifest.payload_sha256 != m.payload_sha256:
+                    raise StoreError(f"{m.name} {m.version} is already installed with different content",
+                                     hint="give the new build a higher version")
+            else:
+                self._stage(source, final, header)
+            self._commit_install(state, m, activate)
+        return m
+
+    def _check_rollback(self, state: dict[str, Any], m: pkg.Manifest, allow_downgrade: bool) -> None:
+        highest = state["highest"].get(m.name)
+        if highest is None or pkg.compare_versions(m.version, highest) >= 0:
+            return
+        if not allow_downgrade:
+            self._emit("model_install_refused", model=m.name, version=m.version, highest=highest,
+                       reason="downgrade")
+            raise RollbackError(f"refusing to install {m.name} {m.version}: version {highest} was already "
+                                "installed (anti-rollback)",
+                                hint="pass --allow-downgrade to install an older version on purpose")
+        self._emit("model_downgrade_allowed", model=m.name, version=m.version, highest=highest)
+
+    def _stage(self, source: Path, final: Path, header: pkg.PackageHeader) -> None:
+        """Copy ``source`` next to ``final``, verify the copy, then rename it into place."""
+        ensure_private_dir(final.parent)
+        try:
+            with open(source, "rb") as f:
+                tmp = self.fs.write_temp(final, iter(lambda: f.read(COPY_BLOCK), b""), step="package")
+        except OSError as exc:
+            raise _disk_error(exc, f"installing {header.manifest.name} {header.manifest.version}") from exc
+        try:
+            with open(tmp, "rb") as f:
+                staged = pkg.read_header(f)
+                if staged.manifest.raw != header.manifest.raw:
+                    raise SecurityError("package changed while it was being installed")
+                key = staged.key_for(self.keys.wrap)
+                pkg.decrypt_payload(f, staged, key, out=None, check_hashes=True)
+            self.fs.commit(tmp, final, step="package")
+        except EdgertError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if isinstance(exc, SecurityError):
+                self._emit("package_verify_failed", model=header.manifest.name,
+                           version=header.manifest.version, error=type(exc).__name__)
+            raise
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise _disk_error(exc, f"installing {header.manifest.name}") from exc
+
+    def _commit_install(self, state: dict[str, Any], m: pkg.Manifest, activate: bool) -> None:
+        entry = state["models"].setdefault(m.name, {"active": None, "previous": None, "installed": []})
+        if m.version not in entry["installed"]:
+            entry["installed"].append(m.version)
+        highest = state["highest"].get(m.name)
+        if highest is None or pkg.compare_versions(m.version, highest) > 0:
+            state["highest"][m.name] = m.version
+        if activate and entry["active"] != m.version:
+            entry["previous"], entry["active"] = entry["active"], m.version
+        pruned = self._prune(entry) if activate else []
+        self._save_state(state, f"installing {m.name} {m.version}")
+        self._emit("model_install", model=m.name, version=m.version, variant=m.variant,
+                   payload_sha256=m.payload_sha256)
+        if activate:
+            self._emit("model_activate", model=m.name, version=m.version, previous=entry["previous"])
+        self._unlink_versions(m.name, pruned)
+
+    def _prune(self, entry: dict[str, Any]) -> list[str]:
+        """Keep only the active and previous versions once a new one is active."""
+        keep = {entry["active"], entry["previous"]}
+        pruned = [v for v in entry["installed"] if v not in keep]
+        entry["installed"] = [v for v in entry["installed"] if v in keep]
+        return pruned
+
+    def _unlink_versions(self, name: str, versions: list[str]) -> None:
+        for v in versions:
+            with contextlib.suppress(OSError):  # leftovers are collected when the store next opens
+                self.fs.remove(self._package_path(name, v), step="prune")
+
+    def activate(self, name: str, version: str, *, allow_downgrade: bool = False) -> None:
+        """Make an installed version active (the current one becomes previous)."""
+        with self._locked():
+            state = self._load_state()
+            entry = state["models"].get(name)
+            if not entry or version not in entry["installed"]:
+                raise StoreError(f"model {name!r} has no installed version {version!r}",
+                                 hint="'edgert models list' shows installed versions")
+            highest = state["highest"].get(name)
+            if highest and pkg.compare_versions(version, highest) < 0 and not allow_downgrade:
+                self._emit("model_activate_refused", model=name, version=version, highest=highest)
+                raise RollbackError(f"refusing to activate {name} {version}: {highest} was installed "
+                                    "(anti-rollback)",
+                                    hint="use 'edgert models rollback' or --allow-downgrade")
+            if entry["active"] == version:
+                return
+            entry["previous"], entry["active"] = entry["active"], version
+            self._save_state(state, f"activating {name} {version}")
+            self._emit("model_activate", model=name, version=version, previous=entry["previous"])
+
+    def rollback(self, name: str) -> str:
+        """Swap active and previous (an explicit, audited operator action); return the new active."""
+        with self._locked():
+            state = self._load_state()
+            entry = state["models"].get(name)
+            if not entry or not entry.get("previous"):
+                raise StoreError(f"model {name!r} has no previous version to roll back to")
+            entry["active"], entry["previous"] = entry["previous"], entry["active"]
+            self._save_state(state, f"rolling back {name}")
+            self._emit("model_rollback", model=name, version=entry["active"], from_version=entry["previous"])
+            return str(entry["active"])
+
+    def remove(self, name: str, version: str | None = None, *, force: bool = False) -> list[str]:
+        """Remove one version, or every version with ``version=None``; return what was removed."""
+        with self._locked():
+            state = self._load_state()
+            entry = state["models"].get(name)
+            if not entry or (version is not None and version not in entry["installed"]):
+                raise StoreError(f"model {name!r} version {version or '(any)'} is not installed")
+            targets = list(entry["installed"]) if version is None else [version]
+            if entry["active"] in targets and not force:
+                raise StoreError(f"{name} {entry['active']} is active",
+                                 hint="pass --force to remove it anyway")
+            entry["installed"] = [v for v in entry["installed"] if v not in targets]
+            for role in ("active", "previous"):
+                if entry[role] in targets:
+                    entry[role] = None
+            if not entry["installed"]:
+                del state["models"][name]  # "highest" stays: anti-rollback outlives removal
+            self._save_state(state, f"removing {name}")
+            self._emit("model_remove", model=name, versions=targets)
+            self._unlink_versions(name, targets)
+            return targets
