@@ -1,0 +1,102 @@
+"""``edgert models list|activate|rollback|remove|import``: the encrypted model store (lead attaches)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from edgert.cli.keys import resolve_root, state_dir_option
+from edgert.security.store import ModelStore
+
+
+@contextmanager
+def _open(state_dir: Path | None) -> Iterator[ModelStore]:
+    from edgert.security.loader import open_audit, open_keystore, open_store
+
+    root = resolve_root(state_dir)
+    keys = open_keystore(root)
+    with open_audit(root, keys) as audit:
+        yield open_store(root, keys, audit)
+
+
+@click.command("list")
+@state_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_cmd(state_dir: Path | None, as_json: bool) -> None:
+    """List models in the encrypted store with active/previous versions."""
+    with _open(state_dir) as store:
+        entries = store.entries()
+    if as_json:
+        click.echo(json.dumps([e.__dict__ for e in entries], indent=2))
+        return
+    click.echo(f"{'NAME':24} {'ACTIVE':10} {'PREVIOUS':10} {'HIGHEST':10} INSTALLED")
+    for e in entries:
+        click.echo(f"{e.name:24} {e.active or '-':10} {e.previous or '-':10} {e.highest or '-':10} "
+                   f"{','.join(e.installed) or '-'}")
+
+
+@click.command("activate")
+@click.argument("name")
+@click.argument("version")
+@click.option("--allow-downgrade", is_flag=True, help="Activate a version below the highest installed.")
+@state_dir_option
+def activate_cmd(name: str, version: str, allow_downgrade: bool, state_dir: Path | None) -> None:
+    """Make an installed VERSION of NAME active."""
+    with _open(state_dir) as store:
+        store.activate(name, version, allow_downgrade=allow_downgrade)
+    click.echo(f"{name} {version} is active")
+
+
+@click.command("rollback")
+@click.argument("name")
+@state_dir_option
+def rollback_cmd(name: str, state_dir: Path | None) -> None:
+    """Swap NAME's active and previous versions."""
+    with _open(state_dir) as store:
+        version = store.rollback(name)
+    click.echo(f"{name} rolled back to {version}")
+
+
+@click.command("remove")
+@click.argument("name")
+@click.argument("version", required=False)
+@click.option("--force", is_flag=True, help="Also remove the active version.")
+@state_dir_option
+def remove_cmd(name: str, version: str | None, force: bool, state_dir: Path | None) -> None:
+    """Remove VERSION of NAME (all versions if omitted); the anti-rollback counter stays."""
+    with _open(state_dir) as store:
+        removed = store.remove(name, version, force=force)
+    click.echo(f"removed {name} {', '.join(removed)}")
+
+
+@click.command("import")
+@click.argument("files", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", default=None, help="Model name (default: file stem; only with one file).")
+@click.option("--version", "version", default="1", show_default=True)
+@click.option("--variant", type=click.Choice(["int8", "fp16", "fp32", "edgetpu"]), default=None)
+@click.option("--package", "is_package", is_flag=True, help="FILES are .edgepkg packages to install as is.")
+@click.option("--allow-downgrade", is_flag=True, help="Install a version below the highest installed.")
+@click.option("--shred", is_flag=True,
+               help="Overwrite and delete the plaintext source (best effort on flash).")
+@state_dir_option
+def import_cmd(files: tuple[Path, ...], name: str | None, version: str, variant: str | None, is_package: bool,
+               allow_downgrade: bool, shred: bool, state_dir: Path | None) -> None:
+    """Encrypt plaintext model FILES to this device's key and store them (or install .edgepkg files)."""
+    from edgert.errors import ConfigError
+    from edgert.security.loader import import_model
+
+    if name and len(files) > 1:
+        raise ConfigError("--name works with one file only")
+    with _open(state_dir) as store:
+        for f in files:
+            if is_package or f.suffix == ".edgepkg":
+                m = store.install(f, allow_downgrade=allow_downgrade)
+            else:
+                m = import_model(store, f, name=name, version=version, variant=variant, shred_source=shred,
+                                 allow_downgrade=allow_downgrade)
+            click.echo(f"imported {m.name} {m.version} ({m.variant}, {m.format}); active")
