@@ -78,6 +78,7 @@ class Batcher:
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._stopping = False
+        self._rows = 0  # rows queued, guarded by _cond
         self._thread = threading.Thread(target=self._work, name=f"edgert-batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -93,7 +94,12 @@ class Batcher:
                     f"model {self.name!r} is being replaced or removed", hint="retry the request"
                 )
             self._queue.append(req)
-            self._cond.notify()
+            self._rows += req.rows
+            # Wake the worker only when it has something to decide: the first request starts its
+            # delay timer; a full or preferred-size batch can run at once. Waking it on every request
+            # makes it fight the event loop for the GIL 32 times per batch.
+            if len(self._queue) == 1 or self._rows >= self._max_batch or self._rows in self._preferred:
+                self._cond.notify()
 
     def submit_async(self, inputs: dict[str, np.ndarray], rows: int) -> asyncio.Future[Outputs]:
         """Queue a request from the running event loop; await the returned future."""
@@ -121,6 +127,7 @@ class Batcher:
             if error is not None:
                 pending = list(self._queue)
                 self._queue.clear()
+                self._rows = 0
             else:
                 pending = []
             self._cond.notify_all()
@@ -147,7 +154,9 @@ class Batcher:
                 if take == WAIT:
                     self._cond.wait(self._delay - waited)
                     continue
-                return [self._queue.popleft() for _ in range(take)]
+                batch = [self._queue.popleft() for _ in range(take)]
+                self._rows -= sum(r.rows for r in batch)
+                return batch
 
     def _work(self) -> None:
         while True:
