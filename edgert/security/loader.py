@@ -111,11 +111,22 @@ def import_model(store: ModelStore, source: Path, *, name: str | None = None, ve
 
 def import_files(root: Path, files: Iterable[str | os.PathLike[str]], *, keys: DeviceKeys | None = None,
                  version: str = "1") -> list[Manifest]:
-    """Import several plaintext model files into the store under ``root`` (names from file stems)."""
+    """Import plaintext model files into the store under ``root``.
+
+    Names are the file stems; when two files share a stem (``x.onnx`` and ``x.tflite``) the
+    non-ONNX one is named ``<stem>_<suffix>``.
+    """
     keys = keys or open_keystore(root, create=True)
+    paths_ = [Path(f) for f in files]
+    stems = [p.stem for p in paths_]
     with open_audit(root, keys) as audit:
         store = open_store(root, keys, audit)
-        return [import_model(store, Path(f), version=version) for f in files]
+        out = []
+        for p in paths_:
+            suffix = p.suffix.lower().lstrip(".")
+            name = f"{p.stem}_{suffix}" if stems.count(p.stem) > 1 and suffix != "onnx" else p.stem
+            out.append(import_model(store, p, name=name, version=version))
+        return out
 
 
 def load_from_store(runtime: Any, store: ModelStore, name: str, version: str | None = None,

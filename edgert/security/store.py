@@ -81,6 +81,7 @@ class ModelStore:
         self.fs = fs or FileSystem()
         self.audit = audit
         self.edgert_version = edgert_version or __version__
+        ensure_private_dir(self.root)
         ensure_private_dir(self.root / PACKAGES_DIR)
         self._collect_garbage()
 
