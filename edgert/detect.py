@@ -118,19 +118,21 @@ def _check(profile: Profile, fs: FileSystemView, providers: set[str], flags: set
     if hints.empty:
         return Match(profile, True, ("generic profile: no hardware required",))
     reasons: list[str] = []
-    ok = True
+    evidence = False
 
     def category(name: str, items: Iterable[str], found: Sequence[str]) -> None:
-        nonlocal ok
+        nonlocal evidence
         items = list(items)
         if not items:
             return
         if found:
+            evidence = True
             reasons.append(f"{name}: found {', '.join(found)}")
         else:
-            ok = False
             reasons.append(f"{name}: none of {', '.join(items)}")
 
+    # Hardware evidence: any one hit in any category is enough (a Coral shows up either as a
+    # PCIe device node or as a USB id). Required providers are mandatory on top of that.
     category("files", hints.files, [f for f in hints.files if fs.exists(f)])
     category("devices", hints.devices, [d for d in hints.devices if fs.exists(d)])
     category("cpu flags", hints.cpu_flags, [f for f in hints.cpu_flags if f in flags])
@@ -138,6 +140,10 @@ def _check(profile: Profile, fs: FileSystemView, providers: set[str], flags: set
     if hints.file_contains:
         hits = [f"{p} contains {t!r}" for p, t in hints.file_contains if t in (fs.read_text(p) or "")]
         category("file contents", [f"{p} contains {t!r}" for p, t in hints.file_contains], hits)
+    has_hardware_hints = bool(
+        hints.files or hints.devices or hints.cpu_flags or hints.usb_ids or hints.file_contains
+    )
+    ok = evidence or not has_hardware_hints
     if hints.requires_providers:
         missing = [p for p in hints.requires_providers if p not in providers]
         if missing:

@@ -65,7 +65,11 @@ class DelegateSpec:
 
 @dataclass(frozen=True)
 class DetectHints:
-    """Evidence that a device belongs to this hardware class (each list: any one is enough)."""
+    """Evidence that a device belongs to this hardware class.
+
+    One hit in any of files/devices/cpu_flags/file_contains/usb_ids is enough; every entry of
+    ``requires_providers`` must additionally be offered by the installed onnxruntime.
+    """
 
     files: tuple[str, ...] = ()
     devices: tuple[str, ...] = ()

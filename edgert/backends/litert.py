@@ -46,6 +46,21 @@ def import_error() -> str | None:
 
 
 DelegateLoader = Callable[[str, dict[str, Any]], Any]
+
+
+def _checked_loader(load_delegate: Callable[..., Any]) -> DelegateLoader:
+    """Probe the library with ctypes before LiteRT's ``load_delegate``.
+
+    When the library is missing, ``load_delegate`` leaves a half-built ``Delegate`` whose
+    ``__del__`` raises; probing first keeps that noise out of the logs.
+    """
+    import ctypes
+
+    def load(library: str, options: dict[str, Any]) -> Any:
+        ctypes.CDLL(library)  # raises OSError with the loader's message when it is absent
+        return load_delegate(library, options)
+
+    return load
 InterpreterFactory = Callable[[bytes, list[Any], int], Any]
 
 
@@ -68,7 +83,7 @@ def create_interpreter(
             )
     if loader is None:
         assert module is not None
-        loader = module.load_delegate
+        loader = _checked_loader(module.load_delegate)
     if factory is None:
         assert module is not None
         interp_cls = module.Interpreter
