@@ -1,0 +1,98 @@
+"""``edgert daemon`` (serve a config) and ``edgert demo`` (serve the bundled samples)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import shutil
+import tempfile
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgert.config import DaemonConfig, load_config, parse_listen
+from edgert.errors import ConfigError
+
+__all__ = ["daemon", "demo"]
+
+DEFAULT_CONFIG = "/etc/edgert/edgert.toml"
+
+
+def _override(cfg: DaemonConfig, http: str | None, socket: str | None) -> DaemonConfig:
+    if http is not None:
+        if http:
+            try:
+                parse_listen(http)
+            except ValueError as exc:
+                raise ConfigError(f"--http {http!r}: {exc}", hint="use HOST:PORT, e.g. 127.0.0.1:8000") from None
+        cfg = dataclasses.replace(cfg, http=dataclasses.replace(cfg.http, listen=http))
+    if socket is not None:
+        cfg = dataclasses.replace(cfg, socket=dataclasses.replace(cfg.socket, path=socket))
+    return cfg
+
+
+def run_loop(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` on uvloop when installed (measurably faster), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+        return
+    uvloop.run(coro)
+
+
+def _log_level(cfg: DaemonConfig) -> None:
+    from edgert.logs import configure_logging
+
+    logger = logging.getLogger("edgert")
+    wanted = getattr(logging, cfg.log_level.upper())
+    # -v on the command line may already ask for more; never make the CLI quieter.
+    configure_logging(min(wanted, logger.level) if logger.level else wanted)
+
+
+@click.command()
+@click.option("-c", "--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
+              type=click.Path(dir_okay=False), help="Daemon config file (TOML).")
+@click.option("--http", default=None, metavar="HOST:PORT", help="Override http.listen ('' disables).")
+@click.option("--socket", default=None, metavar="PATH", help="Override socket.path ('' disables).")
+@click.option("--check", is_flag=True, help="Validate the config and exit.")
+def daemon(config_path: str, http: str | None, socket: str | None, check: bool) -> None:
+    """Serve the models of a config file over OIP v2 HTTP and the Unix socket."""
+    from edgert.daemon import Daemon
+
+    cfg = _override(load_config(config_path), http, socket)
+    if check:
+        click.echo(f"{config_path}: ok ({len(cfg.models)} models, {len(cfg.cascades)} cascades)")
+        return
+    _log_level(cfg)
+    run_loop(Daemon(cfg, config_path=config_path).run())
+
+
+@click.command()
+@click.option("--http", default="127.0.0.1:8000", show_default=True, metavar="HOST:PORT",
+              help="OIP v2 HTTP listener.")
+@click.option("--socket", default=None, metavar="PATH", help="Unix socket (default: in the temporary state dir).")
+@click.option("--metrics", default="127.0.0.1:0", show_default=True, metavar="HOST:PORT",
+              help="Prometheus listener (port 0 picks a free one).")
+@click.option("--mobilenet", is_flag=True, help="Also serve MobileNetV2 int8.")
+def demo(http: str, socket: str | None, metrics: str, mobilenet: bool) -> None:
+    """Serve the bundled sample models (encrypted to a fresh device key), offline, on localhost."""
+    from edgert.daemon import Daemon
+    from edgert.daemon.demo import DEMO_MODELS, MOBILENET, build_demo_config, demo_usage, install_demo_store
+
+    root = Path(tempfile.mkdtemp(prefix="edgert-demo-"))
+    try:
+        install_demo_store(root, [*DEMO_MODELS, *([MOBILENET] if mobilenet else [])])
+        cfg = _override(build_demo_config(root, http=http, metrics=metrics, mobilenet=mobilenet), http, socket)
+        _log_level(cfg)
+
+        def ready(d: Daemon) -> None:
+            addr = d.addresses
+            click.echo(demo_usage(addr.get("http", "-"), addr.get("socket", "-"), addr.get("metrics", "-")))
+
+        run_loop(Daemon(cfg).run(on_ready=ready))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,109 @@
+"""The daemon as a ServingBackend: what the HTTP and socket front ends call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgert.errors import EdgertError, OverloadedError, ServeError
+from edgert.serve.backend import InferOutcome, ModelMeta, TensorMeta, UnknownModelError
+
+if TYPE_CHECKING:
+    from edgert.daemon.core import Daemon
+
+__all__ = ["EngineBackend"]
+
+
+def _tensors(specs: Sequence[Any]) -> tuple[TensorMeta, ...]:
+    return tuple(TensorMeta(s.name, np.dtype(s.dtype), tuple(s.shape)) for s in specs)
+
+
+def _unknown(exc: BaseException, name: str, version: str | None) -> EdgertError | None:
+    """Turn the engine's unknown-model error (whatever its class) into UnknownModelError."""
+    if isinstance(exc, UnknownModelError):
+        return exc
+    if isinstance(exc, KeyError) or (isinstance(exc, ServeError) and not isinstance(exc, OverloadedError)
+                                     and "unknown" in str(exc).lower()):
+        what = f"model {name!r}" + (f" version {version!r}" if version else "")
+        message = exc.message if isinstance(exc, EdgertError) else f"{what} is not served"
+        return UnknownModelError(message, hint="GET /v2/repository/index (POST) lists served models")
+    return None
+
+
+class EngineBackend:
+    """Adapter from the servers' ServingBackend interface to the daemon's engine."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.engine = daemon.engine
+
+    def live(self) -> bool:
+        """The process is up."""
+        return True
+
+    def ready(self) -> bool:
+        """Every model loaded and not draining."""
+        return self.daemon.is_ready and not self.daemon.draining
+
+    def server_metadata(self) -> dict[str, Any]:
+        """OIP server metadata."""
+        from edgert import __version__
+
+        return {"name": "edgert", "version": __version__,
+                "extensions": ["binary_tensor_data", "model_repository", "statistics"]}
+
+    def _info(self, name: str, version: str | None) -> Any:
+        try:
+            info = self.engine.get(name, version)
+        except (KeyError, ServeError) as exc:
+            mapped = _unknown(exc, name, version)
+            if mapped is None:
+                raise
+            raise mapped from None
+        if version is not None and version not in info.versions:
+            raise UnknownModelError(f"model {name!r} has no version {version!r} (serving {', '.join(info.versions)})")
+        return info
+
+    def model_meta(self, name: str, version: str | None = None) -> ModelMeta:
+        """Metadata of a served model or cascade."""
+        info = self._info(name, version)
+        return ModelMeta(name=info.name, versions=tuple(info.versions), platform=info.format,
+                         inputs=_tensors(info.inputs), outputs=_tensors(info.outputs),
+                         ready=bool(info.ready) and self.ready(), provider=info.provider)
+
+    def model_names(self) -> list[str]:
+        """Served names."""
+        return [info.name for info in self.engine.models()]
+
+    async def infer(self, name: str, inputs: dict[str, np.ndarray], *, version: str | None = None,
+                    outputs: Sequence[str] | None = None, request_id: str | None = None) -> InferOutcome:
+        """One request through the engine."""
+        try:
+            return await self.engine.infer(name, inputs, version=version,  # type: ignore[no-any-return]
+                                           outputs=list(outputs) if outputs is not None else None,
+                                           request_id=request_id)
+        except (KeyError, ServeError) as exc:
+            mapped = _unknown(exc, name, version)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    async def load(self, name: str, version: str | None = None) -> None:
+        """Hot-swap (or load) ``name``."""
+        await self.daemon.activate(name, version)
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name``."""
+        try:
+            await self.daemon.deactivate(name)
+        except (KeyError, ServeError) as exc:
+            mapped = _unknown(exc, name, None)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    def status(self) -> dict[str, Any]:
+        """Daemon status."""
+        return self.daemon.status()
