@@ -121,6 +121,9 @@ def _explain_tls_alert(text: str, cfg: MqttConfig) -> SyncError:
             f"TLS handshake failed with {cfg.host}:{cfg.port}: the port does not speak TLS",
             hint="use the broker's TLS port, or remove ca_file for a plain port",
         )
+    if cfg.cert_file and ("eof" in low or "reset" in low):
+        return SyncError(f"the broker closed the TLS connection; it may have refused the device certificate "
+                         f"{cfg.cert_file}", hint="check that the broker trusts the CA that signed it")
     return SyncError(f"TLS error with {cfg.host}:{cfg.port}: {text[:200]}")
 
 
@@ -131,6 +134,12 @@ def explain_connack(reason: ReasonCode | int | str, cfg: MqttConfig) -> SyncErro
     if "user name or password" in low or "credentials" in low:
         return SyncError(
             "the broker refused the connection: bad user name or password",
+            hint="check [mqtt] username and password_file",
+        )
+    if "not authori" in low and cfg.username:
+        # mosquitto answers a wrong password with "Not authorized" rather than "Bad user name or password".
+        return SyncError(
+            f"the broker refused the connection: not authorised (bad user name or password for {cfg.username!r}?)",
             hint="check [mqtt] username and password_file",
         )
     if "not authori" in low:
@@ -144,6 +153,27 @@ def explain_connack(reason: ReasonCode | int | str, cfg: MqttConfig) -> SyncErro
             hint='set [mqtt] protocol = "3.1.1" for brokers without MQTT 5',
         )
     return SyncError(f"the broker refused the connection: {text}")
+
+
+def certificate_problem(cert_pem: bytes, path: str, now: float) -> SyncError | None:
+    """Return why a client certificate cannot work at ``now`` (expired, not yet valid), else None."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        return SyncError(f"device certificate {path} is not a PEM certificate", hint="fix [mqtt] cert_file")
+    if now > cert.not_valid_after_utc.timestamp():
+        return SyncError(
+            f"the device certificate {path} has expired (not valid after {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)",
+            hint="renew the device certificate; the broker will refuse it until then",
+        )
+    if now < cert.not_valid_before_utc.timestamp():
+        return SyncError(
+            f"the device certificate {path} is not valid yet (from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC)",
+            hint="check the device clock (NTP)",
+        )
+    return None
 
 
 def _read_password(path: str) -> str:
@@ -167,6 +197,24 @@ def _check_files(cfg: MqttConfig) -> None:
         raise KeyFileError(
             f"device key {cfg.key_file} is readable by others", hint=f"chmod 600 {cfg.key_file}"
         )
+
+
+class _Client(paho.Client):
+    """paho's Client, closing the TLS socket when the handshake fails (paho 2.2 leaks it)."""
+
+    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
+        ctx = self._ssl_context
+        if ctx is None:  # pragma: no cover - paho only calls this with TLS configured
+            raise SyncError("TLS is not configured")
+        # Our context comes from ssl.create_default_context, so it checks the host name itself.
+        ssl_sock = ctx.wrap_socket(tcp_sock, server_hostname=self._host, do_handshake_on_connect=False)
+        try:
+            ssl_sock.settimeout(self._connect_timeout)
+            ssl_sock.do_handshake()
+        except BaseException:
+            ssl_sock.close()
+            raise
+        return ssl_sock
 
 
 class MqttLink:
@@ -202,7 +250,7 @@ class MqttLink:
         kwargs: dict[str, Any] = {"protocol": proto}
         if not cfg.mqtt5:
             kwargs["clean_session"] = cfg.clean_session
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, **kwargs)
+        client = _Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, **kwargs)
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(0)
         client.connect_timeout = CONNECT_TIMEOUT_S
@@ -269,8 +317,11 @@ class MqttLink:
             self._cb_message(msg.topic, bytes(msg.payload), msg.properties)
 
     def _on_log(self, client: paho.Client, userdata: Any, level: int, text: str) -> None:
-        if level == paho.MQTT_LOG_ERR:
-            self._last_log_error = text
+        # Keep the first TLS-looking error of a session: later ones only say "not connected".
+        if level == paho.MQTT_LOG_ERR and self._last_log_error is None:
+            low = text.lower()
+            if "ssl" in low or "alert" in low or "certificate" in low:
+                self._last_log_error = text
 
     # -- network thread ------------------------------------------------------------------------
     def start(self) -> None:
@@ -323,7 +374,7 @@ class MqttLink:
         self._last_log_error = None
         try:
             self._connect()
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SyncError) as exc:
             self.last_error = explain_error(exc, self.cfg)
             log.warning("cannot connect", extra={"error": self.last_error.message})
             self._close_socket()
@@ -341,8 +392,13 @@ class MqttLink:
                     hint="the broker may be overloaded or paused",
                 )
                 break
-        if not had_connack and self.last_error is None and self._last_log_error:
-            self.last_error = _explain_tls_alert(self._last_log_error, self.cfg)
+        if not had_connack and self.last_error is None and not self._stop.is_set():
+            if self._last_log_error:
+                self.last_error = _explain_tls_alert(self._last_log_error, self.cfg)
+            else:
+                self.last_error = SyncError(
+                    f"{self.cfg.host}:{self.cfg.port} closed the connection before answering CONNECT",
+                    hint="if this port speaks TLS set [mqtt] ca_file; check that it is an MQTT port")
         self._close_socket()
         self._on_disconnect(
             self.client, None, None, ReasonCode(PacketTypes.DISCONNECT, identifier=0x80), None
@@ -351,6 +407,12 @@ class MqttLink:
 
     def _connect(self) -> None:
         cfg = self.cfg
+        if cfg.cert_file:
+            # TLS 1.3 servers refuse a client certificate after the client's handshake finished, so the
+            # refusal often arrives as a bare EOF; checking validity here gives a clear reason.
+            problem = certificate_problem(Path(cfg.cert_file).read_bytes(), cfg.cert_file, time.time())
+            if problem is not None:
+                raise problem
         if cfg.mqtt5:
             props = Properties(PacketTypes.CONNECT)
             if not cfg.clean_session:
