@@ -69,44 +69,62 @@ class CA:
         now = dt.datetime.now(dt.timezone.utc)
         cert = (
             x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
             .sign(key, hashes.SHA256())
         )
         path = directory / f"{name}.pem"
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cls(key, cert, path)
 
-    def issue(self, directory: Path, cn: str, *, server: bool = False, expired: bool = False) -> tuple[Path, Path]:
+    def issue(
+        self, directory: Path, cn: str, *, server: bool = False, expired: bool = False
+    ) -> tuple[Path, Path]:
         """Issue a leaf certificate; return (cert_path, key_path) with the key at mode 0600."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.timezone.utc)
-        start, end = (now - dt.timedelta(days=10), now - dt.timedelta(days=1)) if expired else (
-            now - dt.timedelta(minutes=5), now + dt.timedelta(days=7))
+        start, end = (
+            (now - dt.timedelta(days=10), now - dt.timedelta(days=1))
+            if expired
+            else (now - dt.timedelta(minutes=5), now + dt.timedelta(days=7))
+        )
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(self.cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         )
         if server:
             builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                             x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
                 critical=False,
             ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         else:
             builder = builder.add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+            )
         cert = builder.sign(self.key, hashes.SHA256())
         cert_path, key_path = directory / f"{cn}.crt", directory / f"{cn}.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         os.chmod(key_path, 0o600)
         return cert_path, key_path
 
@@ -148,7 +166,9 @@ class Mosquitto:
             pw = d / "passwd"
             pw.write_text("")
             for user, password in self.passwords.items():
-                subprocess.run([MOSQUITTO_PASSWD, "-b", str(pw), user, password], check=True, capture_output=True)
+                subprocess.run(
+                    [MOSQUITTO_PASSWD, "-b", str(pw), user, password], check=True, capture_output=True
+                )
             lines.append(f"password_file {pw}")
         if self.acl is not None:
             acl = d / "acl"
@@ -166,13 +186,15 @@ class Mosquitto:
     def start(self) -> Mosquitto:
         """Start mosquitto and wait until it accepts connections."""
         conf = self.write_config()
-        self.log = open(self.directory / "mosquitto.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.log = open(self.directory / "mosquitto.log", "ab")
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=self.log, stderr=subprocess.STDOUT)
         try:
             wait_port(self.port, START_TIMEOUT_S, self.proc)
-        except (RuntimeError, TimeoutError):
+        except (RuntimeError, TimeoutError) as exc:
             self.stop()
-            raise RuntimeError("mosquitto did not start: " + (self.directory / "mosquitto.log").read_text()[-2000:])
+            raise RuntimeError(
+                "mosquitto did not start: " + (self.directory / "mosquitto.log").read_text()[-2000:]
+            ) from exc
         return self
 
     def stop(self) -> None:
@@ -245,20 +267,22 @@ class RabbitMQ:
         d = self.directory
         node = f"edgert{self.mqtt_port}@localhost"
         env = dict(os.environ)
-        env.update({
-            "RABBITMQ_NODENAME": node,
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-            "RABBITMQ_NODE_PORT": str(self.amqp_port),
-            "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "ERL_EPMD_PORT": str(self.epmd_port),
-            "ERL_EPMD_ADDRESS": "127.0.0.1",
-            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(d / "log"),
-            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
-            "RABBITMQ_PID_FILE": str(d / "rabbit.pid"),
-            "HOME": str(d),
-        })
+        env.update(
+            {
+                "RABBITMQ_NODENAME": node,
+                "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+                "RABBITMQ_NODE_PORT": str(self.amqp_port),
+                "RABBITMQ_DIST_PORT": str(self.dist_port),
+                "ERL_EPMD_PORT": str(self.epmd_port),
+                "ERL_EPMD_ADDRESS": "127.0.0.1",
+                "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(d / "log"),
+                "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+                "RABBITMQ_PID_FILE": str(d / "rabbit.pid"),
+                "HOME": str(d),
+            }
+        )
         return env
 
     def start(self) -> RabbitMQ:
@@ -271,14 +295,19 @@ class RabbitMQ:
             "mqtt.allow_anonymous = true\nmqtt.default_user = guest\nmqtt.default_pass = guest\n"
             "loopback_users = none\n"
         )
-        self.log = open(d / "rabbit.out", "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([RABBITMQ_SERVER], env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.log = open(d / "rabbit.out", "ab")
+        self.proc = subprocess.Popen(
+            [RABBITMQ_SERVER],
+            env=self.env(),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             wait_port(self.mqtt_port, RABBIT_START_TIMEOUT_S, self.proc)
-        except (RuntimeError, TimeoutError):
+        except (RuntimeError, TimeoutError) as exc:
             self.stop()
-            raise RuntimeError("rabbitmq did not start: " + (d / "rabbit.out").read_text()[-3000:])
+            raise RuntimeError("rabbitmq did not start: " + (d / "rabbit.out").read_text()[-3000:]) from exc
         return self
 
     def stop(self) -> None:

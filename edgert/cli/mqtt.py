@@ -18,8 +18,13 @@ def mqtt() -> None:
 
 
 @mqtt.command("test")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="edgert config file with an [mqtt] section.")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="edgert config file with an [mqtt] section.",
+)
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for each step.")
 def test_cmd(config_path: str, timeout: float) -> None:
     """Connect to the broker; check TLS, credentials, publish, subscribe and the ACL."""
@@ -48,14 +53,18 @@ def gen_command_key(private_key: str) -> None:
     if path.exists():
         raise ConfigError(f"{path} already exists", hint="choose a new file name; keys are never overwritten")
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     pub = path.with_name(path.name + ".pub")
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     click.echo(f"wrote {path} (keep it secret) and {pub} (pin it as [mqtt] command_key_file)")
 
 
@@ -67,8 +76,9 @@ def gen_command_key(private_key: str) -> None:
 @click.option("--args", "args_json", default="{}", show_default=True, help="Command arguments as JSON.")
 @click.option("--ttl", default=60.0, show_default=True, help="Seconds the command stays valid.")
 @click.option("--request-id", default=None, help="Correlation id for MQTT 3.1.1 replies.")
-def sign_cmd(key_path: str, fleet: str, device: str, command: str, args_json: str, ttl: float,
-             request_id: str | None) -> None:
+def sign_cmd(
+    key_path: str, fleet: str, device: str, command: str, args_json: str, ttl: float, request_id: str | None
+) -> None:
     """Print a signed command payload (publish it to the device's cmd topic)."""
     from edgert.mqtt.signing import load_private_key, sign_command
     from edgert.mqtt.topics import check_id
@@ -82,6 +92,14 @@ def sign_cmd(key_path: str, fleet: str, device: str, command: str, args_json: st
     if not isinstance(args, dict):
         raise ConfigError("--args must be a JSON object")
     key = load_private_key(key_path)
-    payload = sign_command(key, cmd=command, fleet=fleet, device=device, now=time.time(), args=args, ttl=ttl,
-                           request_id=request_id)
+    payload = sign_command(
+        key,
+        cmd=command,
+        fleet=fleet,
+        device=device,
+        now=time.time(),
+        args=args,
+        ttl=ttl,
+        request_id=request_id,
+    )
     click.echo(payload.decode())

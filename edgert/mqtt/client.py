@@ -122,8 +122,11 @@ def _explain_tls_alert(text: str, cfg: MqttConfig) -> SyncError:
             hint="use the broker's TLS port, or remove ca_file for a plain port",
         )
     if cfg.cert_file and ("eof" in low or "reset" in low):
-        return SyncError(f"the broker closed the TLS connection; it may have refused the device certificate "
-                         f"{cfg.cert_file}", hint="check that the broker trusts the CA that signed it")
+        return SyncError(
+            f"the broker closed the TLS connection; it may have refused the device certificate "
+            f"{cfg.cert_file}",
+            hint="check that the broker trusts the CA that signed it",
+        )
     return SyncError(f"TLS error with {cfg.host}:{cfg.port}: {text[:200]}")
 
 
@@ -139,7 +142,8 @@ def explain_connack(reason: ReasonCode | int | str, cfg: MqttConfig) -> SyncErro
     if "not authori" in low and cfg.username:
         # mosquitto answers a wrong password with "Not authorized" rather than "Bad user name or password".
         return SyncError(
-            f"the broker refused the connection: not authorised (bad user name or password for {cfg.username!r}?)",
+            "the broker refused the connection: not authorised "
+            f"(bad user name or password for {cfg.username!r}?)",
             hint="check [mqtt] username and password_file",
         )
     if "not authori" in low:
@@ -165,12 +169,14 @@ def certificate_problem(cert_pem: bytes, path: str, now: float) -> SyncError | N
         return SyncError(f"device certificate {path} is not a PEM certificate", hint="fix [mqtt] cert_file")
     if now > cert.not_valid_after_utc.timestamp():
         return SyncError(
-            f"the device certificate {path} has expired (not valid after {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)",
+            f"the device certificate {path} has expired "
+            f"(not valid after {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)",
             hint="renew the device certificate; the broker will refuse it until then",
         )
     if now < cert.not_valid_before_utc.timestamp():
         return SyncError(
-            f"the device certificate {path} is not valid yet (from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC)",
+            f"the device certificate {path} is not valid yet "
+            f"(from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC)",
             hint="check the device clock (NTP)",
         )
     return None
@@ -398,7 +404,8 @@ class MqttLink:
             else:
                 self.last_error = SyncError(
                     f"{self.cfg.host}:{self.cfg.port} closed the connection before answering CONNECT",
-                    hint="if this port speaks TLS set [mqtt] ca_file; check that it is an MQTT port")
+                    hint="if this port speaks TLS set [mqtt] ca_file; check that it is an MQTT port",
+                )
         self._close_socket()
         self._on_disconnect(
             self.client, None, None, ReasonCode(PacketTypes.DISCONNECT, identifier=0x80), None

@@ -62,8 +62,14 @@ def probe(cfg: MqttConfig, timeout: float = PROBE_TIMEOUT_S) -> list[Check]:
     link.start()
     try:
         if not link.wait_connected(timeout):
-            raise link.last_error or SyncError(f"could not connect to {cfg.host}:{cfg.port} within {timeout:.0f} s")
-        mode = f"TLS with {cfg.ca_file}" + (", client certificate" if cfg.cert_file else "") if cfg.tls else "plain"
+            raise link.last_error or SyncError(
+                f"could not connect to {cfg.host}:{cfg.port} within {timeout:.0f} s"
+            )
+        mode = (
+            f"TLS with {cfg.ca_file}" + (", client certificate" if cfg.cert_file else "")
+            if cfg.tls
+            else "plain"
+        )
         checks = [Check("connect", True, f"connected to {cfg.host}:{cfg.port} (MQTT {cfg.protocol}, {mode})")]
         checks.append(_check_publish(link, acks, cfg, timeout))
         checks.append(_check_subscribe(link, acks, cfg, subscribed, timeout))
@@ -84,7 +90,9 @@ def _check_publish(link: MqttLink, acks: _Acks, cfg: MqttConfig, timeout: float)
     return Check("publish", True, f"can publish to {topic}")
 
 
-def _check_subscribe(link: MqttLink, acks: _Acks, cfg: MqttConfig, done: threading.Event, timeout: float) -> Check:
+def _check_subscribe(
+    link: MqttLink, acks: _Acks, cfg: MqttConfig, done: threading.Event, timeout: float
+) -> Check:
     topic = topics.device_topic(cfg.fleet, cfg.device_id, "cmd")
     link.subscribe(topic)
     if not done.wait(timeout):
@@ -102,4 +110,6 @@ def _check_acl(link: MqttLink, acks: _Acks, cfg: MqttConfig, timeout: float) -> 
     got = acks.wait(mid, timeout)
     if got is not None and got[0] >= 0x80:
         return Check("acl", True, f"publishing as another device is denied ({got[1]})")
-    return Check("acl", False, f"broker accepted a publish to {topic}: its ACL lets this device pose as others")
+    return Check(
+        "acl", False, f"broker accepted a publish to {topic}: its ACL lets this device pose as others"
+    )

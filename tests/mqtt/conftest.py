@@ -44,12 +44,22 @@ def wait_for(pred: Callable[[], bool], timeout: float = WAIT_S, what: str = "con
 class Recorder:
     """A fleet-side paho client that records every message on a topic filter."""
 
-    def __init__(self, port: int, topic: str = "edgert/#", *, username: str | None = None,
-                 password: str | None = None, tls: tuple[Path, Path, Path] | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        topic: str = "edgert/#",
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         self.messages: list[paho.MQTTMessage] = []
         self.lock = threading.Lock()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"rec-{time.monotonic_ns()}",
-                                  protocol=MQTTProtocolVersion.MQTTv5)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"rec-{time.monotonic_ns()}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
         if username:
             self.client.username_pw_set(username, password)
         if tls:
@@ -109,8 +119,12 @@ def mtls_broker(tmp_path: Path, pki: dict[str, Any]) -> Iterator[Mosquitto]:
     """mosquitto with TLS, require_certificate, use_identity_as_username and the device ACL."""
     require_mosquitto()
     server_cert, server_key = pki["server"]
-    b = Mosquitto(tmp_path / "mtls", tls=(pki["ca"].path, server_cert, server_key),
-                  require_certificate=True, acl=DEVICE_ACL).start()
+    b = Mosquitto(
+        tmp_path / "mtls",
+        tls=(pki["ca"].path, server_cert, server_key),
+        require_certificate=True,
+        acl=DEVICE_ACL,
+    ).start()
     yield b
     b.stop()
 
@@ -120,16 +134,25 @@ def command_key(tmp_path: Path) -> tuple[Ed25519PrivateKey, Path]:
     """The fleet command key pair; returns the private key and the pinned public key file."""
     key = Ed25519PrivateKey.generate()
     pub = tmp_path / "fleet-cmd.pub"
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     return key, pub
 
 
 def make_config(tmp_path: Path, port: int, **overrides: Any) -> MqttConfig:
     """An [mqtt] config for DEVICE with fast reconnects and a private spool."""
     d: dict[str, Any] = {
-        "host": "127.0.0.1", "port": port, "fleet": FLEET, "device_id": DEVICE,
-        "telemetry_interval": 0.2, "reconnect_min": 0.05, "reconnect_max": 0.5, "keepalive": 5,
+        "host": "127.0.0.1",
+        "port": port,
+        "fleet": FLEET,
+        "device_id": DEVICE,
+        "telemetry_interval": 0.2,
+        "reconnect_min": 0.05,
+        "reconnect_max": 0.5,
+        "keepalive": 5,
         "spool_path": str(tmp_path / "spool" / "telemetry.sqlite"),
     }
     d.update(overrides)

@@ -74,15 +74,17 @@ def test_tls_server_only_and_wrong_ca(tmp_path: Path, pki: dict[str, Any]) -> No
         wrong = make_config(tmp_path, b.port, ca_file=str(pki["other_ca"].path))
         err = _connect_error(wrong)
         assert err.message == (
-            f"certificate verify failed: the broker's certificate is not signed by {pki['other_ca'].path}")
+            f"certificate verify failed: the broker's certificate is not signed by {pki['other_ca'].path}"
+        )
         plain = make_config(tmp_path, b.port)  # TLS port spoken to in plain MQTT
         assert _connect_error(plain).message
     finally:
         b.stop()
 
 
-def test_mtls_acl_denies_publishing_as_another_device(tmp_path: Path, mtls_broker: Mosquitto,
-                                                      pki: dict[str, Any]) -> None:
+def test_mtls_acl_denies_publishing_as_another_device(
+    tmp_path: Path, mtls_broker: Mosquitto, pki: dict[str, Any]
+) -> None:
     ca = pki["ca"].path
     fleet_cert, fleet_key = pki["fleet"]
     rec = Recorder(mtls_broker.port, "edgert/#", tls=(ca, fleet_cert, fleet_key))
@@ -111,8 +113,9 @@ def test_mtls_acl_denies_publishing_as_another_device(tmp_path: Path, mtls_broke
 
 def test_mtls_expired_client_certificate(tmp_path: Path, mtls_broker: Mosquitto, pki: dict[str, Any]) -> None:
     cert, key = pki["expired"]
-    cfg = make_config(tmp_path, mtls_broker.port, ca_file=str(pki["ca"].path), cert_file=str(cert),
-                      key_file=str(key))
+    cfg = make_config(
+        tmp_path, mtls_broker.port, ca_file=str(pki["ca"].path), cert_file=str(cert), key_file=str(key)
+    )
     err = _connect_error(cfg)
     assert "expired" in err.message and str(cert) in err.message
 
@@ -129,8 +132,9 @@ def test_broker_down_gives_actionable_error(tmp_path: Path) -> None:
     assert "connection refused" in err.message and err.hint
 
 
-def test_cli_mqtt_test_prints_what_works(tmp_path: Path, mtls_broker: Mosquitto, pki: dict[str, Any],
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_mqtt_test_prints_what_works(
+    tmp_path: Path, mtls_broker: Mosquitto, pki: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     a_cert, a_key = pki["dev-a"]
     conf = tmp_path / "edgert.toml"
     conf.write_text(
@@ -148,13 +152,20 @@ def test_cli_mqtt_test_prints_what_works(tmp_path: Path, mtls_broker: Mosquitto,
     assert "error: certificate verify failed: the broker's certificate is not signed by" in err
 
 
-def test_acl_lets_fleet_command_reach_device_but_not_other_devices(tmp_path: Path, mtls_broker: Mosquitto,
-                                                                   pki: dict[str, Any]) -> None:
+def test_acl_lets_fleet_command_reach_device_but_not_other_devices(
+    tmp_path: Path, mtls_broker: Mosquitto, pki: dict[str, Any]
+) -> None:
     """Device B cannot even publish to device A's cmd topic: the ACL is the first line of defence."""
     ca = pki["ca"].path
     b_cert, b_key = pki["dev-b"]
-    cfg_b = make_config(tmp_path, mtls_broker.port, device_id="dev-b", ca_file=str(ca), cert_file=str(b_cert),
-                        key_file=str(b_key))
+    cfg_b = make_config(
+        tmp_path,
+        mtls_broker.port,
+        device_id="dev-b",
+        ca_file=str(ca),
+        cert_file=str(b_cert),
+        key_file=str(b_key),
+    )
     codes: dict[int, int] = {}
     link = MqttLink(cfg_b, on_puback=lambda mid, code, reason: codes.__setitem__(mid, code))
     link.start()
