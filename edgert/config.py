@@ -245,7 +245,7 @@ def _parse_socket(table: _Table) -> SocketConfig:
     try:
         mode = int(mode_value, 8) if isinstance(mode_value, str) else int(mode_value)
     except ValueError:
-        raise table.fail("mode", f"must be an octal string like \"0660\", got {mode_value!r}") from None
+        raise table.fail("mode", f'must be an octal string like "0660", got {mode_value!r}') from None
     if not 0 <= mode <= 0o777:
         raise table.fail("mode", f"must be between 0000 and 0777, got {oct(mode)}")
     cfg = SocketConfig(
@@ -366,7 +366,9 @@ def _check_names(root: _Table, cfg: DaemonConfig) -> None:
             target = getattr(cascade, key)
             if target not in models:
                 allowed = ", ".join(sorted(models)) or "(no models configured)"
-                raise root.fail(f"cascades[{i}].{key}", f"names {target!r}, which is not a model (allowed: {allowed})")
+                raise root.fail(
+                    f"cascades[{i}].{key}", f"names {target!r}, which is not a model (allowed: {allowed})"
+                )
 
 
 def load_config(path: str | os.PathLike[str]) -> DaemonConfig:
@@ -375,7 +377,9 @@ def load_config(path: str | os.PathLike[str]) -> DaemonConfig:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file {p} does not exist", hint="pass --config PATH or run `edgert demo`") from None
+        raise ConfigError(
+            f"config file {p} does not exist", hint="pass --config PATH or run `edgert demo`"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {p}: {exc}") from None
     return parse_config(text, str(p))

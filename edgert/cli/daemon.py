@@ -27,7 +27,9 @@ def _override(cfg: DaemonConfig, http: str | None, socket: str | None) -> Daemon
             try:
                 parse_listen(http)
             except ValueError as exc:
-                raise ConfigError(f"--http {http!r}: {exc}", hint="use HOST:PORT, e.g. 127.0.0.1:8000") from None
+                raise ConfigError(
+                    f"--http {http!r}: {exc}", hint="use HOST:PORT, e.g. 127.0.0.1:8000"
+                ) from None
         cfg = dataclasses.replace(cfg, http=dataclasses.replace(cfg.http, listen=http))
     if socket is not None:
         cfg = dataclasses.replace(cfg, socket=dataclasses.replace(cfg.socket, path=socket))
@@ -54,8 +56,15 @@ def _log_level(cfg: DaemonConfig) -> None:
 
 
 @click.command()
-@click.option("-c", "--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
-              type=click.Path(dir_okay=False), help="Daemon config file (TOML).")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Daemon config file (TOML).",
+)
 @click.option("--http", default=None, metavar="HOST:PORT", help="Override http.listen ('' disables).")
 @click.option("--socket", default=None, metavar="PATH", help="Override socket.path ('' disables).")
 @click.option("--check", is_flag=True, help="Validate the config and exit.")
@@ -72,11 +81,19 @@ def daemon(config_path: str, http: str | None, socket: str | None, check: bool) 
 
 
 @click.command()
-@click.option("--http", default="127.0.0.1:8000", show_default=True, metavar="HOST:PORT",
-              help="OIP v2 HTTP listener.")
-@click.option("--socket", default=None, metavar="PATH", help="Unix socket (default: in the temporary state dir).")
-@click.option("--metrics", default="127.0.0.1:0", show_default=True, metavar="HOST:PORT",
-              help="Prometheus listener (port 0 picks a free one).")
+@click.option(
+    "--http", default="127.0.0.1:8000", show_default=True, metavar="HOST:PORT", help="OIP v2 HTTP listener."
+)
+@click.option(
+    "--socket", default=None, metavar="PATH", help="Unix socket (default: in the temporary state dir)."
+)
+@click.option(
+    "--metrics",
+    default="127.0.0.1:0",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Prometheus listener (port 0 picks a free one).",
+)
 @click.option("--mobilenet", is_flag=True, help="Also serve MobileNetV2 int8.")
 def demo(http: str, socket: str | None, metrics: str, mobilenet: bool) -> None:
     """Serve the bundled sample models (encrypted to a fresh device key), offline, on localhost."""
@@ -86,7 +103,9 @@ def demo(http: str, socket: str | None, metrics: str, mobilenet: bool) -> None:
     root = Path(tempfile.mkdtemp(prefix="edgert-demo-"))
     try:
         install_demo_store(root, [*DEMO_MODELS, *([MOBILENET] if mobilenet else [])])
-        cfg = _override(build_demo_config(root, http=http, metrics=metrics, mobilenet=mobilenet), http, socket)
+        cfg = _override(
+            build_demo_config(root, http=http, metrics=metrics, mobilenet=mobilenet), http, socket
+        )
         _log_level(cfg)
 
         def ready(d: Daemon) -> None:

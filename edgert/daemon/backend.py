@@ -24,8 +24,9 @@ def _unknown(exc: BaseException, name: str, version: str | None) -> EdgertError 
     """Turn the engine's unknown-model error (whatever its class) into UnknownModelError."""
     if isinstance(exc, UnknownModelError):
         return exc
-    if isinstance(exc, KeyError) or (isinstance(exc, ServeError) and not isinstance(exc, OverloadedError)
-                                     and "unknown" in str(exc).lower()):
+    if isinstance(exc, KeyError) or (
+        isinstance(exc, ServeError) and not isinstance(exc, OverloadedError) and "unknown" in str(exc).lower()
+    ):
         what = f"model {name!r}" + (f" version {version!r}" if version else "")
         message = exc.message if isinstance(exc, EdgertError) else f"{what} is not served"
         return UnknownModelError(message, hint="GET /v2/repository/index (POST) lists served models")
@@ -51,8 +52,11 @@ class EngineBackend:
         """OIP server metadata."""
         from edgert import __version__
 
-        return {"name": "edgert", "version": __version__,
-                "extensions": ["binary_tensor_data", "model_repository", "statistics"]}
+        return {
+            "name": "edgert",
+            "version": __version__,
+            "extensions": ["binary_tensor_data", "model_repository", "statistics"],
+        }
 
     def _info(self, name: str, version: str | None) -> Any:
         try:
@@ -63,27 +67,46 @@ class EngineBackend:
                 raise
             raise mapped from None
         if version is not None and version not in info.versions:
-            raise UnknownModelError(f"model {name!r} has no version {version!r} (serving {', '.join(info.versions)})")
+            raise UnknownModelError(
+                f"model {name!r} has no version {version!r} (serving {', '.join(info.versions)})"
+            )
         return info
 
     def model_meta(self, name: str, version: str | None = None) -> ModelMeta:
         """Metadata of a served model or cascade."""
         info = self._info(name, version)
-        return ModelMeta(name=info.name, versions=tuple(info.versions), platform=info.format,
-                         inputs=_tensors(info.inputs), outputs=_tensors(info.outputs),
-                         ready=bool(info.ready) and self.ready(), provider=info.provider)
+        return ModelMeta(
+            name=info.name,
+            versions=tuple(info.versions),
+            platform=info.format,
+            inputs=_tensors(info.inputs),
+            outputs=_tensors(info.outputs),
+            ready=bool(info.ready) and self.ready(),
+            provider=info.provider,
+        )
 
     def model_names(self) -> list[str]:
         """Served names."""
         return [info.name for info in self.engine.models()]
 
-    async def infer(self, name: str, inputs: dict[str, np.ndarray], *, version: str | None = None,
-                    outputs: Sequence[str] | None = None, request_id: str | None = None) -> InferOutcome:
+    async def infer(
+        self,
+        name: str,
+        inputs: dict[str, np.ndarray],
+        *,
+        version: str | None = None,
+        outputs: Sequence[str] | None = None,
+        request_id: str | None = None,
+    ) -> InferOutcome:
         """One request through the engine."""
         try:
-            return await self.engine.infer(name, inputs, version=version,  # type: ignore[no-any-return]
-                                           outputs=list(outputs) if outputs is not None else None,
-                                           request_id=request_id)
+            return await self.engine.infer(
+                name,
+                inputs,
+                version=version,
+                outputs=list(outputs) if outputs is not None else None,
+                request_id=request_id,
+            )
         except (KeyError, ServeError) as exc:
             mapped = _unknown(exc, name, version)
             if mapped is None:

@@ -59,22 +59,34 @@ def read_token(path: str) -> str:
     try:
         st = p.stat()
         if st.st_mode & 0o077:
-            raise ConfigError(f"token file {p} is readable by other users (mode {oct(st.st_mode & 0o777)})",
-                              hint=f"chmod 600 {p}")
+            raise ConfigError(
+                f"token file {p} is readable by other users (mode {oct(st.st_mode & 0o777)})",
+                hint=f"chmod 600 {p}",
+            )
         token = p.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"cannot read token file {p}: {exc.strerror}") from None
     if len(token) < 16:
-        raise ConfigError(f"token file {p} holds fewer than 16 characters", hint="use e.g. `openssl rand -hex 32`")
+        raise ConfigError(
+            f"token file {p} holds fewer than 16 characters", hint="use e.g. `openssl rand -hex 32`"
+        )
     return token
 
 
 class Daemon:
     """Serve configured models over OIP HTTP and the Unix socket until stopped."""
 
-    def __init__(self, config: DaemonConfig, *, runtime: Any = None, services: Sequence[Service] = (),
-                 store_factory: Callable[[], Any] | None = None, notifier: Notifier | None = None,
-                 config_path: str | os.PathLike[str] | None = None, build_sync: bool = True) -> None:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        *,
+        runtime: Any = None,
+        services: Sequence[Service] = (),
+        store_factory: Callable[[], Any] | None = None,
+        notifier: Notifier | None = None,
+        config_path: str | os.PathLike[str] | None = None,
+        build_sync: bool = True,
+    ) -> None:
         from edgert.daemon.backend import EngineBackend
         from edgert.engine import Engine
         from edgert.metrics import Metrics
@@ -134,8 +146,14 @@ class Daemon:
             self._tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_s)))
         self.is_ready = True
         self.notifier.ready(f"serving {len(self.config.models)} models")
-        log.info("daemon ready", extra={"ready_ms": round((time.monotonic() - t0) * 1000, 1),
-                                        "models": [m.name for m in self.config.models], **self.addresses})
+        log.info(
+            "daemon ready",
+            extra={
+                "ready_ms": round((time.monotonic() - t0) * 1000, 1),
+                "models": [m.name for m in self.config.models],
+                **self.addresses,
+            },
+        )
 
     def _sync_service(self) -> Service:
         """The MQTT sync service for a configured [mqtt] table."""
@@ -144,8 +162,9 @@ class Daemon:
 
         assert self.config.mqtt is not None
         cfg = MqttConfig.from_dict(self.config.mqtt, self.config.source)
-        return SyncService(cfg, status_provider=self.status,
-                           stats_provider=lambda: self.metrics.snapshot(reset_window=True))
+        return SyncService(
+            cfg, status_provider=self.status, stats_provider=lambda: self.metrics.snapshot(reset_window=True)
+        )
 
     async def _load_all(self, config: DaemonConfig) -> None:
         from edgert.engine import CascadeConfig
@@ -162,30 +181,45 @@ class Daemon:
         from edgert.engine import ModelConfig
 
         return ModelConfig(
-            name=entry.name, max_batch_size=entry.max_batch_size, max_queue_delay_us=entry.max_queue_delay_us,
-            preferred_batch_sizes=entry.preferred_batch_sizes, cache_bytes=entry.cache_bytes,
-            max_in_flight=entry.max_in_flight, max_queue=entry.max_queue, nan_policy=entry.nan_policy,
+            name=entry.name,
+            max_batch_size=entry.max_batch_size,
+            max_queue_delay_us=entry.max_queue_delay_us,
+            preferred_batch_sizes=entry.preferred_batch_sizes,
+            cache_bytes=entry.cache_bytes,
+            max_in_flight=entry.max_in_flight,
+            max_queue=entry.max_queue,
+            nan_policy=entry.nan_policy,
         )
 
     async def _start_listeners(self) -> None:
         cfg = self.config
         if cfg.http.listen:
             token = read_token(cfg.http.auth_token_file) if cfg.http.auth_token_file else None
-            limits = HttpLimits(cfg.http.max_body_bytes, cfg.http.max_header_bytes, cfg.http.read_timeout_s,
-                                cfg.http.keepalive_timeout_s, cfg.http.max_connections)
+            limits = HttpLimits(
+                cfg.http.max_body_bytes,
+                cfg.http.max_header_bytes,
+                cfg.http.read_timeout_s,
+                cfg.http.keepalive_timeout_s,
+                cfg.http.max_connections,
+            )
             self.http = HttpServer(OipRouter(self.backend, token=token), limits)
             self.addresses["http"] = await self._bind(self.http, cfg.http.listen, "http.listen")
         if cfg.metrics.listen:
             self.metrics_http = HttpServer(metrics_router(self.metrics.render_prometheus))
-            self.addresses["metrics"] = await self._bind(self.metrics_http, cfg.metrics.listen, "metrics.listen")
+            self.addresses["metrics"] = await self._bind(
+                self.metrics_http, cfg.metrics.listen, "metrics.listen"
+            )
         if cfg.socket.path:
             self.uds = UdsServer(self.backend, max_frame_bytes=cfg.socket.max_frame_bytes)
             try:
-                await self.uds.start(cfg.socket.path, mode=cfg.socket.mode, owner=cfg.socket.owner,
-                                     group=cfg.socket.group)
+                await self.uds.start(
+                    cfg.socket.path, mode=cfg.socket.mode, owner=cfg.socket.owner, group=cfg.socket.group
+                )
             except (OSError, KeyError) as exc:
-                raise ConfigError(f"{cfg.source}: socket.path {cfg.socket.path}: cannot listen: {exc}",
-                                  hint="check the directory exists and is writable, and socket.owner/group") from None
+                raise ConfigError(
+                    f"{cfg.source}: socket.path {cfg.socket.path}: cannot listen: {exc}",
+                    hint="check the directory exists and is writable, and socket.owner/group",
+                ) from None
             self.addresses["socket"] = cfg.socket.path
 
     async def _bind(self, server: HttpServer, listen: str, key: str) -> str:
@@ -193,8 +227,10 @@ class Daemon:
         try:
             bound_host, bound_port = await server.start(host, port)
         except OSError as exc:
-            raise ConfigError(f"{self.config.source}: {key} = {listen!r}: cannot listen: {exc.strerror or exc}",
-                              hint="is another process using the port? pick another with --http HOST:PORT") from None
+            raise ConfigError(
+                f"{self.config.source}: {key} = {listen!r}: cannot listen: {exc.strerror or exc}",
+                hint="is another process using the port? pick another with --http HOST:PORT",
+            ) from None
         return f"{bound_host}:{bound_port}"
 
     async def _watchdog(self, interval: float) -> None:
@@ -215,8 +251,10 @@ class Daemon:
             from edgert.serve.backend import UnknownModelError
 
             allowed = ", ".join(m.name for m in self.config.models) or "(none)"
-            raise UnknownModelError(f"model {name!r} is not in the daemon config (configured: {allowed})",
-                                    hint=f"add a [[models]] entry to {self.config.source} and send SIGHUP")
+            raise UnknownModelError(
+                f"model {name!r} is not in the daemon config (configured: {allowed})",
+                hint=f"add a [[models]] entry to {self.config.source} and send SIGHUP",
+            )
         assert self.source is not None and self._loop is not None
         source = self.source
         # Loading takes tens of ms (more for big models): keep it off the event loop so serving continues.
@@ -348,8 +386,12 @@ class Daemon:
 
         models = {}
         for info in self.engine.models():
-            models[info.name] = {"version": info.version, "provider": info.provider, "ready": info.ready,
-                                 "kind": getattr(info, "kind", "model")}
+            models[info.name] = {
+                "version": info.version,
+                "provider": info.provider,
+                "ready": info.ready,
+                "kind": getattr(info, "kind", "model"),
+            }
         profile = getattr(getattr(self.runtime, "profile", None), "name", self.config.profile)
         return {
             "version": __version__,

@@ -6,15 +6,13 @@ exactly as a fleet deployment would install them, so the demo exercises the encr
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from edgert.config import CascadeEntry, DaemonConfig, HttpConfig, MetricsConfig, ModelEntry, SocketConfig
 
-__all__ = ["DEMO_MODELS", "DemoModel", "build_demo_config", "demo_usage", "install_demo_store", "make_store"]
+__all__ = ["DEMO_MODELS", "DemoModel", "build_demo_config", "demo_usage", "install_demo_store"]
 
 
 @dataclass(frozen=True)
@@ -35,45 +33,33 @@ MOBILENET = DemoModel("mobilenetv2", "mobilenetv2_int8.onnx", "int8")
 CASCADE_NAME = "digits"
 
 
-def make_store(root: Path) -> object:
-    """A fresh keystore and empty encrypted store under ``root``; returns the store."""
-    from edgert.paths import keys_dir, store_dir
-    from edgert.security.keys import init_keystore
-    from edgert.security.store import ModelStore
-
-    keys = init_keystore(keys_dir(root))
-    return ModelStore(store_dir(root), keys)
-
-
 def install_demo_store(root: Path, models: Sequence[DemoModel], version: str = "1") -> None:
-    """Encrypt each sample model to the device's own key and install it into the store under ``root``."""
+    """Create a fresh device key under ``root`` and import each sample model encrypted to it."""
     from edgert._resources import sample_model
     from edgert.errors import ModelError
+    from edgert.security.loader import import_model, open_audit, open_keystore, open_store
 
-    store = make_store(root)
-    for m in models:
-        src = sample_model(m.filename)
-        if not src.is_file():
-            raise ModelError(f"bundled sample model {m.filename} is missing (looked in {src.parent})",
-                             hint="reinstall edgert, or run from a source checkout with models/")
-        import_plaintext(store, src, m.name, version, m.variant)
-
-
-def import_plaintext(store: object, src: Path, name: str, version: str, variant: str) -> None:
-    """Encrypt ``src`` to the store's device key and install it (the package file is deleted after)."""
-    from edgert.security.package import create_package
-
-    keys = store.keys  # type: ignore[attr-defined]
-    with tempfile.TemporaryDirectory(prefix="edgert-pkg-") as tmp:
-        pkg_path = Path(tmp) / f"{name}-{version}.edgepkg"
-        with open(pkg_path, "wb") as out:
-            create_package(src, out, name=name, version=version, variant=variant,
-                           recipients=[keys.wrap_public], now=datetime.now(timezone.utc))
-        store.install(pkg_path)  # type: ignore[attr-defined]
+    keys = open_keystore(root, create=True)
+    with open_audit(root, keys) as audit:
+        store = open_store(root, keys, audit)
+        for m in models:
+            src = sample_model(m.filename)
+            if not src.is_file():
+                raise ModelError(
+                    f"bundled sample model {m.filename} is missing (looked in {src.parent})",
+                    hint="reinstall edgert, or run from a source checkout with models/",
+                )
+            import_model(store, src, name=m.name, version=version, variant=m.variant)
 
 
-def build_demo_config(root: Path, *, http: str = "127.0.0.1:8000", socket: str | None = None,
-                      metrics: str = "127.0.0.1:0", mobilenet: bool = False) -> DaemonConfig:
+def build_demo_config(
+    root: Path,
+    *,
+    http: str = "127.0.0.1:8000",
+    socket: str | None = None,
+    metrics: str = "127.0.0.1:0",
+    mobilenet: bool = False,
+) -> DaemonConfig:
     """The embedded demo config: CPU profile, store under ``root``, no broker."""
     from edgert.engine import DIGITS_DEFAULT_RULE, DIGITS_DEFAULT_THRESHOLD
 
@@ -88,15 +74,20 @@ def build_demo_config(root: Path, *, http: str = "127.0.0.1:8000", socket: str |
         socket=SocketConfig(path=socket if socket is not None else str(root / "edgert.sock"), mode=0o600),
         metrics=MetricsConfig(listen=metrics),
         models=tuple(models),
-        cascades=(CascadeEntry(CASCADE_NAME, "digits-small", "digits-large", DIGITS_DEFAULT_RULE,
-                               DIGITS_DEFAULT_THRESHOLD),),
+        cascades=(
+            CascadeEntry(
+                CASCADE_NAME, "digits-small", "digits-large", DIGITS_DEFAULT_RULE, DIGITS_DEFAULT_THRESHOLD
+            ),
+        ),
     )
 
 
 def demo_usage(http: str, socket: str, metrics: str) -> str:
     """How to call the running demo (printed on start)."""
-    row = "[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0," \
-          "0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]"
+    row = (
+        "[0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,"
+        "0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]"
+    )
     return f"""edgert demo is serving (Ctrl-C to stop)
   OIP v2 HTTP   http://{http}      models: digits (cascade), digits-small, digits-large
   Unix socket   {socket}

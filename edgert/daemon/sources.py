@@ -17,11 +17,9 @@ log = logging.getLogger("edgert.daemon.sources")
 
 def open_store(state_root: Path) -> Any:
     """Open the device's encrypted model store under ``state_root`` (keys from its keystore)."""
-    from edgert.paths import keys_dir, store_dir
-    from edgert.security.keys import load_keystore
-    from edgert.security.store import ModelStore
+    from edgert.security import loader
 
-    return ModelStore(store_dir(state_root), load_keystore(keys_dir(state_root)))
+    return loader.open_store(state_root, loader.open_keystore(state_root))
 
 
 class ModelSource:
@@ -47,36 +45,27 @@ class ModelSource:
 
         options = ModelOptions(
             max_batch=entry.max_batch_size or None,
-            nan_policy=entry.nan_policy,  # type: ignore[arg-type]
+            nan_policy=entry.nan_policy,
             threads=entry.threads or None,
         )
         if not entry.from_store:
             if version not in (None, "", "1"):
-                raise StoreError(f"model {entry.name!r} is a plaintext file and has only version 1",
-                                 hint="serve it from the encrypted store to switch versions")
+                raise StoreError(
+                    f"model {entry.name!r} is a plaintext file and has only version 1",
+                    hint="serve it from the encrypted store to switch versions",
+                )
             return self.runtime.load(Path(entry.path), name=entry.name, version="1", options=options)
         return self._load_from_store(entry, version or entry.version or None, options)
 
     def _load_from_store(self, entry: ModelEntry, version: str | None, options: Any) -> Any:
-        try:
-            from edgert.security.loader import load_from_store  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            load_from_store = None
-        if load_from_store is not None:
-            try:
-                return load_from_store(self.runtime, self.store, entry.name, version, options=options)
-            except TypeError:  # a loader without the options keyword
-                return load_from_store(self.runtime, self.store, entry.name, version)
-        manifest, plaintext = self.store.read_model(entry.name, version)
-        try:
-            return self.runtime.load(plaintext, name=entry.name, version=manifest.version, options=options,
-                                     format=manifest.format)
-        finally:
-            plaintext[:] = bytes(len(plaintext))  # do not leave decrypted weights lying in the heap
+        from edgert.security.loader import load_from_store
+
+        return load_from_store(self.runtime, self.store, entry.name, version, options=options)
 
     def active_version(self, name: str) -> str | None:
         """The store's active version of ``name`` (None for unknown names)."""
         try:
-            return self.store.entry(name).active  # type: ignore[no-any-return]
+            active: str | None = self.store.entry(name).active
+            return active
         except StoreError:
             return None

@@ -25,8 +25,13 @@ MIN_CHECK_S = 0.05
 class Supervisor:
     """Thread that calls ``restart(model)`` for stalled models, at most once per timeout per model."""
 
-    def __init__(self, stalled: Callable[[float, float], list[str]], timeout: float,
-                 restart: Callable[[str], None], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        stalled: Callable[[float, float], list[str]],
+        timeout: float,
+        restart: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.stalled, self.timeout, self.restart, self.clock = stalled, timeout, restart, clock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -41,7 +46,9 @@ class Supervisor:
             if last is not None and now - last < self.timeout:
                 continue
             self._last_restart[model] = now
-            log.error("backend session looks hung; restarting it", extra={"model": model, "timeout_s": self.timeout})
+            log.error(
+                "backend session looks hung; restarting it", extra={"model": model, "timeout_s": self.timeout}
+            )
             try:
                 self.restart(model)
             except Exception:

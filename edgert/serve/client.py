@@ -56,8 +56,9 @@ class _UnixTransport:
                 hint="is `edgert daemon` running, and may this user open the socket?",
             ) from None
 
-    def call(self, kind: int, meta: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | None = None
-             ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def call(
+        self, kind: int, meta: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | None = None
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         buffers = fr.encode_frame(kind, meta, tensors)
         try:
             self.sock.sendmsg(buffers)
@@ -65,7 +66,9 @@ class _UnixTransport:
             body_len, rkind, meta_len = fr.parse_header(head, 1 << 40)
             body = self._recv_exact(body_len)
         except OSError as exc:
-            raise ServeError(f"connection to {self.path} failed: {exc}", hint="is the daemon still running?") from None
+            raise ServeError(
+                f"connection to {self.path} failed: {exc}", hint="is the daemon still running?"
+            ) from None
         rmeta, data = fr.decode_body(body, meta_len)
         if rkind == fr.ERROR:
             raise _error_for(int(rmeta.get("status", 500)), str(rmeta.get("error")), rmeta.get("retry_after"))
@@ -115,15 +118,21 @@ class _HttpTransport:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as exc:
-            raise ServeError(f"cannot connect to http://{self.host}:{self.port}: {exc.strerror or exc}",
-                             hint="is `edgert daemon` running with that HTTP listener?") from None
+            raise ServeError(
+                f"cannot connect to http://{self.host}:{self.port}: {exc.strerror or exc}",
+                hint="is `edgert daemon` running with that HTTP listener?",
+            ) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def request(self, method: str, path: str, chunks: Sequence[Any] = (), headers: str = "") -> tuple[int, _HttpResponse]:
+    def request(
+        self, method: str, path: str, chunks: Sequence[Any] = (), headers: str = ""
+    ) -> tuple[int, _HttpResponse]:
         length = sum(memoryview(c).nbytes for c in chunks)
-        head = (f"{method} {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-length: {length}\r\n"
-                f"{self.auth}{headers}\r\n").encode("latin-1")
+        head = (
+            f"{method} {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-length: {length}\r\n"
+            f"{self.auth}{headers}\r\n"
+        ).encode("latin-1")
         for attempt in (0, 1):  # one retry when a kept-alive connection was closed by the server
             if self.sock is None:
                 self.sock = self._connect()
@@ -161,8 +170,13 @@ class _HttpTransport:
 class Client:
     """Call a running edgert daemon over ``unix://PATH`` or ``http://HOST:PORT``."""
 
-    def __init__(self, url: str = f"unix://{DEFAULT_SOCKET_PATH}", *, timeout: float = DEFAULT_TIMEOUT_S,
-                 token: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str = f"unix://{DEFAULT_SOCKET_PATH}",
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        token: str | None = None,
+    ) -> None:
         parts = urlsplit(url)
         self.url = url
         self._unix: _UnixTransport | None = None
@@ -172,7 +186,9 @@ class Client:
         elif parts.scheme == "http":
             self._http = _HttpTransport(parts.hostname or "127.0.0.1", parts.port or 80, timeout, token)
         else:
-            raise InputError(f"unsupported URL {url!r}", hint="use unix:///path/to/edgert.sock or http://127.0.0.1:8000")
+            raise InputError(
+                f"unsupported URL {url!r}", hint="use unix:///path/to/edgert.sock or http://127.0.0.1:8000"
+            )
 
     def __enter__(self) -> Client:
         return self
@@ -187,8 +203,15 @@ class Client:
         if self._http is not None:
             self._http.close()
 
-    def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, version: str | None = None,
-              outputs: Sequence[str] | None = None, request_id: str | None = None) -> dict[str, np.ndarray]:
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        version: str | None = None,
+        outputs: Sequence[str] | None = None,
+        request_id: str | None = None,
+    ) -> dict[str, np.ndarray]:
         """Run ``model`` on ``inputs``; returns the outputs by name."""
         arrays = {k: np.asarray(v) for k, v in inputs.items()}
         if self._unix is not None:
@@ -202,14 +225,24 @@ class Client:
             return self._unix.call(fr.INFER, meta, arrays)[1]
         return self._http_infer(model, arrays, version, outputs, request_id)
 
-    def _http_infer(self, model: str, arrays: dict[str, np.ndarray], version: str | None,
-                    outputs: Sequence[str] | None, request_id: str | None) -> dict[str, np.ndarray]:
-        chunks = [memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays.values()]
+    def _http_infer(
+        self,
+        model: str,
+        arrays: dict[str, np.ndarray],
+        version: str | None,
+        outputs: Sequence[str] | None,
+        request_id: str | None,
+    ) -> dict[str, np.ndarray]:
+        chunks = [np.ascontiguousarray(a).reshape(-1).view(np.uint8).data for a in arrays.values()]
         doc: dict[str, Any] = {
             "inputs": [
-                {"name": n, "datatype": datatype_of(a.dtype), "shape": list(a.shape),
-                 "parameters": {"binary_data_size": c.nbytes}}
-                for (n, a), c in zip(arrays.items(), chunks)
+                {
+                    "name": n,
+                    "datatype": datatype_of(a.dtype),
+                    "shape": list(a.shape),
+                    "parameters": {"binary_data_size": c.nbytes},
+                }
+                for (n, a), c in zip(arrays.items(), chunks, strict=True)
             ],
             "parameters": {"binary_data_output": True},
         }
@@ -218,10 +251,15 @@ class Client:
         if request_id is not None:
             doc["id"] = request_id
         header = json_dumps(doc)
-        path = f"/v2/models/{quote(model, safe='')}" + (f"/versions/{quote(version, safe='')}" if version else "")
-        status, resp = self._http_call("POST", path + "/infer", [header, *chunks],
-                                       f"inference-header-content-length: {len(header)}\r\n"
-                                       "content-type: application/octet-stream\r\n")
+        path = f"/v2/models/{quote(model, safe='')}" + (
+            f"/versions/{quote(version, safe='')}" if version else ""
+        )
+        _, resp = self._http_call(
+            "POST",
+            path + "/infer",
+            [header, *chunks],
+            f"inference-header-content-length: {len(header)}\r\ncontent-type: application/octet-stream\r\n",
+        )
         body = resp.body[0] if len(resp.body) == 1 else b"".join(resp.body)
         hlen = int(resp.headers.get("inference-header-content-length", len(body)))
         rdoc = json_loads(memoryview(body)[:hlen])
@@ -233,13 +271,15 @@ class Client:
             if size is None:
                 result[out["name"]] = np.asarray(out["data"], dtype=dtype).reshape(out["shape"])
             else:
-                result[out["name"]] = np.frombuffer(body, dtype=dtype, count=size // dtype.itemsize,
-                                                    offset=offset).reshape(out["shape"])
+                result[out["name"]] = np.frombuffer(
+                    body, dtype=dtype, count=size // dtype.itemsize, offset=offset
+                ).reshape(out["shape"])
                 offset += size
         return result
 
-    def _http_call(self, method: str, path: str, chunks: Sequence[Any] = (), headers: str = ""
-                   ) -> tuple[int, _HttpResponse]:
+    def _http_call(
+        self, method: str, path: str, chunks: Sequence[Any] = (), headers: str = ""
+    ) -> tuple[int, _HttpResponse]:
         assert self._http is not None
         status, resp = self._http.request(method, path, chunks, headers)
         if status >= 400:
@@ -304,8 +344,9 @@ class Client:
         self._http_json("POST", f"/v2/repository/models/{quote(model, safe='')}/unload")
 
 
-def notify_daemon_activate(name: str, version: str | None = None, socket: str = DEFAULT_SOCKET_PATH,
-                           *, timeout: float = 120.0) -> bool:
+def notify_daemon_activate(
+    name: str, version: str | None = None, socket: str = DEFAULT_SOCKET_PATH, *, timeout: float = 120.0
+) -> bool:
     """Tell a running daemon to hot-swap ``name`` to ``version``; False when no daemon listens there.
 
     Errors from the daemon (for example a version that fails to load) are raised: the old version

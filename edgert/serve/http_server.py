@@ -9,6 +9,7 @@ an idle keep-alive deadline and a connection cap. Requests on one connection are
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -28,9 +29,17 @@ SWEEP_INTERVAL_S = 0.25
 MAX_PIPELINED = 16
 
 _REASONS = {
-    200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed",
-    408: b"Request Timeout", 413: b"Payload Too Large", 415: b"Unsupported Media Type",
-    431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 503: b"Service Unavailable",
+    200: b"OK",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Payload Too Large",
+    415: b"Unsupported Media Type",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
 }
 
 
@@ -165,7 +174,9 @@ class _Connection(asyncio.Protocol):
         declared = self.headers.get("content-length")
         # Refuse on the declared size, before a single body byte is buffered.
         if declared is not None and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
-            self._reject(413, f"request body of {declared} bytes exceeds the {self.limits.max_body_bytes}-byte limit")
+            self._reject(
+                413, f"request body of {declared} bytes exceeds the {self.limits.max_body_bytes}-byte limit"
+            )
             raise httptools.HttpParserError("body limit")
 
     def on_body(self, body: bytes) -> None:
@@ -203,7 +214,7 @@ class _Connection(asyncio.Protocol):
                 continue
             self.busy = True
             task = asyncio.ensure_future(result)
-            task.add_done_callback(lambda t, ka=keep_alive: self._done(t, ka))
+            task.add_done_callback(functools.partial(self._done, keep_alive=keep_alive))
             return
         if self.reading_paused and self.transport is not None:
             self.transport.resume_reading()

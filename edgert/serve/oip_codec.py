@@ -146,7 +146,9 @@ def _params(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
-def _decode_json_data(data: Any, dtype: np.dtype[Any], shape: tuple[int, ...], count: int, name: str) -> np.ndarray:
+def _decode_json_data(
+    data: Any, dtype: np.dtype[Any], shape: tuple[int, ...], count: int, name: str
+) -> np.ndarray:
     if not isinstance(data, list):
         raise _bad(f"input {name!r}: 'data' must be a JSON array")
     if data and not isinstance(data[0], list) and len(data) != count:
@@ -277,7 +279,7 @@ def encode_infer_response(
     for name, arr in outputs.items():
         entry: dict[str, Any] = {"name": name, "datatype": datatype_of(arr.dtype), "shape": list(arr.shape)}
         if binary_flags.get(name, binary_default):
-            raw = memoryview(np.ascontiguousarray(arr)).cast("B")
+            raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
             entry["parameters"] = {"binary_data_size": raw.nbytes}
             chunks.append(raw)
         else:

@@ -109,17 +109,28 @@ class OipRouter:
             except UnknownModelError:
                 continue
             for version in meta.versions:
-                items.append({"name": name, "version": version, "state": "READY" if meta.ready else "UNAVAILABLE"})
+                items.append(
+                    {"name": name, "version": version, "state": "READY" if meta.ready else "UNAVAILABLE"}
+                )
         return _json(items)
 
     def _error(self, exc: BaseException, req: Request, request_id: str | None = None) -> Response:
         status = 415 if isinstance(exc, _UnsupportedMedia) else status_for(exc)
-        headers = [("retry-after", str(max(1, round(getattr(exc, "retry_after", 1)))))] if status == 503 else []
+        headers = (
+            [("retry-after", str(max(1, round(getattr(exc, "retry_after", 1)))))] if status == 503 else []
+        )
         if status >= 500 and not hasattr(exc, "retry_after"):
             log.error("request failed", exc_info=exc, extra={"path": req.path, "request_id": request_id})
         elif log.isEnabledFor(logging.INFO):
-            log.info("request refused", extra={"path": req.path, "status": status, "request_id": request_id,
-                                                "error": error_text(exc)})
+            log.info(
+                "request refused",
+                extra={
+                    "path": req.path,
+                    "status": status,
+                    "request_id": request_id,
+                    "error": error_text(exc),
+                },
+            )
         return error_response(status, error_text(exc), headers)
 
     async def _infer(self, req: Request, name: str, version: str | None) -> Response:
@@ -158,7 +169,8 @@ class OipRouter:
         if ctype not in _JSON_TYPES:
             raise _UnsupportedMedia(
                 f"content type {ctype!r} is not accepted for inference",
-                hint="send Content-Type: application/json, or the binary extension with Inference-Header-Content-Length",
+                hint="send Content-Type: application/json "
+                "(or the binary extension with Inference-Header-Content-Length)",
             )
         return None
 
@@ -178,7 +190,9 @@ class OipRouter:
             else:
                 await self.backend.unload(name)
         except ValueError:
-            return error_response(400, "repository request body must be JSON, e.g. {\"parameters\": {\"version\": \"2\"}}")
+            return error_response(
+                400, 'repository request body must be JSON, e.g. {"parameters": {"version": "2"}}'
+            )
         except Exception as exc:
             return self._error(exc, req)
         return _json({})

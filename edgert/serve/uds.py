@@ -122,13 +122,17 @@ class UdsServer:
         self._server: asyncio.base_events.Server | None = None
         self.path: Path | None = None
 
-    async def start(self, path: str | os.PathLike[str], *, mode: int = 0o660, owner: str = "", group: str = "") -> None:
+    async def start(
+        self, path: str | os.PathLike[str], *, mode: int = 0o660, owner: str = "", group: str = ""
+    ) -> None:
         """Bind ``path`` (replacing a stale socket file, never another kind of file) and listen."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         if p.exists() or p.is_symlink():
             if not stat.S_ISSOCK(p.lstat().st_mode):
-                raise ConfigError(f"socket path {p} exists and is not a socket", hint="choose another socket.path")
+                raise ConfigError(
+                    f"socket path {p} exists and is not a socket", hint="choose another socket.path"
+                )
             p.unlink()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _Connection(self), str(p), backlog=1024)
@@ -159,7 +163,7 @@ class UdsServer:
         """Answer one frame; never raises (errors become ERROR frames)."""
         request_id = None
         try:
-            meta, data = fr.decode_body(memoryview(frame)[fr.HEADER.size:], meta_len)
+            meta, data = fr.decode_body(memoryview(frame)[fr.HEADER.size :], meta_len)
             request_id = meta.get("id") if isinstance(meta.get("id"), str) else None
             return await self._dispatch(kind, meta, data, meta_len, request_id)
         except Exception as exc:
@@ -173,8 +177,9 @@ class UdsServer:
                 doc["id"] = request_id
             return fr.encode_frame(fr.ERROR, doc)
 
-    async def _dispatch(self, kind: int, meta: dict[str, Any], data: memoryview, meta_len: int,
-                        request_id: str | None) -> list[Any]:
+    async def _dispatch(
+        self, kind: int, meta: dict[str, Any], data: memoryview, meta_len: int, request_id: str | None
+    ) -> list[Any]:
         b = self.backend
         name = meta.get("m")
         version = meta.get("v")
@@ -182,7 +187,9 @@ class UdsServer:
             if not isinstance(name, str):
                 raise InputError("infer frame needs a model name in 'm'")
             inputs = fr.decode_tensors(meta, data, meta_len)
-            outcome = await b.infer(name, inputs, version=version, outputs=meta.get("o"), request_id=request_id)
+            outcome = await b.infer(
+                name, inputs, version=version, outputs=meta.get("o"), request_id=request_id
+            )
             doc: dict[str, Any] = {"m": outcome.model_name, "v": outcome.model_version}
             if request_id:
                 doc["id"] = request_id

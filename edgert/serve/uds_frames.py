@@ -57,7 +57,9 @@ def _pad(n: int) -> int:
     return -n % ALIGN
 
 
-def encode_frame(kind: int, meta: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | None = None) -> list[Any]:
+def encode_frame(
+    kind: int, meta: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | None = None
+) -> list[Any]:
     """Frame ``meta`` plus ``tensors`` (described into meta['t']) as buffers for writelines/sendmsg."""
     doc = dict(meta)
     buffers: list[Any] = []
@@ -70,7 +72,7 @@ def encode_frame(kind: int, meta: Mapping[str, Any], tensors: Mapping[str, np.nd
         pad = _pad(pos)
         if pad:
             buffers.append(b"\0" * pad)
-        raw = memoryview(np.ascontiguousarray(arr)).cast("B")
+        raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
         buffers.append(raw)
         pos += pad + raw.nbytes
     head = HEADER.pack(pos, kind, 0, 0, len(meta_bytes))
@@ -139,8 +141,10 @@ def _tensor_spec(spec: Any) -> tuple[str, np.dtype[Any], tuple[int, ...]]:
     dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
     if dtype is None:
         raise InputError(f"tensor {name!r}: unknown datatype {datatype!r} (allowed: {', '.join(DATATYPES)})")
-    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_RANK
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
         raise InputError(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
     return name, dtype, tuple(shape)
