@@ -225,7 +225,10 @@ def unwrap_key(record: dict[str, str], private: x25519.X25519PrivateKey, context
         raise SecurityError(f"package uses key wrapping suite {suite!r}, which this edgert does not support",
                             hint="upgrade edgert on this device")
     try:
-        blob = base64.b64decode(str(record.get("wrapped", "")), validate=True)
+        text = str(record.get("wrapped", ""))
+        blob = base64.b64decode(text, validate=True)
+        if base64.b64encode(blob).decode("ascii") != text:  # refuse non-canonical (malleable) base64
+            raise ValueError("non-canonical base64")
         if suite == SUITE_HPKE:
             hpke_suite = _hpke_suite()
             if hpke_suite is None:

@@ -1,0 +1,157 @@
+"""The .edgepkg format: manifest, binding, and the attacks listed in the issue."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import pytest
+
+from edgert.errors import EdgertError, IntegrityError, KeyFileError, ModelError, SecurityError
+from edgert.security import envelope
+from edgert.security.keys import DeviceKeys
+from edgert.security.package import (
+    MAGIC,
+    canonical_json,
+    compare_versions,
+    create_package,
+    decrypt_payload,
+    parse_version,
+    read_header,
+)
+from tests.security.kit import IO_DESC, NOW, SMALL_ONNX, make_package
+
+
+def _open(data: bytes, keys: DeviceKeys) -> bytes:
+    f = io.BytesIO(data)
+    header = read_header(f)
+    out = bytearray(header.manifest.plaintext_size)
+    decrypt_payload(f, header, header.key_for(keys.wrap), out=out, check_hashes=True)
+    return bytes(out)
+
+
+def _split(data: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack(">I", data[8:12])
+    return json.loads(data[12:12 + n]), data[12 + n:]
+
+
+def _join(doc: dict, payload: bytes) -> bytes:
+    body = canonical_json(doc)
+    return MAGIC + struct.pack(">I", len(body)) + body + payload
+
+
+def test_round_trip_and_manifest(device_keys: DeviceKeys) -> None:
+    data = make_package(SMALL_ONNX, [device_keys], version="1.2")
+    header = read_header(io.BytesIO(data))
+    m = header.manifest
+    assert (m.name, m.version, m.format, m.variant) == ("digits", "1.2", "onnx", "int8")
+    assert m.created == "2025-01-02T03:04:05Z" and m.inputs == IO_DESC[0]
+    assert header.recipients[0]["suite"] == envelope.SUITE_HPKE
+    assert _open(data, device_keys) == SMALL_ONNX.read_bytes()
+
+
+def test_io_description_comes_from_loading_the_model(device_keys: DeviceKeys) -> None:
+    out = io.BytesIO()
+    m = create_package(SMALL_ONNX, out, name="d", version="1", variant="int8",
+                       recipients=[device_keys.wrap_public], now=NOW)
+    assert [i["name"] for i in m.inputs] == ["pixels"] and m.inputs[0]["shape"] == [None, 64]
+    assert [o["name"] for o in m.outputs] == ["logits"]
+
+
+def test_many_recipients_and_fallback_suite(device_keys: DeviceKeys) -> None:
+    other = DeviceKeys.generate()
+    data = make_package(SMALL_ONNX, [other, device_keys], suite=envelope.SUITE_FALLBACK)
+    assert _open(data, device_keys) == _open(data, other) == SMALL_ONNX.read_bytes()
+
+
+def test_every_byte_flip_is_refused(device_keys: DeviceKeys) -> None:
+    data = make_package(SMALL_ONNX, [device_keys], chunk_size=1024)
+    header_end = read_header(io.BytesIO(data)).payload_offset
+    positions = list(range(0, header_end)) + list(range(header_end, len(data), 97)) + [len(data) - 1]
+    for pos in positions:
+        bad = bytearray(data)
+        bad[pos] ^= 0x01
+        with pytest.raises(EdgertError) as exc:
+            _open(bytes(bad), device_keys)
+        # Structure-breaking flips are opaque IntegrityErrors; a flip in the manifest version field
+        # or a recipient fingerprint may instead be reported as such (still a refusal).
+        assert isinstance(exc.value, (SecurityError, ModelError)), pos
+
+
+def test_truncated_package_is_refused(device_keys: DeviceKeys) -> None:
+    data = make_package(SMALL_ONNX, [device_keys], chunk_size=1024)
+    for cut in (5, 20, len(data) // 2, len(data) - 1024 - 16, len(data) - 1):
+        with pytest.raises(IntegrityError):
+            _open(data[:cut], device_keys)
+
+
+def test_chunks_swapped_or_reordered_are_refused(device_keys: DeviceKeys) -> None:
+    data = make_package(SMALL_ONNX, [device_keys], chunk_size=1024)
+    doc, payload = _split(data)
+    step = 1024 + envelope.TAG_SIZE
+    chunks = [payload[i:i + step] for i in range(0, len(payload), step)]
+    reordered = [chunks[1], chunks[0], *chunks[2:]]
+    with pytest.raises(IntegrityError):
+        _open(_join(doc, b"".join(reordered)), device_keys)
+    _other_doc, other_payload = _split(make_package(SMALL_ONNX, [device_keys], chunk_size=1024))
+    mixed = b"".join([*chunks[:2], other_payload[2 * step:3 * step], *chunks[3:]])
+    with pytest.raises(IntegrityError):
+        _open(_join(doc, mixed), device_keys)
+
+
+def test_payload_spliced_into_another_manifest_is_refused(device_keys: DeviceKeys) -> None:
+    doc_a, _payload_a = _split(make_package(SMALL_ONNX, [device_keys], name="a", version="1"))
+    doc_b, payload_b = _split(make_package(SMALL_ONNX, [device_keys], name="a", version="2"))
+    # Even with the payload hash in A's manifest updated to match B's payload, the AEAD and the
+    # wrapped key are bound to the manifest, so the result does not decrypt.
+    doc_a["manifest"]["payload"] = doc_b["manifest"]["payload"]
+    with pytest.raises(IntegrityError):
+        _open(_join(doc_a, payload_b), device_keys)
+    doc_a["recipients"] = doc_b["recipients"]
+    with pytest.raises(IntegrityError):
+        _open(_join(doc_a, payload_b), device_keys)
+
+
+def test_package_for_another_device_is_refused(device_keys: DeviceKeys) -> None:
+    data = make_package(SMALL_ONNX, [DeviceKeys.generate()])
+    with pytest.raises(KeyFileError, match="not encrypted for this device") as exc:
+        _open(data, device_keys)
+    assert "PRIVATE" not in str(exc.value)
+
+
+def test_unknown_manifest_version_is_refused_clearly(device_keys: DeviceKeys) -> None:
+    doc, payload = _split(make_package(SMALL_ONNX, [device_keys]))
+    doc["manifest"]["manifest_version"] = 2
+    with pytest.raises(ModelError, match="manifest version 2 is not supported") as exc:
+        _open(_join(doc, payload), device_keys)
+    assert exc.value.hint and "upgrade edgert" in exc.value.hint
+
+
+def test_min_edgert_is_enforced(device_keys: DeviceKeys) -> None:
+    out = io.BytesIO()
+    m = create_package(SMALL_ONNX, out, name="d", version="1", variant="int8", min_edgert="99.0",
+                       recipients=[device_keys.wrap_public], now=NOW, io_desc=IO_DESC)
+    with pytest.raises(ModelError, match=r"needs edgert >= 99\.0"):
+        m.check_compatible("0.1.0")
+
+
+def test_version_ordering() -> None:
+    assert compare_versions("1.10", "1.9") == 1
+    assert compare_versions("2", "2.0.0") == 0
+    assert compare_versions("1", "1.0.1") == -1
+    for bad in ("", "v1", "1.x", "-1", "1..2", "1.2.3.4.5"):
+        with pytest.raises(ModelError, match="invalid model version"):
+            parse_version(bad)
+
+
+def test_bad_inputs_to_create(device_keys: DeviceKeys) -> None:
+    with pytest.raises(KeyFileError, match="at least one recipient"):
+        create_package(SMALL_ONNX, io.BytesIO(), name="d", version="1", variant="int8", recipients=[],
+                       now=NOW, io_desc=IO_DESC)
+    with pytest.raises(ModelError, match="unknown variant"):
+        create_package(SMALL_ONNX, io.BytesIO(), name="d", version="1", variant="int4",
+                       recipients=[device_keys.wrap_public], now=NOW, io_desc=IO_DESC)
+    with pytest.raises(ModelError, match="invalid model name"):
+        create_package(SMALL_ONNX, io.BytesIO(), name="../etc", version="1", variant="int8",
+                       recipients=[device_keys.wrap_public], now=NOW, io_desc=IO_DESC)
