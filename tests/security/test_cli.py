@@ -1,0 +1,77 @@
+"""The security CLI end to end, as a user runs it (real subprocesses, real files)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_edgert
+from tests.security.kit import SMALL_ONNX
+
+
+@pytest.mark.integration
+def test_keys_package_store_audit_capture(tmp_path: Path) -> None:
+    env = {"EDGERT_STATE_DIR": str(tmp_path / "state")}
+    r = run_edgert("keys", "init", env=env)
+    assert r.returncode == 0, r.stderr
+    again = run_edgert("keys", "init", env=env)
+    assert again.returncode == 7 and "already exist" in again.stderr
+    show = run_edgert("keys", "show", "--json", env=env)
+    summary = json.loads(show.stdout)
+    assert "PRIVATE" not in show.stdout and summary["wrap_public_key"].startswith("x25519:")
+
+    pkg = tmp_path / "digits-2.edgepkg"
+    r = run_edgert("package", "create", str(SMALL_ONNX), "--name", "digits", "--version", "2", "--variant",
+                   "int8", "--recipient", summary["wrap_public_key"], "-o", str(pkg), env=env)
+    assert r.returncode == 0, r.stderr
+    inspect = json.loads(run_edgert("package", "inspect", str(pkg)).stdout)
+    assert inspect["manifest"]["name"] == "digits" and inspect["manifest"]["inputs"][0]["name"] == "pixels"
+
+    from click.testing import CliRunner
+
+    from edgert.cli import store_cmds  # the lead attaches these to 'edgert models'; run them directly here
+
+    runner = CliRunner()
+    sd = ["--state-dir", str(tmp_path / "state")]
+    assert runner.invoke(store_cmds.import_cmd, [str(pkg), *sd]).exit_code == 0
+    src = tmp_path / "byo.onnx"
+    src.write_bytes(SMALL_ONNX.read_bytes())
+    args = [str(src), "--name", "digits", "--version", "1", "--shred", *sd]
+    res = runner.invoke(store_cmds.import_cmd, args)
+    assert res.exit_code != 0 and "anti-rollback" in str(res.exception)
+    assert src.exists()  # refused import loses nothing
+    res = runner.invoke(store_cmds.import_cmd, [str(src), "--name", "byo", "--shred", *sd])
+    assert res.exit_code == 0, res.output
+    assert not src.exists()
+    listing = json.loads(runner.invoke(store_cmds.list_cmd, ["--json", *sd]).output)
+    assert {e["name"]: e["active"] for e in listing} == {"byo": "1", "digits": "2"}
+
+    r = run_edgert("audit", "verify", env=env)
+    assert r.returncode == 0 and "audit log ok" in r.stdout, r.stderr
+    tail = run_edgert("audit", "tail", "-n", "50", env=env).stdout
+    assert "model_install" in tail and "keys_created" in tail and "model_install_refused" in tail
+    log = sorted((tmp_path / "state" / "audit").glob("audit-*.jsonl"))[0]
+    lines = log.read_bytes().splitlines(keepends=True)
+    log.write_bytes(b"".join(lines[:2] + lines[3:]))
+    r = run_edgert("audit", "verify", env=env)
+    assert r.returncode == 6 and "broken at record 2" in r.stderr
+
+    fleet = tmp_path / "fleet.pem"
+    pub = run_edgert("capture", "keygen", str(fleet)).stdout.strip()
+    assert pub.startswith("x25519:") and (fleet.stat().st_mode & 0o777) == 0o600
+    r = run_edgert("capture", "enable", "digits", "--rate", "0.5", "--max-mb", "1", "--fleet-key", pub,
+                   env=env)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.integration
+def test_loose_key_permissions_give_a_clear_error(tmp_path: Path) -> None:
+    env = {"EDGERT_STATE_DIR": str(tmp_path / "state")}
+    assert run_edgert("keys", "init", env=env).returncode == 0
+    os.chmod(tmp_path / "state" / "keys" / "x25519.pem", 0o644)
+    r = run_edgert("keys", "show", env=env)
+    assert r.returncode == 7
+    assert "too open" in r.stderr and "hint: run: chmod 600" in r.stderr and "Traceback" not in r.stderr
