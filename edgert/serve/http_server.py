@@ -124,8 +124,7 @@ class _Connection(asyncio.Protocol):
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
         if len(self.server.connections) >= self.limits.max_connections:
             self._reject(503, "too many connections; retry later")
             return

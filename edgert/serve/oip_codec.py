@@ -129,13 +129,13 @@ def _shape(spec: Mapping[str, Any], name: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _element_count(shape: tuple[int, ...], limit: int, name: str) -> int:
+def _element_count(shape: tuple[int, ...], limit: int, name: str, carried: str = "the request carries") -> int:
     """Product of dims, refusing early (without overflow) once it passes ``limit``."""
     count = 1
     for dim in shape:
         count *= dim
         if count > limit:
-            raise _bad(f"input {name!r}: shape {list(shape)} declares more data than the request carries")
+            raise _bad(f"input {name!r}: shape {list(shape)} declares more data than {carried}")
     return count
 
 
@@ -229,7 +229,9 @@ def _decode_input(spec: Any, binary: memoryview, offset: int, body_len: int) -> 
         return _decode_json_data(spec.get("data"), dtype, shape, count, name), 0
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise _bad(f"input {name!r}: binary_data_size must be a non-negative integer")
-    count = _element_count(shape, max(len(binary) // max(dtype.itemsize, 1), 0), name)
+    count = _element_count(
+        shape, len(binary) // dtype.itemsize, name, f"the {len(binary)} bytes of binary data carry"
+    )
     if count * dtype.itemsize != size:
         raise _bad(
             f"input {name!r}: binary_data_size {size} does not match shape {list(shape)} of {datatype} "
