@@ -28,10 +28,12 @@ __all__ = [
 ]
 
 RULES = ("max_softmax", "margin")
-#: Measured on models/digits_test.npz with digits_small_fp32 -> digits_large_fp32 by
-#: ``python tools/bench_engine.py --cascade`` (see the report in that tool's output).
+#: Chosen by measurement on models/digits_test.npz (360 held-out rows) with
+#: ``python tools/bench_engine.py --only cascade``: at 0.95 the cascade matches the large model's
+#: 99.44% on both the fp32 and int8 ONNX pairs at 35% of its FLOPs (34% of rows escalate). 0.9 is
+#: cheaper (25%) but sits exactly on the 0.3 pt bound (one test row), too little margin to ship.
 DIGITS_DEFAULT_RULE = "max_softmax"
-DIGITS_DEFAULT_THRESHOLD = 0.9
+DIGITS_DEFAULT_THRESHOLD = 0.95
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

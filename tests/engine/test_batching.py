@@ -45,7 +45,9 @@ def test_plan_never_exceeds_max_batch(rows: list[int], max_batch: int, expired: 
 @given(st.lists(st.integers(1, 6), min_size=1, max_size=12))
 def test_join_then_split_round_trips(rows: list[int]) -> None:
     rng = np.random.default_rng(len(rows))
-    reqs = [{"a": rng.normal(size=(n, 3)).astype(np.float32), "b": rng.integers(0, 9, size=(n,))} for n in rows]
+    reqs = [
+        {"a": rng.normal(size=(n, 3)).astype(np.float32), "b": rng.integers(0, 9, size=(n,))} for n in rows
+    ]
     joined = join_inputs(reqs)
     assert joined["a"].shape == (sum(rows), 3)
     assert batch_rows(joined) == sum(rows)

@@ -69,4 +69,6 @@ def test_key_depends_on_everything_that_changes_the_answer() -> None:
     assert base not in variants
     assert len(set(variants)) == len(variants)
     # Non-contiguous views hash by value.
-    assert cache_key("m", "1", {"x": x.T}, None) == cache_key("m", "1", {"x": np.ascontiguousarray(x.T)}, None)
+    assert cache_key("m", "1", {"x": x.T}, None) == cache_key(
+        "m", "1", {"x": np.ascontiguousarray(x.T)}, None
+    )

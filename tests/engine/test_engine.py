@@ -37,34 +37,39 @@ async def test_concurrent_clients_get_their_own_rows(engine: Engine, load, digit
     engine.add_model(model, ModelConfig("d", max_batch_size=16, max_queue_delay_us=2000))
     sizes = [1 + (i % 3) for i in range(40)]
     starts = np.cumsum([0, *sizes[:-1]])
-    results = await asyncio.gather(*[
-        engine.infer("d", {"pixels": x[s:s + n]}) for s, n in zip(starts, sizes, strict=True)
-    ])
+    results = await asyncio.gather(
+        *[engine.infer("d", {"pixels": x[s : s + n]}) for s, n in zip(starts, sizes, strict=True)]
+    )
     for s, n, r in zip(starts, sizes, results, strict=True):
-        np.testing.assert_allclose(r.outputs["logits"], model.run({"pixels": x[s:s + n]})["logits"], rtol=1e-5,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            r.outputs["logits"], model.run({"pixels": x[s : s + n]})["logits"], rtol=1e-5, atol=1e-5
+        )
         assert r.model_name == "d" and r.model_version == "1" and not r.cached
 
 
 @aio
 async def test_batches_form_under_concurrency(engine: Engine, load, digits) -> None:
     x, _ = digits
-    engine.add_model(load("digits_small_fp32.onnx"), ModelConfig("d", max_batch_size=8, max_queue_delay_us=NEVER_US))
+    engine.add_model(
+        load("digits_small_fp32.onnx"), ModelConfig("d", max_batch_size=8, max_queue_delay_us=NEVER_US)
+    )
     before = engine.metrics.stats_copy("d")["mean_batch_size"]  # warm-up runs are not counted
     assert before is None
-    await asyncio.gather(*[engine.infer("d", {"pixels": x[i:i + 1]}) for i in range(16)])
+    await asyncio.gather(*[engine.infer("d", {"pixels": x[i : i + 1]}) for i in range(16)])
     # With a delay that never expires, only full batches can run: exactly two batches of 8.
     assert batch_counts(engine, "d") == {"8": 2}
 
 
 def test_sync_callers_from_threads_are_batched(engine: Engine, load, digits) -> None:
     x, _ = digits
-    engine.add_model(load("digits_small_fp32.onnx"), ModelConfig("d", max_batch_size=4, max_queue_delay_us=NEVER_US,
-                                                                 preferred_batch_sizes=(4,)))
+    engine.add_model(
+        load("digits_small_fp32.onnx"),
+        ModelConfig("d", max_batch_size=4, max_queue_delay_us=NEVER_US, preferred_batch_sizes=(4,)),
+    )
     results: dict[int, np.ndarray] = {}
 
     def call(i: int) -> None:
-        results[i] = engine.infer_sync("d", {"pixels": x[i:i + 1]}).outputs["logits"]
+        results[i] = engine.infer_sync("d", {"pixels": x[i : i + 1]}).outputs["logits"]
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
     for t in threads:
@@ -105,9 +110,11 @@ async def test_result_cache_hits_and_misses(engine: Engine, load, digits) -> Non
 async def test_overload_is_refused_and_bounded(engine: Engine, load, digits) -> None:
     x, _ = digits
     model = Instrumented(load("digits_small_fp32.onnx"))
-    engine.add_model(model, ModelConfig("d", max_batch_size=2, max_queue_delay_us=0, max_in_flight=4, max_queue=100))
+    engine.add_model(
+        model, ModelConfig("d", max_batch_size=2, max_queue_delay_us=0, max_in_flight=4, max_queue=100)
+    )
     model.gate.clear()  # the worker blocks inside run: requests pile up
-    tasks = [asyncio.ensure_future(engine.infer("d", {"pixels": x[i:i + 1]})) for i in range(50)]
+    tasks = [asyncio.ensure_future(engine.infer("d", {"pixels": x[i : i + 1]})) for i in range(50)]
     await asyncio.sleep(0)  # let every task reach admission
     refused = [t for t in tasks if t.done() and isinstance(t.exception(), OverloadedError)]
     assert len(refused) == 46
@@ -128,8 +135,9 @@ async def test_overload_is_refused_and_bounded(engine: Engine, load, digits) -> 
 async def test_queue_depth_is_bounded(engine: Engine, load, digits) -> None:
     x, _ = digits
     model = Instrumented(load("digits_small_fp32.onnx"))
-    engine.add_model(model, ModelConfig("d", max_batch_size=1, max_queue_delay_us=0, max_in_flight=1000,
-                                        max_queue=3))
+    engine.add_model(
+        model, ModelConfig("d", max_batch_size=1, max_queue_delay_us=0, max_in_flight=1000, max_queue=3)
+    )
     model.gate.clear()
     tasks = [asyncio.ensure_future(engine.infer("d", {"pixels": x[:1]})) for i in range(30)]
     await asyncio.sleep(0)
@@ -164,7 +172,12 @@ def test_registry_operations(engine: Engine, load) -> None:
     model = Instrumented(load("digits_small_fp32.onnx"))
     engine.add_model(model, ModelConfig("d", max_batch_size=8))
     info = engine.get("d")
-    assert (info.version, info.provider, info.max_batch_size, info.ready) == ("1", "CPUExecutionProvider", 8, True)
+    assert (info.version, info.provider, info.max_batch_size, info.ready) == (
+        "1",
+        "CPUExecutionProvider",
+        8,
+        True,
+    )
     with pytest.raises(ConfigError, match="already served"):
         engine.add_model(model, ModelConfig("d"))
     with pytest.raises(UnknownModelError):

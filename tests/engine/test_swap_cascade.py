@@ -83,7 +83,9 @@ def _cascade_engine(engine: Engine, load, batching: int = 0) -> tuple:
     small, large = load("digits_small_fp32.onnx"), load("digits_large_fp32.onnx")
     engine.add_model(small, ModelConfig("small", max_batch_size=batching))
     engine.add_model(large, ModelConfig("large", max_batch_size=batching))
-    engine.add_cascade(CascadeConfig("digits", "small", "large", DIGITS_DEFAULT_RULE, DIGITS_DEFAULT_THRESHOLD))
+    engine.add_cascade(
+        CascadeConfig("digits", "small", "large", DIGITS_DEFAULT_RULE, DIGITS_DEFAULT_THRESHOLD)
+    )
     return small, large
 
 
@@ -110,9 +112,9 @@ def test_cascade_sync_and_batched_members(engine: Engine, load, digits) -> None:
     x, _ = digits
     small, large = _cascade_engine(engine, load, batching=32)
     for i in range(20):
-        r = engine.infer_sync("digits", {"pixels": x[i:i + 1]})
-        s = small.run({"pixels": x[i:i + 1]})["logits"]
-        want = large.run({"pixels": x[i:i + 1]})["logits"] if r.escalated else s
+        r = engine.infer_sync("digits", {"pixels": x[i : i + 1]})
+        s = small.run({"pixels": x[i : i + 1]})["logits"]
+        want = large.run({"pixels": x[i : i + 1]})["logits"] if r.escalated else s
         np.testing.assert_allclose(r.outputs["logits"], want, rtol=1e-4, atol=1e-4)
     assert engine.get("digits").kind == "cascade"
 
@@ -138,8 +140,12 @@ def test_default_threshold_meets_target_on_held_out_split(runtime, digits) -> No
         small = runtime.load(MODELS / f"digits_small_{precision}.onnx", options=opts)
         large = runtime.load(MODELS / f"digits_large_{precision}.onnx", options=opts)
         choice = evaluate(
-            small.run({"pixels": x})["logits"], large.run({"pixels": x})["logits"], y, DIGITS_DEFAULT_RULE,
-            DIGITS_DEFAULT_THRESHOLD, cards[f"digits_small_{precision}.onnx"]["flops_per_sample"],
+            small.run({"pixels": x})["logits"],
+            large.run({"pixels": x})["logits"],
+            y,
+            DIGITS_DEFAULT_RULE,
+            DIGITS_DEFAULT_THRESHOLD,
+            cards[f"digits_small_{precision}.onnx"]["flops_per_sample"],
             cards[f"digits_large_{precision}.onnx"]["flops_per_sample"],
         )
         assert choice.accuracy >= choice.large_accuracy - 0.003, (precision, choice)

@@ -25,7 +25,9 @@ def sample(fams: dict, family: str, name: str, **labels: str) -> float:
 
 def test_prometheus_text_parses_and_counts() -> None:
     m = Metrics()
-    m.set_model_info('we"ird\\model\n', version="2", provider="CPUExecutionProvider", fmt="onnx", load_seconds=0.05)
+    m.set_model_info(
+        'we"ird\\model\n', version="2", provider="CPUExecutionProvider", fmt="onnx", load_seconds=0.05
+    )
     m.set_model_info("digits", version="1", provider="litert:cpu", fmt="tflite", load_seconds=0.01)
     for s in (1e-4, 2e-4, 3e-3):
         m.observe_request("digits", s)
@@ -41,18 +43,45 @@ def test_prometheus_text_parses_and_counts() -> None:
     f = families(m)
     assert sample(f, "edgert_requests", "edgert_requests_total", model="digits") == 5
     assert sample(f, "edgert_request_errors", "edgert_request_errors_total", reason="overloaded") == 1
-    assert sample(f, "edgert_request_latency_seconds", "edgert_request_latency_seconds_count", model="digits") == 3
-    assert sample(f, "edgert_request_latency_seconds", "edgert_request_latency_seconds_bucket",
-                  model="digits", le="0.00025") == 2
-    p99 = sample(f, "edgert_request_latency_quantile_seconds", "edgert_request_latency_quantile_seconds",
-                 model="digits", quantile="0.99")
+    assert (
+        sample(f, "edgert_request_latency_seconds", "edgert_request_latency_seconds_count", model="digits")
+        == 3
+    )
+    assert (
+        sample(
+            f,
+            "edgert_request_latency_seconds",
+            "edgert_request_latency_seconds_bucket",
+            model="digits",
+            le="0.00025",
+        )
+        == 2
+    )
+    p99 = sample(
+        f,
+        "edgert_request_latency_quantile_seconds",
+        "edgert_request_latency_quantile_seconds",
+        model="digits",
+        quantile="0.99",
+    )
     assert abs(p99 - 2e-4) <= 0.01 * 2e-4  # rank floor(0.99 * 2) = 1 -> second smallest
     assert sample(f, "edgert_batch_size", "edgert_batch_size_bucket", model="digits", le="16") == 1
     assert sample(f, "edgert_batch_size", "edgert_batch_size_bucket", model="digits", le="32") == 2
     assert sample(f, "edgert_cache_hits", "edgert_cache_hits_total", model="digits") == 1
     assert sample(f, "edgert_cascade_escalations", "edgert_cascade_escalations_total", model="casc") == 3
-    assert sample(f, "edgert_model_info", "edgert_model_info", model='we"ird\\model\n', provider="CPUExecutionProvider") == 1
-    assert sample(f, "edgert_model_load_seconds", "edgert_model_load_seconds", model="digits") == pytest.approx(0.01)
+    assert (
+        sample(
+            f,
+            "edgert_model_info",
+            "edgert_model_info",
+            model='we"ird\\model\n',
+            provider="CPUExecutionProvider",
+        )
+        == 1
+    )
+    assert sample(
+        f, "edgert_model_load_seconds", "edgert_model_load_seconds", model="digits"
+    ) == pytest.approx(0.01)
     assert sample(f, "edgert_queue_depth", "edgert_queue_depth", model="digits") == 7
     assert sample(f, "process_resident_memory_bytes", "process_resident_memory_bytes") > 1_000_000
 

@@ -54,7 +54,9 @@ def test_merge_equals_sketch_of_union(a: list[float], b: list[float], q: float) 
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.floats(min_value=-1e3, max_value=1e3, allow_nan=False), min_size=1, max_size=200), quantiles)
+@given(
+    st.lists(st.floats(min_value=-1e3, max_value=1e3, allow_nan=False), min_size=1, max_size=200), quantiles
+)
 def test_signed_values_and_zero(xs: list[float], q: float) -> None:
     sketch = QuantileSketch(ALPHA)
     for x in xs:
@@ -120,7 +122,11 @@ def test_bounded_bins_keep_high_quantiles() -> None:
 
 @pytest.mark.parametrize(
     "doc",
-    [{}, {"a": 0.01, "n": 2, "s": 1.0, "lo": 1, "hi": 1, "p": [[0, [1]]]}, {"v": 9, "a": 0.01, "n": 0, "s": 0}],
+    [
+        {},
+        {"a": 0.01, "n": 2, "s": 1.0, "lo": 1, "hi": 1, "p": [[0, [1]]]},
+        {"v": 9, "a": 0.01, "n": 0, "s": 0},
+    ],
 )
 def test_malformed_dict_is_rejected(doc: dict) -> None:
     with pytest.raises(ValueError):
