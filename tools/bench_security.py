@@ -1,0 +1,133 @@
+"""Benchmark: encrypted-store cold load vs plaintext load, envelope throughput, decrypt peak RSS.
+
+Run: python tools/bench_security.py [--rounds 7] [--big-mb 100]
+Loads are interleaved (plaintext, encrypted, plaintext, ...) in one run and medians compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from edgert import Runtime  # noqa: E402
+from edgert.security import package as pkg  # noqa: E402
+from edgert.security.keys import DeviceKeys, init_keystore  # noqa: E402
+from edgert.security.loader import import_model, load_from_store, open_store  # noqa: E402
+
+MODELS = ["digits_small_int8.onnx", "digits_large_int8.onnx", "digits_small_int8.tflite",
+          "mobilenetv2_int8.onnx", "generated/mobilenetv2_fp32.onnx"]
+IO = ([{"name": "x", "dtype": "uint8", "shape": [None]}], [{"name": "y", "dtype": "uint8", "shape": [None]}])
+
+
+def bench_loads(rounds: int) -> None:
+    root = Path(tempfile.mkdtemp(prefix="edgert-bench-"))
+    keys = init_keystore(root / "keys")
+    store = open_store(root, keys)
+    rt = Runtime(profile="cpu-generic")
+    print(f"{'model':34} {'size MB':>8} {'plain ms':>9} {'encrypted ms':>13} {'ratio':>6}")
+    for rel in MODELS:
+        path = REPO / "models" / rel
+        if not path.exists():
+            print(f"{rel:34} (missing; make it with tools/make_models.py)")
+            continue
+        name = path.stem + ("_" + path.suffix[1:] if path.suffix != ".onnx" else "")
+        import_model(store, path, name=name)
+        plain, enc = [], []
+        for i in range(rounds + 1):  # round 0 warms caches and is dropped
+            t0 = time.perf_counter()
+            rt.load(path).close()
+            t1 = time.perf_counter()
+            load_from_store(rt, store, name).close()
+            t2 = time.perf_counter()
+            if i:
+                plain.append(t1 - t0)
+                enc.append(t2 - t1)
+        p, e = statistics.median(plain) * 1000, statistics.median(enc) * 1000
+        print(f"{rel:34} {path.stat().st_size / 1e6:8.2f} {p:9.2f} {e:13.2f} {e / p:6.3f}")
+
+
+def bench_big(mb: int) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="edgert-bench-big-"))
+    src = tmp / "random.onnx"
+    with open(src, "wb") as f:
+        for _ in range(mb):
+            f.write(os.urandom(1 << 20))
+    keys = DeviceKeys.generate()
+    out_path = tmp / "random.edgepkg"
+    t0 = time.perf_counter()
+    with open(out_path, "wb") as out:
+        pkg.create_package(src, out, name="random", version="1", variant="fp32",
+                           recipients=[keys.wrap_public], now=datetime.now(timezone.utc), fmt="onnx",
+                           io_desc=IO)
+    enc_s = time.perf_counter() - t0
+    src.unlink()
+    kdir = tmp / "keys"
+    from edgert.security.keys import KEY_FILES, _pem
+
+    kdir.mkdir(mode=0o700)
+    for role, fname in KEY_FILES.items():
+        fd = os.open(kdir / fname, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, _pem(getattr(keys, role)))
+        os.close(fd)
+    child = subprocess.run([sys.executable, __file__, "--decrypt-child", str(out_path), str(kdir)],
+                           capture_output=True, text=True, check=True)
+    dec_s, base_mb, peak_mb = (float(x) for x in child.stdout.split())
+    print(f"\n{mb} MB random model: encrypt {mb / enc_s:.0f} MB/s, "
+          f"decrypt (into memory) {mb / dec_s:.0f} MB/s")
+    print(f"decrypt peak RSS {peak_mb:.1f} MB (baseline {base_mb:.1f} MB): growth {peak_mb - base_mb:.1f} MB "
+          f"= {(peak_mb - base_mb) / mb:.3f}x the model size")
+
+
+def decrypt_child(package_path: str, keys_dir: str) -> None:
+    from edgert.security.keys import load_keystore
+
+    keys = load_keystore(Path(keys_dir))
+    # Reset the peak-RSS mark so import-time peaks do not hide the decryption's own growth.
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_mb("VmRSS")
+    t0 = time.perf_counter()
+    with open(package_path, "rb") as f:
+        header = pkg.read_header(f)
+        out = bytearray(header.manifest.plaintext_size)
+        pkg.decrypt_payload(f, header, header.key_for(keys.wrap), out=out)
+    dt = time.perf_counter() - t0
+    peak = _status_mb("VmHWM")
+    assert len(out) == header.manifest.plaintext_size
+    print(dt, base, peak)
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--big-mb", type=int, default=100)
+    ap.add_argument("--decrypt-child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.decrypt_child:
+        decrypt_child(*args.decrypt_child)
+        return
+    bench_loads(args.rounds)
+    bench_big(args.big_mb)
+
+
+if __name__ == "__main__":
+    io.DEFAULT_BUFFER_SIZE = max(io.DEFAULT_BUFFER_SIZE, 1 << 16)
+    main()
