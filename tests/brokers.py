@@ -159,6 +159,7 @@ class Mosquitto:
             "log_dest stderr",
             "log_type error",
             "log_type warning",
+            "log_type notice",
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {d}/",
         ]

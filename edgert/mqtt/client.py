@@ -42,6 +42,8 @@ CONNECT_TIMEOUT_S = 5.0
 LOOP_TIMEOUT_S = 0.05
 #: Fraction of the delay randomised so a fleet does not reconnect in lock-step after a broker restart.
 JITTER = 0.5
+#: Loop iterations allowed for a DISCONNECT packet to go out on stop().
+DISCONNECT_LOOPS = 20
 MAX_PASSWORD_BYTES = 4096
 
 OnPuback = Callable[[int, int, str], None]
@@ -345,10 +347,6 @@ class MqttLink:
         self._close_socket()
 
     def _close_socket(self) -> None:
-        try:
-            self.client.disconnect()
-        except (OSError, ValueError):
-            pass
         sock = self.client.socket()
         if sock is not None:
             try:
@@ -357,6 +355,9 @@ class MqttLink:
                 pass
 
     def _run(self) -> None:
+        # Tell paho this thread owns the socket (what loop_start() does): publishes from other threads
+        # then only queue and wake our select() instead of writing concurrently, which breaks TLS.
+        self.client._thread = threading.current_thread()
         attempt = 0
         while not self._stop.is_set():
             if self._session():
@@ -368,11 +369,6 @@ class MqttLink:
             delay = self.backoff.delay(attempt)
             log.info("reconnecting", extra={"delay_s": round(delay, 3), "attempt": attempt})
             self._stop.wait(delay)
-        try:
-            self.client.disconnect()
-            self.client.loop(LOOP_TIMEOUT_S)
-        except (OSError, ValueError):
-            pass
         self._close_socket()
 
     def _session(self) -> bool:
@@ -398,6 +394,8 @@ class MqttLink:
                     hint="the broker may be overloaded or paused",
                 )
                 break
+        if self._stop.is_set() and self.connected.is_set():
+            self._graceful_disconnect()
         if not had_connack and self.last_error is None and not self._stop.is_set():
             if self._last_log_error:
                 self.last_error = _explain_tls_alert(self._last_log_error, self.cfg)
@@ -411,6 +409,16 @@ class MqttLink:
             self.client, None, None, ReasonCode(PacketTypes.DISCONNECT, identifier=0x80), None
         )
         return had_connack
+
+    def _graceful_disconnect(self) -> None:
+        """Send DISCONNECT and let the loop write it, so the broker does not publish the will."""
+        try:
+            self.client.disconnect()
+            for _ in range(DISCONNECT_LOOPS):
+                if self.client.loop(LOOP_TIMEOUT_S) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+        except (OSError, ValueError):
+            pass
 
     def _connect(self) -> None:
         cfg = self.cfg
@@ -442,7 +450,13 @@ class MqttLink:
     ) -> int:
         """Queue a publish; return its message id (delivery is reported through on_puback)."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+        # On NO_CONN/CONN_LOST paho keeps the message and sends it after the next CONNACK.
+        queued = (
+            MQTTErrorCode.MQTT_ERR_SUCCESS,
+            MQTTErrorCode.MQTT_ERR_NO_CONN,
+            MQTTErrorCode.MQTT_ERR_CONN_LOST,
+        )
+        if info.rc not in queued:
             raise SyncError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
         return int(info.mid)
 
