@@ -16,21 +16,30 @@ def test_defaults_and_example_file_parse(repo_root):
     assert example.cascades[0].small == "digits-small"
 
 
-@pytest.mark.parametrize(("text", "fragments"), [
-    ("[daemon]\nlog_level = 'loud'", ["f.toml", "daemon.log_level", "debug, info"]),
-    ("[http]\nlisten = 'nowhere'", ["f.toml", "http.listen", "HOST:PORT"]),
-    ("[http]\nlisten = '0.0.0.0:8000'", ["http.listen", "auth_token_file"]),
-    ("[http]\nlistn = '127.0.0.1:1'", ["http.listn", "not a known key", "listen"]),
-    ("[socket]\nmode = 'rw'", ["socket.mode", "octal"]),
-    ("[[models]]\nname = 'a'\npath = '/x.onnx'", ["models[0].path", "allow_plaintext"]),
-    ("[[models]]\nname = 'a'\nmax_batch_size = -1", ["models[0].max_batch_size", ">= 0"]),
-    ("[[models]]\nname = 'a'\nnan_policy = 'maybe'", ["models[0].nan_policy", "allow, reject"]),
-    ("[[models]]\nname = 'a'\n[[models]]\nname = 'a'", ["twice"]),
-    ("[[models]]\nname = 'a'\n[[cascades]]\nname='c'\nsmall='a'\nlarge='b'", ["cascades[0].large", "'b'", "allowed: a"]),
-    ("[[cascades]]\nname='c'\nsmall='a'\nlarge='b'\nrule='vote'", ["cascades[0].rule", "max_softmax, margin"]),
-    ("[daemon]\ndrain_timeout_s = true", ["daemon.drain_timeout_s", "a number"]),
-    ("not toml [", ["f.toml", "not valid TOML"]),
-])
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("[daemon]\nlog_level = 'loud'", ["f.toml", "daemon.log_level", "debug, info"]),
+        ("[http]\nlisten = 'nowhere'", ["f.toml", "http.listen", "HOST:PORT"]),
+        ("[http]\nlisten = '0.0.0.0:8000'", ["http.listen", "auth_token_file"]),
+        ("[http]\nlistn = '127.0.0.1:1'", ["http.listn", "not a known key", "listen"]),
+        ("[socket]\nmode = 'rw'", ["socket.mode", "octal"]),
+        ("[[models]]\nname = 'a'\npath = '/x.onnx'", ["models[0].path", "allow_plaintext"]),
+        ("[[models]]\nname = 'a'\nmax_batch_size = -1", ["models[0].max_batch_size", ">= 0"]),
+        ("[[models]]\nname = 'a'\nnan_policy = 'maybe'", ["models[0].nan_policy", "allow, reject"]),
+        ("[[models]]\nname = 'a'\n[[models]]\nname = 'a'", ["twice"]),
+        (
+            "[[models]]\nname = 'a'\n[[cascades]]\nname='c'\nsmall='a'\nlarge='b'",
+            ["cascades[0].large", "'b'", "allowed: a"],
+        ),
+        (
+            "[[cascades]]\nname='c'\nsmall='a'\nlarge='b'\nrule='vote'",
+            ["cascades[0].rule", "max_softmax, margin"],
+        ),
+        ("[daemon]\ndrain_timeout_s = true", ["daemon.drain_timeout_s", "a number"]),
+        ("not toml [", ["f.toml", "not valid TOML"]),
+    ],
+)
 def test_errors_name_file_key_and_allowed_values(text, fragments):
     with pytest.raises(ConfigError) as info:
         parse_config(text, "f.toml")

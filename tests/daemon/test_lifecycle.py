@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgert.serve.client import Client, notify_daemon_activate
+from edgert.serve.client import Client
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ def write_config(tmp: Path, models: str) -> Path:
     path.write_text(f"""
 [daemon]
 profile = "cpu-generic"
-state_dir = "{tmp / 'state'}"
+state_dir = "{tmp / "state"}"
 allow_plaintext = true
 drain_timeout_s = 5
 [http]
@@ -35,7 +35,7 @@ listen = "127.0.0.1:0"
 [metrics]
 listen = ""
 [socket]
-path = "{tmp / 'edgert.sock'}"
+path = "{tmp / "edgert.sock"}"
 mode = "0600"
 {models}
 """)
@@ -69,8 +69,12 @@ def notify_socket():
 
 def start(config: Path, env_extra: dict[str, str]) -> subprocess.Popen[bytes]:
     env = {**os.environ, **env_extra}
-    return subprocess.Popen([sys.executable, "-m", "edgert.cli.main", "daemon", "--config", str(config)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgert.cli.main", "daemon", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def stop(proc: subprocess.Popen[bytes]) -> tuple[int, bytes]:

@@ -10,8 +10,16 @@ import pytest
 
 def test_unit_is_hardened(repo_root):
     text = (repo_root / "packaging" / "edgert.service").read_text()
-    for line in ("Type=notify", "NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=edgert",
-                 "RuntimeDirectory=edgert", "DynamicUser=yes", "WatchdogSec=", "ExecReload="):
+    for line in (
+        "Type=notify",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "StateDirectory=edgert",
+        "RuntimeDirectory=edgert",
+        "DynamicUser=yes",
+        "WatchdogSec=",
+        "ExecReload=",
+    ):
         assert line in text
     assert "PrivateNetwork" not in text  # would break MQTT
     assert "AF_INET" in text

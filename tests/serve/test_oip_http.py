@@ -32,7 +32,9 @@ def request(served, method: str, path: str, body: bytes | None = None, headers: 
 
 
 def infer_json(served, model: str, doc: dict, ctype: str = "application/json"):
-    return request(served, "POST", f"/v2/models/{model}/infer", json.dumps(doc).encode(), {"Content-Type": ctype})
+    return request(
+        served, "POST", f"/v2/models/{model}/infer", json.dumps(doc).encode(), {"Content-Type": ctype}
+    )
 
 
 def raw(served, data: bytes, wait: float = 5.0) -> bytes:
@@ -65,8 +67,10 @@ def test_health_metadata_and_index(served):
 
 def test_json_infer_matches_in_process(served, digits):
     x, _ = digits
-    doc = {"id": "req-42", "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [3, 64],
-                                       "data": x[:3].ravel().tolist()}]}
+    doc = {
+        "id": "req-42",
+        "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [3, 64], "data": x[:3].ravel().tolist()}],
+    }
     status, _, body = infer_json(served, "digits-small", doc)
     assert status == 200, body
     out = json.loads(body)
@@ -78,7 +82,11 @@ def test_json_infer_matches_in_process(served, digits):
 
 def test_nested_data_and_other_dtypes_are_converted(served, digits):
     x, _ = digits
-    doc = {"inputs": [{"name": "pixels", "datatype": "FP64", "shape": [2, 64], "data": x[:2].astype(float).tolist()}]}
+    doc = {
+        "inputs": [
+            {"name": "pixels", "datatype": "FP64", "shape": [2, 64], "data": x[:2].astype(float).tolist()}
+        ]
+    }
     status, _, body = infer_json(served, "digits-small", doc)
     # FP64 is a valid OIP type; the model takes FP32, so the runtime either converts or refuses clearly.
     assert status in (200, 400), body
@@ -89,19 +97,31 @@ def test_nested_data_and_other_dtypes_are_converted(served, digits):
 def test_binary_extension_both_ways(served, digits):
     x, _ = digits
     payload = np.ascontiguousarray(x[:5]).tobytes()
-    header = json.dumps({
-        "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [5, 64],
-                    "parameters": {"binary_data_size": len(payload)}}],
-        "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
-    }).encode()
-    status, headers, body = request(served, "POST", "/v2/models/digits-large/infer", header + payload,
-                                    {"Inference-Header-Content-Length": str(len(header)),
-                                     "Content-Type": "application/octet-stream"})
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "pixels",
+                    "datatype": "FP32",
+                    "shape": [5, 64],
+                    "parameters": {"binary_data_size": len(payload)},
+                }
+            ],
+            "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    status, headers, body = request(
+        served,
+        "POST",
+        "/v2/models/digits-large/infer",
+        header + payload,
+        {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+    )
     assert status == 200, body
     hlen = int(headers["inference-header-content-length"])
     doc = json.loads(body[:hlen])
     size = doc["outputs"][0]["parameters"]["binary_data_size"]
-    got = np.frombuffer(body[hlen:hlen + size], np.float32).reshape(5, 10)
+    got = np.frombuffer(body[hlen : hlen + size], np.float32).reshape(5, 10)
     want = served.daemon.engine.infer_sync("digits-large", {"pixels": x[:5]}).outputs["logits"]
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
@@ -120,23 +140,76 @@ BAD = [
     ("malformed json", b"{not json", "application/json", 400, "not valid JSON"),
     ("wrong content type", b"{}", "application/x-www-form-urlencoded", 415, "content type"),
     ("no inputs", b'{"inputs": []}', "application/json", 400, "inputs"),
-    ("bytes refused", json.dumps({"inputs": [{"name": "pixels", "datatype": "BYTES", "shape": [1],
-                                              "data": ["a"]}]}).encode(), "application/json", 400, "BYTES"),
-    ("unknown datatype", json.dumps({"inputs": [{"name": "pixels", "datatype": "FP8", "shape": [1],
-                                                 "data": [1]}]}).encode(), "application/json", 400, "datatype"),
-    ("data too short", json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64],
-                                               "data": [1.0] * 63}]}).encode(), "application/json", 400, "63"),
-    ("data too long", json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64],
-                                              "data": [1.0] * 65}]}).encode(), "application/json", 400, "65"),
-    ("shape mismatch", json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [2, 32],
-                                               "data": [1.0] * 64}]}).encode(), "application/json", 400, "pixels"),
-    ("datatype mismatch", json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64],
-                                                  "data": ["x"] * 64}]}).encode(), "application/json", 400, "FP32"),
-    ("wrong input name", json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 64],
-                                                 "data": [1.0] * 64}]}).encode(), "application/json", 400, "pixels"),
-    ("huge declared shape", json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32",
-                                                    "shape": [10**12, 10**12], "data": [1.0]}]}).encode(),
-     "application/json", 400, "declares more data"),
+    (
+        "bytes refused",
+        json.dumps(
+            {"inputs": [{"name": "pixels", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}
+        ).encode(),
+        "application/json",
+        400,
+        "BYTES",
+    ),
+    (
+        "unknown datatype",
+        json.dumps({"inputs": [{"name": "pixels", "datatype": "FP8", "shape": [1], "data": [1]}]}).encode(),
+        "application/json",
+        400,
+        "datatype",
+    ),
+    (
+        "data too short",
+        json.dumps(
+            {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": [1.0] * 63}]}
+        ).encode(),
+        "application/json",
+        400,
+        "63",
+    ),
+    (
+        "data too long",
+        json.dumps(
+            {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": [1.0] * 65}]}
+        ).encode(),
+        "application/json",
+        400,
+        "65",
+    ),
+    (
+        "shape mismatch",
+        json.dumps(
+            {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [2, 32], "data": [1.0] * 64}]}
+        ).encode(),
+        "application/json",
+        400,
+        "pixels",
+    ),
+    (
+        "datatype mismatch",
+        json.dumps(
+            {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": ["x"] * 64}]}
+        ).encode(),
+        "application/json",
+        400,
+        "FP32",
+    ),
+    (
+        "wrong input name",
+        json.dumps(
+            {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 64], "data": [1.0] * 64}]}
+        ).encode(),
+        "application/json",
+        400,
+        "pixels",
+    ),
+    (
+        "huge declared shape",
+        json.dumps(
+            {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [10**12, 10**12], "data": [1.0]}]}
+        ).encode(),
+        "application/json",
+        400,
+        "declares more data",
+    ),
 ]
 
 
@@ -153,8 +226,13 @@ def test_unknown_model_and_version_are_404(served, digits):
     doc = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": x[0].tolist()}]}
     status, _, body = infer_json(served, "nope", doc)
     assert status == 404 and "nope" in json.loads(body)["error"]
-    status, _, body = request(served, "POST", "/v2/models/digits-small/versions/9/infer", json.dumps(doc).encode(),
-                              {"Content-Type": "application/json"})
+    status, _, body = request(
+        served,
+        "POST",
+        "/v2/models/digits-small/versions/9/infer",
+        json.dumps(doc).encode(),
+        {"Content-Type": "application/json"},
+    )
     assert status == 404 and "9" in json.loads(body)["error"]
     assert request(served, "GET", "/v2/models/nope")[0] == 404
     assert request(served, "GET", "/v2/nothing")[0] == 404
@@ -164,22 +242,40 @@ def test_unknown_model_and_version_are_404(served, digits):
 def test_binary_length_mismatch(served):
     payload = np.zeros((1, 64), np.float32).tobytes()
     for declared, sent in ((256, payload[:200]), (256, payload + b"xx"), (100, payload)):
-        header = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64],
-                                         "parameters": {"binary_data_size": declared}}]}).encode()
-        status, _, body = request(served, "POST", "/v2/models/digits-small/infer", header + sent,
-                                  {"Inference-Header-Content-Length": str(len(header))})
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "pixels",
+                        "datatype": "FP32",
+                        "shape": [1, 64],
+                        "parameters": {"binary_data_size": declared},
+                    }
+                ]
+            }
+        ).encode()
+        status, _, body = request(
+            served,
+            "POST",
+            "/v2/models/digits-small/infer",
+            header + sent,
+            {"Inference-Header-Content-Length": str(len(header))},
+        )
         assert status == 400, body
         assert "binary" in json.loads(body)["error"]
-    status, _, body = request(served, "POST", "/v2/models/digits-small/infer", b"{}",
-                              {"Inference-Header-Content-Length": "999"})
+    status, _, body = request(
+        served, "POST", "/v2/models/digits-small/infer", b"{}", {"Inference-Header-Content-Length": "999"}
+    )
     assert status == 400 and "larger than" in json.loads(body)["error"]
 
 
 def test_huge_content_length_refused_before_reading(served):
     proc = psutil.Process()
     before = proc.memory_info().rss
-    resp = raw(served, b"POST /v2/models/digits-small/infer HTTP/1.1\r\nHost: x\r\n"
-                       b"Content-Length: 100000000000\r\n\r\n{")
+    resp = raw(
+        served,
+        b"POST /v2/models/digits-small/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000000\r\n\r\n{",
+    )
     assert resp.startswith(b"HTTP/1.1 413")
     assert proc.memory_info().rss - before < 50 * 1024 * 1024
 
@@ -215,16 +311,22 @@ def test_slowloris_is_cut_off(served):
 
 def test_client_disconnecting_mid_request(served, digits):
     x, _ = digits
-    body = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64],
-                                   "data": x[0].tolist()}]}).encode()
+    body = json.dumps(
+        {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": x[0].tolist()}]}
+    ).encode()
     for cut in (10, len(body) // 2):
         with socket.create_connection(served.http) as s:
-            s.sendall(b"POST /v2/models/digits-small/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: %d\r\n\r\n" % len(body) + body[:cut])
+            s.sendall(
+                b"POST /v2/models/digits-small/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body) + body[:cut]
+            )
     # a complete request whose client leaves before the answer
     with socket.create_connection(served.http) as s:
-        s.sendall(b"POST /v2/models/digits-small/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
-                  + body)
+        s.sendall(
+            b"POST /v2/models/digits-small/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+            % len(body)
+            + body
+        )
     time.sleep(0.2)
     status, _, _ = infer_json(served, "digits-small", json.loads(body))
     assert status == 200
@@ -236,10 +338,13 @@ def test_thousand_concurrent_connections_and_rss_returns(served, digits):
     if soft < 2600:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
     x, _ = digits
-    body = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64],
-                                   "data": x[0].tolist()}]}).encode()
-    req = (b"POST /v2/models/digits-small/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-           b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    body = json.dumps(
+        {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": x[0].tolist()}]}
+    ).encode()
+    req = (
+        b"POST /v2/models/digits-small/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
     proc = psutil.Process()
 
     def burst() -> int:
@@ -270,7 +375,9 @@ def test_thousand_concurrent_connections_and_rss_returns(served, digits):
 
 
 def test_pipelined_requests_answered_in_order(served):
-    reqs = b"".join(b"GET /v2/models/%s HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in (b"digits-small", b"nope", b"digits"))
+    reqs = b"".join(
+        b"GET /v2/models/%s HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in (b"digits-small", b"nope", b"digits")
+    )
     with socket.create_connection(served.http, timeout=5) as s:
         s.sendall(reqs)
         data = b""
@@ -302,11 +409,15 @@ def test_concurrent_threads_through_our_client(served, digits):
         try:
             with Client(url) as c:
                 for _ in range(50):
-                    np.testing.assert_allclose(c.infer("digits-small", {"pixels": x[:8]})["logits"], want, rtol=1e-6)
+                    np.testing.assert_allclose(
+                        c.infer("digits-small", {"pixels": x[:8]})["logits"], want, rtol=1e-6
+                    )
         except BaseException as exc:
             failures.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(u,)) for u in [served.http_url, "unix://" + served.socket] * 4]
+    threads = [
+        threading.Thread(target=worker, args=(u,)) for u in [served.http_url, "unix://" + served.socket] * 4
+    ]
     for t in threads:
         t.start()
     for t in threads:
