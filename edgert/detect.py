@@ -113,7 +113,9 @@ def _usb_ids(fs: FileSystemView) -> set[str]:
     return ids
 
 
-def _check(profile: Profile, fs: FileSystemView, providers: set[str], flags: set[str], usb: set[str]) -> Match:
+def _check(
+    profile: Profile, fs: FileSystemView, providers: set[str], flags: set[str], usb: set[str]
+) -> Match:
     hints = profile.detect
     if hints.empty:
         return Match(profile, True, ("generic profile: no hardware required",))

@@ -150,7 +150,9 @@ class _Checker:
             hint="see device_profiles/README.md for the profile schema",
         )
 
-    def table(self, doc: Any, key: str, allowed: set[str], required: set[str] = frozenset()) -> dict:
+    def table(
+        self, doc: Any, key: str, allowed: set[str], required: frozenset[str] | set[str] = frozenset()
+    ) -> dict:
         if not isinstance(doc, dict):
             raise self.fail(key, f"must be a table, got {type(doc).__name__}")
         unknown = sorted(set(doc) - allowed)

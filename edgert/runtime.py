@@ -43,9 +43,7 @@ class ModelOptions:
 
     def __post_init__(self) -> None:
         if self.nan_policy not in NAN_POLICIES:
-            raise ConfigError(
-                f"nan_policy: got {self.nan_policy!r}; allowed: {', '.join(NAN_POLICIES)}"
-            )
+            raise ConfigError(f"nan_policy: got {self.nan_policy!r}; allowed: {', '.join(NAN_POLICIES)}")
         if self.max_batch is not None and self.max_batch < 1:
             raise ConfigError(f"max_batch: must be >= 1, got {self.max_batch}")
         if self.threads is not None and self.threads < 0:
@@ -149,7 +147,7 @@ class Model:
             if self._reject_nan and check.is_float and not np.isfinite(arr).all():
                 raise InputError(
                     f"input {check.name!r} contains NaN or Inf, which model {self.name!r} rejects",
-                    hint="clean the input, or set nan_policy = \"allow\" for this model",
+                    hint='clean the input, or set nan_policy = "allow" for this model',
                 )
             out[check.name] = arr
         if self.max_batch is not None and batch is not None and batch > self.max_batch:
@@ -191,7 +189,9 @@ class Model:
         except (ValueError, TypeError) as exc:
             raise InputError(f"input {check.name!r}: cannot make an array from the value: {exc}") from None
         if arr.dtype.kind in "OUS":
-            raise InputError(f"input {check.name!r}: expected numbers of dtype {check.dtype.name}, got {arr.dtype}")
+            raise InputError(
+                f"input {check.name!r}: expected numbers of dtype {check.dtype.name}, got {arr.dtype}"
+            )
         # Python lists of floats arrive as float64; JSON-style input is converted to the model's
         # dtype when every value survives the conversion unchanged.
         if arr.dtype != check.dtype and not np.can_cast(arr.dtype, check.dtype, casting="safe"):
@@ -211,9 +211,7 @@ class Model:
         """Run already-validated inputs (used by batchers that validated each request)."""
         return self._session.run(inputs, outputs)
 
-    def infer(
-        self, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None
-    ) -> dict[str, np.ndarray]:
+    def infer(self, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Validate ``inputs`` and run the model; returns outputs by name."""
         if outputs:
             unknown = [o for o in outputs if o not in self._output_names]
@@ -314,8 +312,13 @@ class Runtime:
         )
         log.info(
             "loaded model",
-            extra={"model": model.name, "version": version, "format": fmt, "provider": model.provider,
-                   "load_ms": round(elapsed * 1000, 2)},
+            extra={
+                "model": model.name,
+                "version": version,
+                "format": fmt,
+                "provider": model.provider,
+                "load_ms": round(elapsed * 1000, 2),
+            },
         )
         return model
 

@@ -25,8 +25,9 @@ def models_dir() -> Path:
     return MODELS
 
 
-def run_edgert(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
-               input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+def run_edgert(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, input: bytes | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``edgert`` CLI in a subprocess (as a user would) and capture its output."""
     full_env = dict(os.environ)
     full_env.update(env or {})

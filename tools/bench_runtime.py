@@ -46,7 +46,9 @@ def _block(fn, n: int) -> list[float]:
 
 def bench_case(path: Path, input_name: str, shape: tuple[int, ...], rounds: int, threads: int) -> dict:
     data = path.read_bytes()
-    bare = ort.InferenceSession(data, sess_options=_session_options(threads), providers=["CPUExecutionProvider"])
+    bare = ort.InferenceSession(
+        data, sess_options=_session_options(threads), providers=["CPUExecutionProvider"]
+    )
     model = Runtime("cpu-generic").load(data, name=path.stem, options=None)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     feed = {input_name: x}
@@ -87,16 +89,23 @@ def main() -> int:
     results = []
     for label, path, name, shape, target in CASES:
         if not path.exists():
-            print(f"# skipped {label}: {path.relative_to(REPO)} not found "
-                  "(python tools/make_models.py --mobilenet-fp32 builds it)", file=sys.stderr)
+            print(
+                f"# skipped {label}: {path.relative_to(REPO)} not found "
+                "(python tools/make_models.py --mobilenet-fp32 builds it)",
+                file=sys.stderr,
+            )
             continue
         res = bench_case(path, name, shape, args.rounds, args.threads)
         res.update({"case": label, "target_ratio": target, "meets_target": res["ratio_p50"] <= target})
         results.append(res)
         if not args.json:
-            print(f"{label:<20} bare p50 {res['bare_p50_us']:9.1f} us  edgert p50 {res['edgert_p50_us']:9.1f} us  "
-                  f"added {res['added_p50_us']:6.1f} us  ratio {res['ratio_p50']:.3f}x (target <= {target}x) "
-                  f"{'OK' if res['meets_target'] else 'MISS'}  [{res['calls_each']} calls each]", flush=True)
+            print(
+                f"{label:<20} bare p50 {res['bare_p50_us']:9.1f} us  "
+                f"edgert p50 {res['edgert_p50_us']:9.1f} us  "
+                f"added {res['added_p50_us']:6.1f} us  ratio {res['ratio_p50']:.3f}x (target <= {target}x) "
+                f"{'OK' if res['meets_target'] else 'MISS'}  [{res['calls_each']} calls each]",
+                flush=True,
+            )
     if args.json:
         print(json.dumps({"threads": args.threads, "results": results}, indent=2))
     return 0

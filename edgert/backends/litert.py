@@ -30,7 +30,7 @@ def interpreter_module() -> tuple[Any | None, list[str]]:
     """The first LiteRT interpreter module that imports, and why the others did not."""
     import importlib
 
-    errors = []
+    errors: list[str] = []
     for name in _MODULES:
         try:
             return importlib.import_module(name), errors
@@ -61,6 +61,8 @@ def _checked_loader(load_delegate: Callable[..., Any]) -> DelegateLoader:
         return load_delegate(library, options)
 
     return load
+
+
 InterpreterFactory = Callable[[bytes, list[Any], int], Any]
 
 
@@ -171,7 +173,11 @@ class LiteRTSession:
         self._lock = threading.Lock()
         in_details, out_details = self._details()
         batch_one = all(
-            (d.get("shape_signature") is None or len(d.get("shape_signature")) == 0 or d["shape_signature"][0] == 1)
+            (
+                d.get("shape_signature") is None
+                or len(d.get("shape_signature")) == 0
+                or d["shape_signature"][0] == 1
+            )
             and len(d["shape"]) > 0
             and d["shape"][0] == 1
             for d in in_details.values()

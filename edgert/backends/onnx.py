@@ -237,7 +237,7 @@ class OnnxSession:
             results = self._session.run(names, inputs)
         except Exception as exc:
             raise BackendError(f"onnxruntime failed while running: {_clean(str(exc))}") from None
-        return dict(zip(names, results))
+        return dict(zip(names, results, strict=True))
 
     def close(self) -> None:
         """Drop the session (onnxruntime frees it when the last reference goes)."""

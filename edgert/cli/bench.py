@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -14,7 +15,9 @@ from edgert.cli.common import echo_json, profile_option
 WARMUP_RUNS = 20
 
 
-def measure(model, feed, seconds: float, max_iterations: int | None = None) -> np.ndarray:  # type: ignore[no-untyped-def]
+def measure(
+    model: Any, feed: dict[str, np.ndarray], seconds: float, max_iterations: int | None = None
+) -> np.ndarray:
     """Latencies (seconds) of back-to-back ``model.infer`` calls for ``seconds``."""
     for _ in range(WARMUP_RUNS):
         model.infer(feed)
@@ -41,8 +44,14 @@ def measure(model, feed, seconds: float, max_iterations: int | None = None) -> n
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D1,D2,…", help="Shape for dynamic dims.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def bench(
-    model_path: Path, profile: str, batch: int, threads: int | None, seconds: float,
-    iterations: int | None, shapes: tuple[str, ...], as_json: bool,
+    model_path: Path,
+    profile: str,
+    batch: int,
+    threads: int | None,
+    seconds: float,
+    iterations: int | None,
+    shapes: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Benchmark MODEL in-process: p50/p90/p99 latency, throughput and the effective provider."""
     from edgert.cli.tensors import parse_shapes, random_inputs
@@ -74,5 +83,7 @@ def bench(
     click.echo(f"model      {doc['model']} ({doc['format']})")
     click.echo(f"provider   {doc['provider']} (profile {doc['profile']}, threads {doc['threads']})")
     click.echo(f"batch      {batch}   runs {doc['iterations']}   load {doc['load_ms']} ms")
-    click.echo(f"latency    p50 {doc['p50_ms']:.3f} ms   p90 {doc['p90_ms']:.3f} ms   p99 {doc['p99_ms']:.3f} ms")
+    click.echo(
+        f"latency    p50 {doc['p50_ms']:.3f} ms   p90 {doc['p90_ms']:.3f} ms   p99 {doc['p99_ms']:.3f} ms"
+    )
     click.echo(f"throughput {doc['throughput_per_s']:,.1f} inferences/s")

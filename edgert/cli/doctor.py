@@ -10,8 +10,20 @@ import click
 
 from edgert.cli.common import echo_json
 
-_PACKAGES = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-qnn", "numpy",
-             "ai-edge-litert", "tflite-runtime", "paho-mqtt", "cryptography", "tuf", "pyserial", "httptools")
+_PACKAGES = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-openvino",
+    "onnxruntime-qnn",
+    "numpy",
+    "ai-edge-litert",
+    "tflite-runtime",
+    "paho-mqtt",
+    "cryptography",
+    "tuf",
+    "pyserial",
+    "httptools",
+)
 
 
 def _versions() -> dict[str, str | None]:
@@ -41,15 +53,25 @@ def collect() -> dict:
         "platform": f"{platform.system()} {platform.machine()}",
         "packages": _versions(),
         "backends": {
-            "onnxruntime": {"ok": onnx.import_error() is None, "error": onnx.import_error(),
-                            "providers": providers},
-            "litert": {"ok": lite_mod is not None, "module": getattr(lite_mod, "__name__", None),
-                       "errors": lite_errors if lite_mod is None else []},
+            "onnxruntime": {
+                "ok": onnx.import_error() is None,
+                "error": onnx.import_error(),
+                "providers": providers,
+            },
+            "litert": {
+                "ok": lite_mod is not None,
+                "module": getattr(lite_mod, "__name__", None),
+                "errors": lite_errors if lite_mod is None else [],
+            },
         },
         "profile": chosen.profile.name if chosen else None,
         "profiles": [
-            {"name": m.profile.name, "matched": m.matched, "priority": m.profile.detect.priority,
-             "reasons": list(m.reasons)}
+            {
+                "name": m.profile.name,
+                "matched": m.matched,
+                "priority": m.profile.detect.priority,
+                "reasons": list(m.reasons),
+            }
             for m in ranked
         ],
     }
@@ -76,9 +98,13 @@ def doctor(as_json: bool) -> None:
     else:
         click.echo(f"  onnxruntime  MISSING  {ort['error']}")
     if lite["ok"]:
-        click.echo(f"  litert       ok    module: {lite['module']} (delegates per profile; CPU/XNNPACK built in)")
+        click.echo(
+            f"  litert       ok    module: {lite['module']} (delegates per profile; CPU/XNNPACK built in)"
+        )
     else:
-        click.echo("  litert       MISSING  " + "; ".join(lite["errors"]) + "  (pip install 'edgert[litert]')")
+        click.echo(
+            "  litert       MISSING  " + "; ".join(lite["errors"]) + "  (pip install 'edgert[litert]')"
+        )
     click.echo(f"detected profile: {info['profile']}")
     for p in info["profiles"]:
         mark = "*" if p["name"] == info["profile"] else ("+" if p["matched"] else "-")

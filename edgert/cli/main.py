@@ -13,7 +13,10 @@ from edgert.errors import EdgertError, exit_code_for
 
 #: name -> ("module:click_object", short help). One line per command group; each module owns its group.
 COMMANDS = {
-    "doctor": ("edgert.cli.doctor:doctor", "Check packages, backends and providers; detect the device profile."),
+    "doctor": (
+        "edgert.cli.doctor:doctor",
+        "Check packages, backends and providers; detect the device profile.",
+    ),
     "profiles": ("edgert.cli.profiles:profiles", "List and show device profiles."),
     "models": ("edgert.cli.models:models", "Inspect model files; manage the encrypted model store."),
     "infer": ("edgert.cli.infer:infer", "Run one inference on a model file."),

@@ -35,7 +35,9 @@ def inspect(file: Path, profile: str, as_json: bool) -> None:
 
     data = _read_model_file(file)
     if data[:8] == b"EDGEPKG\0" or file.suffix == ".edgepkg":
-        raise ModelError(f"{file} is an encrypted edgert package", hint=f"use 'edgert package inspect {file}'")
+        raise ModelError(
+            f"{file} is an encrypted edgert package", hint=f"use 'edgert package inspect {file}'"
+        )
     model = Runtime(profile).load(data, name=file.stem)
     doc = model.describe()
     doc.update(

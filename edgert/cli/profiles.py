@@ -20,7 +20,9 @@ def list_profiles(as_json: bool) -> None:
 
     found = available_profiles()
     if as_json:
-        echo_json([{"name": p.name, "description": p.description, "source": p.source} for p in found.values()])
+        echo_json(
+            [{"name": p.name, "description": p.description, "source": p.source} for p in found.values()]
+        )
         return
     width = max((len(n) for n in found), default=10)
     for name in sorted(found):
@@ -54,5 +56,7 @@ def show_profile(name: str, as_json: bool) -> None:
         click.echo("LiteRT delegates (in order, CPU last):")
         for d in p.delegates:
             click.echo(f"  - {d.name}: {d.library}")
-    click.echo(f"limits:      max_batch={p.limits.max_batch} max_in_flight={p.limits.max_in_flight} "
-               f"max_queue={p.limits.max_queue}")
+    click.echo(
+        f"limits:      max_batch={p.limits.max_batch} max_in_flight={p.limits.max_in_flight} "
+        f"max_queue={p.limits.max_queue}"
+    )

@@ -29,13 +29,14 @@ def concrete_shape(spec: TensorSpec, batch: int, shapes: dict[str, tuple[int, ..
     """The shape to generate: ``--shape`` if given, else batch for dim 0 and 1 for other dynamic dims."""
     if spec.name in shapes:
         return shapes[spec.name]
-    return tuple(
-        (batch if i == 0 else 1) if d is None else d for i, d in enumerate(spec.shape)
-    )
+    return tuple((batch if i == 0 else 1) if d is None else d for i, d in enumerate(spec.shape))
 
 
 def random_inputs(
-    specs: Sequence[TensorSpec], batch: int = 1, shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0
+    specs: Sequence[TensorSpec],
+    batch: int = 1,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Seeded random inputs matching ``specs``."""
     rng = np.random.default_rng(seed)
@@ -49,7 +50,9 @@ def random_inputs(
             out[spec.name] = rng.integers(0, 2, shape).astype(bool)
         else:
             info = np.iinfo(dtype)
-            out[spec.name] = rng.integers(max(info.min, -8), min(info.max, 8), shape, endpoint=True).astype(dtype)
+            out[spec.name] = rng.integers(max(info.min, -8), min(info.max, 8), shape, endpoint=True).astype(
+                dtype
+            )
     return out
 
 

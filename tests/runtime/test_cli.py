@@ -61,8 +61,15 @@ def test_infer_from_npy_matches_python(edgert_cli, models_dir: Path, tmp_path: P
     with np.load(models_dir / "digits_test.npz") as npz:
         x = npz["x"][:4]
     np.save(tmp_path / "x.npy", x)
-    r = edgert_cli("infer", str(models_dir / "digits_small_fp32.onnx"), "--input", str(tmp_path / "x.npy"),
-                   "--output", str(tmp_path / "out.npz"), "--json")
+    r = edgert_cli(
+        "infer",
+        str(models_dir / "digits_small_fp32.onnx"),
+        "--input",
+        str(tmp_path / "x.npy"),
+        "--output",
+        str(tmp_path / "out.npz"),
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     from edgert import Runtime
 
@@ -81,16 +88,26 @@ def test_infer_random_text(edgert_cli, models_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "fragment"),
     [
-        (["infer", "/nonexistent/model.onnx", "--random"], 3, "error: model file /nonexistent/model.onnx does not exist"),
+        (
+            ["infer", "/nonexistent/model.onnx", "--random"],
+            3,
+            "error: model file /nonexistent/model.onnx does not exist",
+        ),
         (["infer", "{models}/digits_small_int8.onnx"], 4, "error: give either --input FILE or --random"),
         (["infer", "{models}/digits_small_int8.onnx", "--input", "{tmp}/missing.npy"], 4, "does not exist"),
         (["infer", "{models}/digits_small_int8.onnx", "--input", "{tmp}/bad.npy"], 4, "expected dimension"),
-        (["infer", "{models}/digits_small_int8.onnx", "--input", "{tmp}/f64.npy"], 4, "expected dtype float32, got float64"),
+        (
+            ["infer", "{models}/digits_small_int8.onnx", "--input", "{tmp}/f64.npy"],
+            4,
+            "expected dtype float32, got float64",
+        ),
         (["bench", "{models}/digits_small_int8.onnx", "--profile", "nope"], 2, "unknown device profile"),
         (["models", "inspect", "{tmp}/junk.onnx"], 3, "neither ONNX nor TFLite"),
     ],
 )
-def test_cli_errors_are_one_line_and_exit_nonzero(edgert_cli, models_dir: Path, tmp_path: Path, args, code, fragment):
+def test_cli_errors_are_one_line_and_exit_nonzero(
+    edgert_cli, models_dir: Path, tmp_path: Path, args, code, fragment
+):
     np.save(tmp_path / "bad.npy", np.zeros((1, 32), np.float32))
     np.save(tmp_path / "f64.npy", np.zeros((1, 64), np.float64))
     (tmp_path / "junk.onnx").write_bytes(b"hello world, not a model")
@@ -106,8 +123,17 @@ def test_cli_errors_are_one_line_and_exit_nonzero(edgert_cli, models_dir: Path, 
 
 
 def test_bench_json(edgert_cli, models_dir: Path) -> None:
-    r = edgert_cli("bench", str(models_dir / "digits_small_int8.onnx"), "--seconds", "0.2", "--batch", "4",
-                   "--threads", "1", "--json")
+    r = edgert_cli(
+        "bench",
+        str(models_dir / "digits_small_int8.onnx"),
+        "--seconds",
+        "0.2",
+        "--batch",
+        "4",
+        "--threads",
+        "1",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["provider"] == "CPUExecutionProvider"

@@ -21,14 +21,26 @@ def profiles():
     ("files", "providers", "expected"),
     [
         ({"/proc/cpuinfo": X86_CPUINFO}, CPU_ONLY, "cpu-generic"),
-        ({"/etc/nv_tegra_release": "# R36 (release), REVISION: 3.0",
-          "/proc/device-tree/model": "NVIDIA Jetson AGX Orin Developer Kit"},
-         ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], "jetson-orin"),
+        (
+            {
+                "/etc/nv_tegra_release": "# R36 (release), REVISION: 3.0",
+                "/proc/device-tree/model": "NVIDIA Jetson AGX Orin Developer Kit",
+            },
+            ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+            "jetson-orin",
+        ),
         ({"/dev/apex_0": None}, CPU_ONLY, "coral-edgetpu"),
-        ({"/sys/bus/usb/devices/1-1/idVendor": "18d1\n", "/sys/bus/usb/devices/1-1/idProduct": "9302\n"},
-         CPU_ONLY, "coral-edgetpu"),
+        (
+            {"/sys/bus/usb/devices/1-1/idVendor": "18d1\n", "/sys/bus/usb/devices/1-1/idProduct": "9302\n"},
+            CPU_ONLY,
+            "coral-edgetpu",
+        ),
         ({"/proc/device-tree/model": "Raspberry Pi 5 Model B Rev 1.0"}, CPU_ONLY, "raspberry-pi"),
-        ({"/proc/cpuinfo": INTEL_CPUINFO}, ["OpenVINOExecutionProvider", "CPUExecutionProvider"], "intel-openvino"),
+        (
+            {"/proc/cpuinfo": INTEL_CPUINFO},
+            ["OpenVINOExecutionProvider", "CPUExecutionProvider"],
+            "intel-openvino",
+        ),
         ({"/dev/fastrpc-cdsp": None}, ["QNNExecutionProvider", "CPUExecutionProvider"], "qualcomm-qnn"),
         ({"/dev/rknpu": None, "/proc/device-tree/compatible": "rockchip,rk3588"}, CPU_ONLY, "rockchip-rknn"),
     ],
@@ -42,7 +54,10 @@ def test_each_hardware_class(profiles, files, providers, expected) -> None:
 def test_intel_without_openvino_build_is_generic(profiles) -> None:
     match = detect(profiles, DictFileSystem({"/proc/cpuinfo": INTEL_CPUINFO}), CPU_ONLY)
     assert match.profile.name == "cpu-generic"
-    ranked = {m.profile.name: m for m in rank_profiles(profiles, DictFileSystem({"/proc/cpuinfo": INTEL_CPUINFO}), CPU_ONLY)}
+    ranked = {
+        m.profile.name: m
+        for m in rank_profiles(profiles, DictFileSystem({"/proc/cpuinfo": INTEL_CPUINFO}), CPU_ONLY)
+    }
     assert not ranked["intel-openvino"].matched
     assert any("lacks OpenVINOExecutionProvider" in r for r in ranked["intel-openvino"].reasons)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,10 @@ def test_shipped_profiles_validate(repo_root: Path) -> None:
 def test_jetson_order_and_fp16() -> None:
     p = load_profile("jetson-orin")
     assert [s.name for s in p.providers] == [
-        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
     assert p.variants[0] == "fp16"
     assert p.providers[0].options["trt_fp16_enable"] is True
     # a TensorRT engine cache would be a plaintext copy of the model on disk
@@ -56,17 +58,38 @@ GOOD = {"schema": 1, "name": "x", "onnx": {"providers": [{"name": "CPUExecutionP
     ("doc", "fragment"),
     [
         ({**GOOD, "runtme": {}}, "runtme: unknown key; allowed keys:"),
-        ({**GOOD, "runtime": {"thread": 2}}, "runtime.thread: unknown key; allowed keys: engine_cache, threads, variants"),
-        ({**GOOD, "runtime": {"threads": "two"}}, "runtime.threads: must be an integer (0 = automatic), got str"),
-        ({**GOOD, "runtime": {"threads": True}}, "runtime.threads: must be an integer (0 = automatic), got a boolean"),
-        ({**GOOD, "runtime": {"variants": ["int4"]}}, "runtime.variants[0]: unknown variant 'int4'; allowed: int8, fp16, fp32, edgetpu"),
+        (
+            {**GOOD, "runtime": {"thread": 2}},
+            "runtime.thread: unknown key; allowed keys: engine_cache, threads, variants",
+        ),
+        (
+            {**GOOD, "runtime": {"threads": "two"}},
+            "runtime.threads: must be an integer (0 = automatic), got str",
+        ),
+        (
+            {**GOOD, "runtime": {"threads": True}},
+            "runtime.threads: must be an integer (0 = automatic), got a boolean",
+        ),
+        (
+            {**GOOD, "runtime": {"variants": ["int4"]}},
+            "runtime.variants[0]: unknown variant 'int4'; allowed: int8, fp16, fp32, edgetpu",
+        ),
         ({"schema": 1}, "name: required key is missing"),
         ({"name": "x"}, "schema: required key is missing"),
         ({**GOOD, "schema": 9}, "schema: unsupported schema version 9"),
-        ({**GOOD, "onnx": {"providers": [{"name": "Cuda"}]}}, "onnx.providers[0].name: 'Cuda' is not an onnxruntime provider name"),
-        ({**GOOD, "onnx": {"providers": [{"options": {}}]}}, "onnx.providers[0].name: required key is missing"),
+        (
+            {**GOOD, "onnx": {"providers": [{"name": "Cuda"}]}},
+            "onnx.providers[0].name: 'Cuda' is not an onnxruntime provider name",
+        ),
+        (
+            {**GOOD, "onnx": {"providers": [{"options": {}}]}},
+            "onnx.providers[0].name: required key is missing",
+        ),
         ({**GOOD, "limits": {"max_batch": 0}}, "limits.max_batch: must be >= 1, got 0"),
-        ({**GOOD, "litert": {"delegates": [{"name": "tpu"}]}}, "litert.delegates[0].library: required key is missing"),
+        (
+            {**GOOD, "litert": {"delegates": [{"name": "tpu"}]}},
+            "litert.delegates[0].library: required key is missing",
+        ),
         ({**GOOD, "detect": {"files": "/etc/x"}}, "detect.files: must be a list of strings"),
         ({**GOOD, "runtime": {"engine_cache": "plain"}}, "allowed: disabled, encrypted"),
     ],

@@ -11,8 +11,14 @@ import pytest
 
 from edgert import InputError, ModelError, ModelOptions, Runtime
 
-DIGITS = ["digits_small_fp32.onnx", "digits_small_int8.onnx", "digits_small_int8.tflite",
-          "digits_large_fp32.onnx", "digits_large_int8.onnx", "digits_large_int8.tflite"]
+DIGITS = [
+    "digits_small_fp32.onnx",
+    "digits_small_int8.onnx",
+    "digits_small_int8.tflite",
+    "digits_large_fp32.onnx",
+    "digits_large_int8.onnx",
+    "digits_large_int8.tflite",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +34,9 @@ def digits(models_dir: Path):
 
 @pytest.fixture(scope="module")
 def small(rt: Runtime, models_dir: Path):
-    return rt.load(models_dir / "digits_small_int8.onnx", options=ModelOptions(nan_policy="reject", max_batch=64))
+    return rt.load(
+        models_dir / "digits_small_int8.onnx", options=ModelOptions(nan_policy="reject", max_batch=64)
+    )
 
 
 @pytest.mark.parametrize("name", DIGITS)
@@ -37,7 +45,7 @@ def test_digits_signature_and_accuracy(rt: Runtime, models_dir: Path, digits, na
     model = rt.load(models_dir / name)
     assert [(s.name, s.dtype.name, s.shape) for s in model.inputs] == [("pixels", "float32", (None, 64))]
     assert [(s.name, s.dtype.name, s.shape) for s in model.outputs] == [("logits", "float32", (None, 10))]
-    logits = np.concatenate([model.infer({"pixels": x[i:i + 32]})["logits"] for i in range(0, len(x), 32)])
+    logits = np.concatenate([model.infer({"pixels": x[i : i + 32]})["logits"] for i in range(0, len(x), 32)])
     assert logits.dtype == np.float32
     acc = float((logits.argmax(1) == y).mean())
     assert acc > 0.9, f"{name}: accuracy {acc:.4f} through the Runtime is far below its model card"
@@ -72,16 +80,28 @@ def test_outputs_selection_and_unknown_output(small, digits) -> None:
 @pytest.mark.parametrize(
     ("inputs", "message"),
     [
-        ({"image": np.zeros((1, 64), np.float32)}, r"expects inputs \['pixels'\], got \['image'\] \(missing \['pixels'\]; unknown \['image'\]\)"),
+        (
+            {"image": np.zeros((1, 64), np.float32)},
+            r"expects inputs \['pixels'\], got \['image'\] \(missing \['pixels'\]; unknown \['image'\]\)",
+        ),
         ({}, r"missing \['pixels'\]"),
         ({"pixels": np.zeros((1, 64), np.float32), "extra": np.zeros(1)}, r"unknown \['extra'\]"),
         ({"pixels": np.zeros((1, 64), np.float64)}, r"expected dtype float32, got float64"),
         ({"pixels": np.zeros((1, 64), np.complex64)}, r"expected dtype float32, got complex64"),
-        ({"pixels": np.zeros((64,), np.float32)}, r"expected rank 2 \(pixels: float32\[\?, 64\]\), got shape \[64\]"),
+        (
+            {"pixels": np.zeros((64,), np.float32)},
+            r"expected rank 2 \(pixels: float32\[\?, 64\]\), got shape \[64\]",
+        ),
         ({"pixels": np.zeros((1, 8, 8), np.float32)}, r"expected rank 2"),
-        ({"pixels": np.zeros((1, 63), np.float32)}, r"dimension 1 must be 64 \(pixels: float32\[\?, 64\]\), got shape \[1, 63\]"),
+        (
+            {"pixels": np.zeros((1, 63), np.float32)},
+            r"dimension 1 must be 64 \(pixels: float32\[\?, 64\]\), got shape \[1, 63\]",
+        ),
         ({"pixels": np.zeros((65, 64), np.float32)}, r"batch size 65 exceeds the maximum of 64"),
-        ({"pixels": np.full((2, 64), np.nan, np.float32)}, r"contains NaN or Inf, which model 'digits_small_int8' rejects"),
+        (
+            {"pixels": np.full((2, 64), np.nan, np.float32)},
+            r"contains NaN or Inf, which model 'digits_small_int8' rejects",
+        ),
         ({"pixels": np.full((1, 64), np.inf, np.float32)}, r"contains NaN or Inf"),
         ({"pixels": [["a"] * 64]}, r"expected numbers of dtype float32"),
         ([np.zeros((1, 64), np.float32)], r"inputs must be a mapping"),
@@ -169,7 +189,9 @@ def test_corrupt_tflite(rt: Runtime, models_dir: Path) -> None:
         rt.load(data)
 
 
-@pytest.mark.parametrize("payload", [b"\x89PNG\r\n\x1a\n" + bytes(100), b'{"not": "a model"}', b"%PDF-1.7 ..."])
+@pytest.mark.parametrize(
+    "payload", [b"\x89PNG\r\n\x1a\n" + bytes(100), b'{"not": "a model"}', b"%PDF-1.7 ..."]
+)
 def test_wrong_format(rt: Runtime, tmp_path: Path, payload: bytes) -> None:
     f = tmp_path / "model.onnx"
     f.write_bytes(payload)
@@ -189,11 +211,30 @@ def test_model_options_are_validated() -> None:
 def test_public_api_is_pinned() -> None:
     import edgert
 
-    assert sorted(edgert.__all__) == sorted([
-        "BackendError", "ConfigError", "EdgertError", "InputError", "IntegrityError", "KeyFileError",
-        "Model", "ModelError", "ModelOptions", "OverloadedError", "Profile", "ProvisionError",
-        "RollbackError", "Runtime", "SecurityError", "ServeError", "StoreError", "SyncError",
-        "TensorSpec", "__version__", "load_profile",
-    ])
+    assert sorted(edgert.__all__) == sorted(
+        [
+            "BackendError",
+            "ConfigError",
+            "EdgertError",
+            "InputError",
+            "IntegrityError",
+            "KeyFileError",
+            "Model",
+            "ModelError",
+            "ModelOptions",
+            "OverloadedError",
+            "Profile",
+            "ProvisionError",
+            "RollbackError",
+            "Runtime",
+            "SecurityError",
+            "ServeError",
+            "StoreError",
+            "SyncError",
+            "TensorSpec",
+            "__version__",
+            "load_profile",
+        ]
+    )
     for name in edgert.__all__:
         assert getattr(edgert, name) is not None

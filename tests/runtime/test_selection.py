@@ -83,11 +83,18 @@ def test_fallback_loop_openvino_npu_missing_gpu_works() -> None:
             raise RuntimeError("[OpenVINO-EP] No NPU device found\nmore detail")
         return _FakeSession(providers)
 
-    s = create_session(b"model", load_profile("intel-openvino").providers,
-                       available=["OpenVINOExecutionProvider", "CPUExecutionProvider"], factory=factory)
+    s = create_session(
+        b"model",
+        load_profile("intel-openvino").providers,
+        available=["OpenVINOExecutionProvider", "CPUExecutionProvider"],
+        factory=factory,
+    )
     assert s.selection.effective == "OpenVINOExecutionProvider[GPU]"
     assert [c[1].get("device_type") for c in calls] == ["NPU", "GPU"]
-    assert ("OpenVINOExecutionProvider[NPU]", "failed to initialise: [OpenVINO-EP] No NPU device found") in s.selection.skipped
+    assert (
+        "OpenVINOExecutionProvider[NPU]",
+        "failed to initialise: [OpenVINO-EP] No NPU device found",
+    ) in s.selection.skipped
 
 
 def test_fallback_loop_jetson_everything_fails_but_cpu() -> None:
@@ -117,7 +124,10 @@ def test_real_onnxruntime_jetson_profile_reports_cpu(models_dir: Path) -> None:
 def test_real_onnxruntime_qnn_profile_on_cpu(models_dir: Path) -> None:
     model = Runtime("qualcomm-qnn").load(models_dir / "digits_small_int8.onnx")
     assert model.provider == "CPUExecutionProvider"
-    assert model.selection.skipped[0] == ("QNNExecutionProvider[HTP]", "not available in this onnxruntime build")
+    assert model.selection.skipped[0] == (
+        "QNNExecutionProvider[HTP]",
+        "not available in this onnxruntime build",
+    )
 
 
 def test_coral_delegate_missing_falls_back_to_litert_cpu(models_dir: Path) -> None:
@@ -141,12 +151,28 @@ def test_coral_delegate_present_is_used_in_order() -> None:
             return {}
 
         def get_input_details(self):
-            return [{"name": "x", "index": 0, "dtype": np.float32, "shape": np.array([1, 4]),
-                     "shape_signature": np.array([-1, 4]), "quantization_parameters": {}}]
+            return [
+                {
+                    "name": "x",
+                    "index": 0,
+                    "dtype": np.float32,
+                    "shape": np.array([1, 4]),
+                    "shape_signature": np.array([-1, 4]),
+                    "quantization_parameters": {},
+                }
+            ]
 
         def get_output_details(self):
-            return [{"name": "y", "index": 1, "dtype": np.float32, "shape": np.array([1, 2]),
-                     "shape_signature": np.array([-1, 2]), "quantization_parameters": {}}]
+            return [
+                {
+                    "name": "y",
+                    "index": 1,
+                    "dtype": np.float32,
+                    "shape": np.array([1, 2]),
+                    "shape_signature": np.array([-1, 2]),
+                    "quantization_parameters": {},
+                }
+            ]
 
     def loader(library, options):
         loaded.append(library)
