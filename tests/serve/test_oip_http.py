@@ -317,8 +317,8 @@ def test_client_disconnecting_mid_request(served, digits):
     for cut in (10, len(body) // 2):
         with socket.create_connection(served.http) as s:
             s.sendall(
-                b"POST /v2/models/digits-small/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n" % len(body) + body[:cut]
+                b"POST /v2/models/digits-small/infer HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:cut]
             )
     # a complete request whose client leaves before the answer
     with socket.create_connection(served.http) as s:

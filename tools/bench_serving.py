@@ -1,0 +1,300 @@
+"""Serving benchmark: in-process vs Unix socket vs OIP HTTP, throughput, MobileNetV2 binary, cold start, RSS.
+
+All numbers come from one run on this machine, side by side. The daemon runs as a separate process;
+load generators are separate processes with pre-built requests (low per-request CPU, reported).
+
+    python tools/bench_serving.py [--quick] [--plots docs/]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "models"
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.array(xs), q))
+
+
+def start_daemon(tmp: Path, models: str, notify: str | None = None) -> subprocess.Popen[bytes]:
+    cfg = tmp / "edgert.toml"
+    cfg.write_text(f"""
+[daemon]
+profile = "cpu-generic"
+state_dir = "{tmp / 'state'}"
+allow_plaintext = true
+log_level = "warning"
+[http]
+listen = "127.0.0.1:18000"
+[metrics]
+listen = ""
+[socket]
+path = "{tmp / 'edgert.sock'}"
+{models}
+""")
+    env = dict(os.environ)
+    if notify:
+        env["NOTIFY_SOCKET"] = notify
+    return subprocess.Popen([sys.executable, "-m", "edgert.cli.main", "daemon", "-c", str(cfg)], env=env)
+
+
+def wait_ready(sock_path: Path, timeout: float = 60) -> None:
+    from edgert.serve.client import Client
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with Client(f"unix://{sock_path}") as c:
+                if c.ready():
+                    return
+        except Exception:
+            time.sleep(0.02)
+    raise RuntimeError("daemon not ready")
+
+
+def json_request(model: str, x: np.ndarray) -> bytes:
+    body = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": list(x.shape),
+                                   "data": x.ravel().tolist()}]}).encode()
+    return (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def read_response(sock: socket.socket, buf: bytearray) -> None:
+    """Read one HTTP response off a keep-alive socket (Content-Length framed)."""
+    while True:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            head = bytes(buf[:end]).lower()
+            i = head.find(b"content-length:")
+            n = int(head[i + 15:head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None])
+            if len(buf) >= end + 4 + n:
+                del buf[:end + 4 + n]
+                return
+        chunk = sock.recv(262144)
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+
+
+def time_http(req: bytes, n: int) -> list[float]:
+    s = socket.create_connection(("127.0.0.1", 18000))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray()
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        s.sendall(req)
+        read_response(s, buf)
+        out.append(time.perf_counter() - t)
+    s.close()
+    return out
+
+
+def _loadgen(req: bytes, conns: int, seconds: float, q: mp.Queue) -> None:  # type: ignore[type-arg]
+    import uvloop
+
+    async def one(stop: float) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", 18000)
+        done = 0
+        while time.monotonic() < stop:
+            writer.write(req)
+            head = await reader.readuntil(b"\r\n\r\n")
+            i = head.lower().find(b"content-length:")
+            n = int(head[i + 15:head.find(b"\r\n", i)])
+            await reader.readexactly(n)
+            done += 1
+        writer.close()
+        return done
+
+    async def main() -> int:
+        stop = time.monotonic() + seconds
+        return sum(await asyncio.gather(*(one(stop) for _ in range(conns))))
+
+    c0 = time.process_time()
+    total = uvloop.run(main())
+    q.put((total, time.process_time() - c0))
+
+
+def throughput(req: bytes, clients: int, seconds: float, procs: int = 2) -> tuple[float, float]:
+    """req/s with ``clients`` connections spread over ``procs`` processes; and loadgen CPU share (cores)."""
+    q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
+    per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    ps = [mp.Process(target=_loadgen, args=(req, k, seconds, q)) for k in per if k]
+    for p in ps:
+        p.start()
+    results = [q.get() for _ in ps]
+    for p in ps:
+        p.join()
+    return sum(r[0] for r in results) / seconds, sum(r[1] for r in results) / seconds
+
+
+def bench_digits(args: argparse.Namespace, report: dict, tmp: Path) -> dict:
+    from edgert import Runtime
+    from edgert.serve.client import Client
+
+    x1 = np.load(MODELS / "digits_test.npz")["x"][:1]
+    n = 500 if args.quick else 3000
+    rt = Runtime("cpu-generic")
+    model = rt.load(MODELS / "digits_small_int8.onnx")
+    for _ in range(200):
+        model.infer({"pixels": x1})
+    inproc = []
+    for _ in range(n):
+        t = time.perf_counter()
+        model.infer({"pixels": x1})
+        inproc.append(time.perf_counter() - t)
+    with Client(f"unix://{tmp / 'edgert.sock'}") as c:
+        for _ in range(200):
+            c.infer("digits", {"pixels": x1})
+        uds = []
+        for _ in range(n):
+            t = time.perf_counter()
+            c.infer("digits", {"pixels": x1})
+            uds.append(time.perf_counter() - t)
+    req = json_request("digits", x1)
+    time_http(req, 200)
+    http = time_http(req, n)
+    p50 = {k: pct(v, 50) * 1e6 for k, v in (("inproc", inproc), ("uds", uds), ("http_json", http))}
+    report["digits_p50_us"] = {k: round(v, 1) for k, v in p50.items()}
+    report["digits_added_p50_us"] = {"uds": round(p50["uds"] - p50["inproc"], 1),
+                                     "http_json": round(p50["http_json"] - p50["inproc"], 1)}
+    return {"inproc": inproc, "uds": uds, "http_json": http}
+
+
+def bench_throughput(args: argparse.Namespace, report: dict) -> dict[int, float]:
+    x1 = np.load(MODELS / "digits_test.npz")["x"][:1]
+    req = json_request("digits", x1)
+    secs = 2.0 if args.quick else 5.0
+    curve = {}
+    for clients in (1, 8, 32, 64) if not args.quick else (1, 32):
+        rps, cpu = throughput(req, clients, secs)
+        curve[clients] = rps
+        if clients == 32:
+            report["http_json_32_clients"] = {"req_per_s": round(rps), "loadgen_cpu_cores": round(cpu, 2)}
+    report["http_json_rps_by_clients"] = {str(k): round(v) for k, v in curve.items()}
+    return curve
+
+
+def bench_mobilenet(args: argparse.Namespace, report: dict) -> None:
+    from edgert import Runtime
+    from edgert.serve.client import Client
+
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    n = 30 if args.quick else 100
+    model = Runtime("cpu-generic").load(MODELS / "mobilenetv2_int8.onnx")
+    bare = []
+    for i in range(n + 5):
+        t = time.perf_counter()
+        model.run({"input": x})
+        if i >= 5:
+            bare.append(time.perf_counter() - t)
+    model.close()
+    with Client("http://127.0.0.1:18000") as c:
+        http = []
+        for i in range(n + 5):
+            t = time.perf_counter()
+            c.infer("mobilenet", {"input": x})
+            if i >= 5:
+                http.append(time.perf_counter() - t)
+    report["mobilenet_p50_ms"] = {"bare": round(pct(bare, 50) * 1e3, 2), "http_binary": round(pct(http, 50) * 1e3, 2),
+                                  "ratio": round(pct(http, 50) / pct(bare, 50), 3)}
+
+
+def bench_cold_start(report: dict) -> None:
+    """Popen to READY=1 with three encrypted models from the store."""
+    from edgert.security.loader import import_model, open_keystore, open_store
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        state = tmp / "state"
+        store = open_store(state, open_keystore(state, create=True))
+        names = {"digits-small": "digits_small_int8.onnx", "digits-large": "digits_large_int8.onnx",
+                 "mobilenet": "mobilenetv2_int8.onnx"}
+        for name, f in names.items():
+            import_model(store, MODELS / f, name=name)
+        models = "".join(f'[[models]]\nname = "{n}"\n' for n in names)
+        ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        addr = f"edgert-bench-{os.getpid()}"
+        ns.bind(b"\0" + addr.encode())
+        t0 = time.perf_counter()
+        proc = start_daemon(tmp, models, notify="@" + addr)
+        ns.settimeout(60)
+        while b"READY=1" not in ns.recv(4096):
+            pass
+        ready = time.perf_counter() - t0
+        ns.close()
+        import psutil
+
+        report["cold_start_3_encrypted_s"] = round(ready, 3)
+        report["daemon_rss_mb_3_models_http_up"] = round(psutil.Process(proc.pid).memory_info().rss / 1e6, 1)
+        proc.terminate()
+        proc.wait(30)
+
+
+def plots(dist: dict, curve: dict[int, float], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, xs in dist.items():
+        us = np.array(xs) * 1e6
+        ax.hist(us[us < np.percentile(us, 99.5)], bins=80, histtype="step", label=f"{name} (p50 {np.median(us):.0f} µs)")
+    ax.set_xlabel("round trip, µs (digits, 1 row, 1 client)")
+    ax.set_ylabel("requests")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "serving_latency.png", dpi=110)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ks = sorted(curve)
+    ax.plot(ks, [curve[k] for k in ks], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent HTTP clients")
+    ax.set_ylabel("req/s (digits, OIP JSON)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "serving_throughput.png", dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--plots", type=Path, default=None, help="write PNGs into this directory")
+    args = ap.parse_args()
+    report: dict = {"cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        models = (f'[[models]]\nname = "digits"\npath = "{MODELS / "digits_small_int8.onnx"}"\n'
+                  f'[[models]]\nname = "mobilenet"\npath = "{MODELS / "mobilenetv2_int8.onnx"}"\n')
+        proc = start_daemon(tmp, models)
+        try:
+            wait_ready(tmp / "edgert.sock")
+            dist = bench_digits(args, report, tmp)
+            curve = bench_throughput(args, report)
+            bench_mobilenet(args, report)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    bench_cold_start(report)
+    print(json.dumps(report, indent=2))
+    if args.plots:
+        plots(dist, curve, args.plots)
+
+
+if __name__ == "__main__":
+    main()
