@@ -55,8 +55,8 @@ def test_tflite_int8_io_is_float_and_matches_onnx(rt: Runtime, models_dir: Path,
     x, _ = digits
     tfl = rt.load(models_dir / "digits_small_int8.tflite")
     onnx = rt.load(models_dir / "digits_small_fp32.onnx")
-    a = tfl.infer({"pixels": x[:50]})["logits"]
-    b = onnx.infer({"pixels": x[:50]})["logits"]
+    a = tfl.infer({"pixels": x[:32]})["logits"]
+    b = onnx.infer({"pixels": x[:32]})["logits"]
     # dequantized int8 logits agree with fp32 on the predicted class almost everywhere
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.95
     assert tfl.provider == "litert:cpu"
