@@ -35,7 +35,7 @@ def start_daemon(tmp: Path, models: str, notify: str | None = None) -> subproces
     cfg.write_text(f"""
 [daemon]
 profile = "cpu-generic"
-state_dir = "{tmp / 'state'}"
+state_dir = "{tmp / "state"}"
 allow_plaintext = true
 log_level = "warning"
 [http]
@@ -43,7 +43,7 @@ listen = "127.0.0.1:18000"
 [metrics]
 listen = ""
 [socket]
-path = "{tmp / 'edgert.sock'}"
+path = "{tmp / "edgert.sock"}"
 {models}
 """)
     env = dict(os.environ)
@@ -67,10 +67,17 @@ def wait_ready(sock_path: Path, timeout: float = 60) -> None:
 
 
 def json_request(model: str, x: np.ndarray) -> bytes:
-    body = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": list(x.shape),
-                                   "data": x.ravel().tolist()}]}).encode()
-    return (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": "pixels", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
+            ]
+        }
+    ).encode()
+    return (
+        f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 def read_response(sock: socket.socket, buf: bytearray) -> None:
@@ -80,9 +87,9 @@ def read_response(sock: socket.socket, buf: bytearray) -> None:
         if end >= 0:
             head = bytes(buf[:end]).lower()
             i = head.find(b"content-length:")
-            n = int(head[i + 15:head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None])
+            n = int(head[i + 15 : head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None])
             if len(buf) >= end + 4 + n:
-                del buf[:end + 4 + n]
+                del buf[: end + 4 + n]
                 return
         chunk = sock.recv(262144)
         if not chunk:
@@ -114,7 +121,7 @@ def _loadgen(req: bytes, conns: int, seconds: float, q: mp.Queue) -> None:  # ty
             writer.write(req)
             head = await reader.readuntil(b"\r\n\r\n")
             i = head.lower().find(b"content-length:")
-            n = int(head[i + 15:head.find(b"\r\n", i)])
+            n = int(head[i + 15 : head.find(b"\r\n", i)])
             await reader.readexactly(n)
             done += 1
         writer.close()
@@ -170,8 +177,10 @@ def bench_digits(args: argparse.Namespace, report: dict, tmp: Path) -> dict:
     http = time_http(req, n)
     p50 = {k: pct(v, 50) * 1e6 for k, v in (("inproc", inproc), ("uds", uds), ("http_json", http))}
     report["digits_p50_us"] = {k: round(v, 1) for k, v in p50.items()}
-    report["digits_added_p50_us"] = {"uds": round(p50["uds"] - p50["inproc"], 1),
-                                     "http_json": round(p50["http_json"] - p50["inproc"], 1)}
+    report["digits_added_p50_us"] = {
+        "uds": round(p50["uds"] - p50["inproc"], 1),
+        "http_json": round(p50["http_json"] - p50["inproc"], 1),
+    }
     return {"inproc": inproc, "uds": uds, "http_json": http}
 
 
@@ -210,8 +219,11 @@ def bench_mobilenet(args: argparse.Namespace, report: dict) -> None:
             c.infer("mobilenet", {"input": x})
             if i >= 5:
                 http.append(time.perf_counter() - t)
-    report["mobilenet_p50_ms"] = {"bare": round(pct(bare, 50) * 1e3, 2), "http_binary": round(pct(http, 50) * 1e3, 2),
-                                  "ratio": round(pct(http, 50) / pct(bare, 50), 3)}
+    report["mobilenet_p50_ms"] = {
+        "bare": round(pct(bare, 50) * 1e3, 2),
+        "http_binary": round(pct(http, 50) * 1e3, 2),
+        "ratio": round(pct(http, 50) / pct(bare, 50), 3),
+    }
 
 
 def bench_cold_start(report: dict) -> None:
@@ -222,8 +234,11 @@ def bench_cold_start(report: dict) -> None:
         tmp = Path(d)
         state = tmp / "state"
         store = open_store(state, open_keystore(state, create=True))
-        names = {"digits-small": "digits_small_int8.onnx", "digits-large": "digits_large_int8.onnx",
-                 "mobilenet": "mobilenetv2_int8.onnx"}
+        names = {
+            "digits-small": "digits_small_int8.onnx",
+            "digits-large": "digits_large_int8.onnx",
+            "mobilenet": "mobilenetv2_int8.onnx",
+        }
         for name, f in names.items():
             import_model(store, MODELS / f, name=name)
         models = "".join(f'[[models]]\nname = "{n}"\n' for n in names)
@@ -254,7 +269,12 @@ def plots(dist: dict, curve: dict[int, float], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, xs in dist.items():
         us = np.array(xs) * 1e6
-        ax.hist(us[us < np.percentile(us, 99.5)], bins=80, histtype="step", label=f"{name} (p50 {np.median(us):.0f} µs)")
+        ax.hist(
+            us[us < np.percentile(us, 99.5)],
+            bins=80,
+            histtype="step",
+            label=f"{name} (p50 {np.median(us):.0f} µs)",
+        )
     ax.set_xlabel("round trip, µs (digits, 1 row, 1 client)")
     ax.set_ylabel("requests")
     ax.legend()
@@ -279,8 +299,10 @@ def main() -> None:
     report: dict = {"cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        models = (f'[[models]]\nname = "digits"\npath = "{MODELS / "digits_small_int8.onnx"}"\n'
-                  f'[[models]]\nname = "mobilenet"\npath = "{MODELS / "mobilenetv2_int8.onnx"}"\n')
+        models = (
+            f'[[models]]\nname = "digits"\npath = "{MODELS / "digits_small_int8.onnx"}"\n'
+            f'[[models]]\nname = "mobilenet"\npath = "{MODELS / "mobilenetv2_int8.onnx"}"\n'
+        )
         proc = start_daemon(tmp, models)
         try:
             wait_ready(tmp / "edgert.sock")
