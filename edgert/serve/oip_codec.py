@@ -129,7 +129,9 @@ def _shape(spec: Mapping[str, Any], name: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _element_count(shape: tuple[int, ...], limit: int, name: str, carried: str = "the request carries") -> int:
+def _element_count(
+    shape: tuple[int, ...], limit: int, name: str, carried: str = "the request carries"
+) -> int:
     """Product of dims, refusing early (without overflow) once it passes ``limit``."""
     count = 1
     for dim in shape:
