@@ -79,7 +79,7 @@ def bench_overhead(tmp: Path, port: int, seconds: float, rounds: int, interval: 
         if r % 2 == 1:
             off.append(infer_rate(model, metrics, seconds))
     model.close()
-    ratios = [a / b for a, b in zip(on, off)]
+    ratios = [a / b for a, b in zip(on, off, strict=True)]
     return {
         "infer_per_s_off": float(np.median(off)),
         "infer_per_s_on": float(np.median(on)),
