@@ -26,9 +26,16 @@ def online_status(*, device: str, version: str, ts: float, uptime_s: float, info
         "uptime_s": round(uptime_s, 1),
         "profile": info.get("profile"),
         "providers": list(info.get("providers") or []),
-        "models": {str(k): str(v) for k, v in dict(info.get("models") or {}).items()},
+        "models": {str(k): _version(v) for k, v in dict(info.get("models") or {}).items()},
     }
     return json.dumps(doc, separators=(",", ":"), default=str).encode()
+
+
+def _version(entry: Any) -> str:
+    """A model entry is a version string, or the daemon's per-model dict with a "version" key."""
+    if isinstance(entry, Mapping):
+        return str(entry.get("version", ""))
+    return str(entry)
 
 
 def offline_status(*, device: str, graceful: bool) -> bytes:

@@ -268,3 +268,15 @@ def test_certificate_problem_takes_now(tmp_path: Path) -> None:
     assert err is not None and "expired" in err.message
     err = certificate_problem(pem, "c.pem", time.time() - 86400)
     assert err is not None and "not valid yet" in err.message
+
+
+def test_online_status_accepts_daemon_model_entries() -> None:
+    from edgert.mqtt.status import online_status
+
+    info = {
+        "profile": "p",
+        "providers": ["CPUExecutionProvider"],
+        "models": {"a": {"version": "3", "provider": "CPUExecutionProvider"}, "b": "7"},
+    }
+    doc = json.loads(online_status(device="d", version="0.1", ts=1.0, uptime_s=2.0, info=info))
+    assert doc["models"] == {"a": "3", "b": "7"} and doc["state"] == "online"
