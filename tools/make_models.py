@@ -329,7 +329,24 @@ def to_tflite_int8(km: Any, calib: np.ndarray) -> bytes:
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     conv.representative_dataset = representative
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return bytes(conv.convert())
+    return rename_signature_outputs(bytes(conv.convert()), {"output_0": "logits"})
+
+
+def rename_signature_outputs(model: bytes, names: dict[str, str]) -> bytes:
+    """Rename signature output keys so the TFLite signature (`pixels` -> `logits`) matches the ONNX one.
+
+    Keras 3's converter always names outputs ``output_0``; the flatbuffer is edited with
+    TensorFlow's own ``flatbuffer_utils`` (tensor indices and data are untouched).
+    """
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    obj = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
+    for sig in obj.signatureDefs or []:
+        for out in sig.outputs or []:
+            key = out.name.decode() if isinstance(out.name, bytes) else out.name
+            if key in names:
+                out.name = names[key].encode()
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(obj))
 
 
 def tflite_run(model: bytes, x: np.ndarray) -> np.ndarray:
@@ -519,7 +536,8 @@ def build_digits_family(
                 "format": "tflite",
                 "precision": "int8",
                 "batch": "dynamic (shape_signature -1; resize_tensor_input)",
-                "how": "same torch weights copied into Keras (NHWC), TFLiteConverter.from_keras_model, "
+                "how": "same torch weights copied into Keras (NHWC), TFLiteConverter.from_keras_model "
+                "(signature output renamed to logits), "
                 f"full-integer TFLITE_BUILTINS_INT8 with {CALIB_SAMPLES} training-split representative "
                 "images; float32 input/output kept (Quantize/Dequantize ops at the edges)",
             },
