@@ -9,6 +9,11 @@ PYTHON="${PYTHON:-python3}"
 
 echo "== installing Debian test dependencies"
 bash tools/install_test_brokers.sh
+# systemd-analyze verifies the shipped unit file (PID 1 need not be systemd)
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd
+fi
 
 echo "== installing edgert[dev,litert]"
 "$PYTHON" -m pip install --disable-pip-version-check -q -e ".[dev,litert]"
