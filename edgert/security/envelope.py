@@ -118,14 +118,14 @@ def encrypt_stream(key: bytes, prefix: bytes, reader: Reader, aad: bytes,
 
 
 def decrypt_stream(key: bytes, prefix: bytes, reader: Reader, aad: bytes, *, plaintext_size: int,
-                   chunk_size: int = CHUNK_SIZE, out: bytearray | None = None,
+                   chunk_size: int = CHUNK_SIZE, out: bytearray | memoryview | None = None,
                    on_ciphertext: Callable[[memoryview], None] | None = None,
                    on_plaintext: Callable[[memoryview], None] | None = None) -> None:
     """Decrypt a stream of exactly ``plaintext_size`` bytes into ``out`` (or only verify it).
 
-    ``out`` must be ``plaintext_size`` long; with ``out=None`` chunks are decrypted into one
-    reusable scratch buffer and discarded, so verification costs O(chunk) memory. Each chunk's
-    ciphertext is passed to ``on_ciphertext`` and each verified plaintext chunk to
+    ``out`` (any writable buffer) must be ``plaintext_size`` long; with ``out=None`` chunks are
+    decrypted into one reusable scratch buffer and discarded, so verification costs O(chunk)
+    memory. Each chunk's ciphertext is passed to ``on_ciphertext`` and each verified plaintext chunk to
     ``on_plaintext`` (e.g. to hash them on the way).
     """
     if not 0 < chunk_size <= MAX_CHUNK_SIZE or plaintext_size < 0:
@@ -137,8 +137,10 @@ def decrypt_stream(key: bytes, prefix: bytes, reader: Reader, aad: bytes, *, pla
     except ValueError:
         raise _fail() from None
     n_chunks = max(1, -(-plaintext_size // chunk_size))
-    cbuf = bytearray(chunk_size + TAG_SIZE)
-    scratch = bytearray(chunk_size) if out is None else None
+    # Size the scratch buffers to the payload: a 1 MiB zero-fill per small model shows on cold load.
+    largest = min(chunk_size, plaintext_size)
+    cbuf = bytearray(largest + TAG_SIZE)
+    scratch = bytearray(largest) if out is None else None
     out_view = memoryview(out) if out is not None else None
     for counter in range(n_chunks):
         last = counter == n_chunks - 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import os
 import stat
@@ -129,9 +130,10 @@ class DeviceKeys:
         """Ed25519 public key that verifies audit checkpoints."""
         return self.sign.public_key()
 
-    @property
+    @functools.cached_property
     def wrap_fingerprint(self) -> str:
         """Fingerprint of the X25519 key (the device's recipient id)."""
+        # Cached: deriving the public key is a scalar multiplication on every model load otherwise.
         return fingerprint(self.wrap_public)
 
     @classmethod

@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import tempfile
+import weakref
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +27,7 @@ from edgert import paths
 from edgert.errors import ModelError
 from edgert.security.audit import AuditLog
 from edgert.security.keys import DeviceKeys, init_keystore, load_keystore
+from edgert.security.membuf import wipe
 from edgert.security.package import Manifest, create_package
 from edgert.security.store import ModelStore
 
@@ -131,12 +134,32 @@ def import_files(root: Path, files: Iterable[str | os.PathLike[str]], *, keys: D
 
 def load_from_store(runtime: Any, store: ModelStore, name: str, version: str | None = None,
                     **load_kwargs: Any) -> Any:
-    """Decrypt a stored model into memory and load it with ``runtime.load`` (no plaintext on disk)."""
-    manifest, plaintext = store.read_model(name, version)
+    """Decrypt a stored model into memory and load it with ``runtime.load`` (no plaintext on disk).
+
+    The plaintext is one ``bytes`` object handed to the backend without further copies. When the
+    backend keeps no reference to it, it is wiped at once; otherwise (onnxruntime's Python wrapper
+    keeps it to re-create the session on an execution-provider fallback, LiteRT reads the model in
+    place) it is wiped when the model is closed and collected, if nobody else holds it by then.
+    """
+    manifest, plaintext = store.read_model_bytes(name, version)
+    # References before the backend sees it; measured, not assumed, as CPython versions differ.
+    own_refs = sys.getrefcount(plaintext)
     try:
-        return runtime.load(plaintext, name=manifest.name, version=manifest.version,
-                            format=manifest.format, **load_kwargs)
-    finally:
-        # Runtime.load hands the backends its own bytes copy, so ours can be wiped (best effort:
-        # the runtime's copy lives until the garbage collector frees it).
-        plaintext[:] = bytes(len(plaintext))
+        model = runtime.load(plaintext, name=manifest.name, version=manifest.version,
+                             format=manifest.format, **load_kwargs)
+    except BaseException:
+        if sys.getrefcount(plaintext) <= own_refs:
+            wipe(plaintext)
+        raise
+    if sys.getrefcount(plaintext) <= own_refs:
+        wipe(plaintext)
+    else:
+        # A probe held exactly like the plaintext tells the finalizer how many references are its own.
+        weakref.finalize(model, _wipe_when_unused, plaintext, object())
+    return model
+
+
+def _wipe_when_unused(plaintext: bytes, probe: object) -> None:
+    # Never write into a buffer a live backend still reads (e.g. an interpreter someone kept).
+    if sys.getrefcount(plaintext) <= sys.getrefcount(probe):
+        wipe(plaintext)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import re
@@ -143,9 +144,10 @@ class Manifest:
             raise IntegrityError(envelope.INTEGRITY_MESSAGE)
         return manifest
 
-    @property
+    @functools.cached_property
     def binding(self) -> bytes:
         """Digest of the manifest minus payload hashes: the AEAD associated data and wrap context."""
+        # Cached: it is needed for the key unwrap and again for the payload (a manifest is immutable).
         return binding_of(self.raw)
 
     def check_compatible(self, edgert_version: str) -> None:
@@ -169,11 +171,11 @@ class PackageHeader:
     recipients: list[dict[str, str]]
     payload_offset: int
 
-    def key_for(self, private: x25519.X25519PrivateKey) -> bytes:
-        """Unwrap the payload key for this device's X25519 key."""
+    def key_for(self, private: x25519.X25519PrivateKey, fp: str | None = None) -> bytes:
+        """Unwrap the payload key for this device's X25519 key (``fp``: its fingerprint, if known)."""
         from edgert.security.keys import fingerprint
 
-        fp = fingerprint(private.public_key())
+        fp = fp or fingerprint(private.public_key())
         for record in self.recipients:
             if isinstance(record, dict) and record.get("recipient") == fp:
                 return envelope.unwrap_key(record, private, self.manifest.binding)
@@ -203,8 +205,8 @@ def read_header(reader: BinaryIO) -> PackageHeader:
     return PackageHeader(Manifest.from_dict(doc.get("manifest")), doc["recipients"], len(MAGIC) + 4 + length)
 
 
-def decrypt_payload(reader: BinaryIO, header: PackageHeader, key: bytes, *, out: bytearray | None,
-                    check_hashes: bool = False) -> None:
+def decrypt_payload(reader: BinaryIO, header: PackageHeader, key: bytes, *,
+                    out: bytearray | memoryview | None, check_hashes: bool = False) -> None:
     """Decrypt (into ``out``) or just verify (``out=None``) the payload that follows the header.
 
     ``reader`` must be positioned at ``header.payload_offset``. With ``check_hashes`` the payload

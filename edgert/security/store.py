@@ -16,11 +16,12 @@ Plaintext is only ever produced in memory (:meth:`ModelStore.read_model`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ from edgert.errors import EdgertError, ModelError, RollbackError, SecurityError,
 from edgert.security import package as pkg
 from edgert.security.atomic import TMP_SUFFIX, FileSystem, ensure_private_dir
 from edgert.security.keys import DeviceKeys
+from edgert.security.membuf import PlaintextBuffer, wipe
 
 __all__ = ["AuditSink", "ModelEntry", "ModelStore"]
 
@@ -69,6 +71,19 @@ def _disk_error(exc: OSError, what: str) -> StoreError:
                       hint="check the state directory's permissions and free space")
 
 
+class _ArrayBuffer:
+    """A zeroed ``bytearray`` target for :meth:`ModelStore.read_model` (the plain, portable path)."""
+
+    def __init__(self, size: int) -> None:
+        self.array = bytearray(size)
+        self.view = memoryview(self.array)
+
+    def discard(self) -> None:
+        """Wipe after a failed decryption."""
+        self.view.release()
+        wipe(self.array)
+
+
 class ModelStore:
     """Encrypted packages on disk, decrypted into memory only."""
 
@@ -81,14 +96,25 @@ class ModelStore:
         self.fs = fs or FileSystem()
         self.audit = audit
         self.edgert_version = edgert_version or __version__
+        self._state_cache: tuple[tuple[int, int, int], dict[str, Any]] | None = None
         ensure_private_dir(self.root)
         ensure_private_dir(self.root / PACKAGES_DIR)
         self._collect_garbage()
 
     # ---- state -------------------------------------------------------------------------------
     def _load_state(self) -> dict[str, Any]:
+        """The parsed state, as a private copy the caller may change and save."""
+        return copy.deepcopy(self._peek_state())
+
+    def _peek_state(self) -> dict[str, Any]:
+        """The parsed state, shared with the cache: read it, never change it."""
         path = self.root / STATE_FILE
         try:
+            # state.json is only ever replaced (new inode), so (inode, mtime, size) identifies a parse.
+            st = os.stat(path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self._state_cache is not None and self._state_cache[0] == stamp:
+                return self._state_cache[1]
             state = json.loads(path.read_bytes())
         except FileNotFoundError:
             return _empty_state()
@@ -99,6 +125,7 @@ class ModelStore:
             raise StoreError(f"model store state {path} has an unexpected shape",
                              hint="restore it from backup, or remove it and re-install the models")
         state.setdefault("highest", {})
+        self._state_cache = (stamp, state)
         return state
 
     def _save_state(self, state: dict[str, Any], what: str) -> None:
@@ -171,28 +198,52 @@ class ModelStore:
             return pkg.read_header(f)
 
     def _resolve(self, name: str, version: str | None) -> Path:
-        e = self.entry(name)
-        version = version or e.active
+        # One state read and a direct lookup: this sits on the cold-load path of every model.
+        m = self._peek_state()["models"].get(name) or {}
+        installed = m.get("installed") or []
+        if not installed:
+            raise StoreError(f"model {name!r} is not installed", hint="'edgert models list' shows what is")
+        version = version or m.get("active")
         if version is None:
             raise StoreError(f"model {name!r} has no active version",
                              hint=f"'edgert models activate {name} VERSION'")
-        if version not in e.installed:
+        if version not in installed:
             raise StoreError(f"model {name!r} has no installed version {version!r}",
-                             hint=f"installed: {', '.join(e.installed)}")
+                             hint=f"installed: {', '.join(sorted(installed, key=pkg.parse_version))}")
         return self._package_path(name, version)
 
-    def read_model(self, name: str, version: str | None = None) -> tuple[pkg.Manifest, bytearray]:
-        """Decrypt an installed package into memory (the active version unless given)."""
+    def _decrypt(self, name: str, version: str | None,
+                 alloc: Callable[[int], Any]) -> tuple[pkg.Manifest, Any]:
+        """Decrypt a package into ``alloc(plaintext_size)`` (whose ``.view`` is written)."""
         path = self._resolve(name, version)
         try:
             with open(path, "rb") as f:
                 header = pkg.read_header(f)
-                key = header.key_for(self.keys.wrap)
-                out = bytearray(header.manifest.plaintext_size)
-                pkg.decrypt_payload(f, header, key, out=out)
+                key = header.key_for(self.keys.wrap, self.keys.wrap_fingerprint)
+                buf = alloc(header.manifest.plaintext_size)
+                try:
+                    pkg.decrypt_payload(f, header, key, out=buf.view)
+                except BaseException:
+                    buf.discard()
+                    raise
         except OSError as exc:
             raise StoreError(f"cannot read package {path}: {exc.strerror}") from exc
-        return header.manifest, out
+        return header.manifest, buf
+
+    def read_model(self, name: str, version: str | None = None) -> tuple[pkg.Manifest, bytearray]:
+        """Decrypt an installed package into a ``bytearray`` (the active version unless given)."""
+        manifest, buf = self._decrypt(name, version, _ArrayBuffer)
+        buf.view.release()
+        return manifest, buf.array
+
+    def read_model_bytes(self, name: str, version: str | None = None) -> tuple[pkg.Manifest, bytes]:
+        """Decrypt an installed package straight into one ``bytes`` object, ready for a backend.
+
+        No zero-fill and no second copy (see :mod:`edgert.security.membuf`); the caller owns the
+        only reference and should :func:`~edgert.security.membuf.wipe` it once no backend uses it.
+        """
+        manifest, buf = self._decrypt(name, version, PlaintextBuffer)
+        return manifest, buf.take()
 
     # ---- changes -----------------------------------------------------------------------------
     def install(self, source: Path, *, activate: bool = True, allow_downgrade: bool = False) -> pkg.Manifest:

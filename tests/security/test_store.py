@@ -14,7 +14,7 @@ from edgert.errors import IntegrityError, KeyFileError, RollbackError, StoreErro
 from edgert.security.atomic import FileSystem
 from edgert.security.audit import AuditLog, read_records, verify_dir
 from edgert.security.keys import DeviceKeys
-from edgert.security.loader import import_files, load_from_store, open_keystore, open_store
+from edgert.security.loader import import_files, import_model, load_from_store, open_keystore, open_store
 from edgert.security.store import ModelStore
 from tests.security.kit import MODELS, SMALL_ONNX, make_package
 
@@ -190,3 +190,19 @@ def test_plaintext_never_touches_disk(tmp_path: Path, monkeypatch: pytest.Monkey
     # The scan can fail: a plaintext copy in the state directory is found.
     (root / "leak.bin").write_bytes(b"header" + model_files[0].read_bytes()[100:200])
     assert _scan([root], blocks) == [str(root / "leak.bin")]
+
+
+def test_state_cache_sees_changes_from_another_process(tmp_path: Path) -> None:
+    root = tmp_path / "state"
+    keys = open_keystore(root, create=True)
+    daemon_view = open_store(root, keys)
+    cli_view = open_store(root, keys)
+    import_model(cli_view, SMALL_ONNX, name="digits", version="1")
+    assert daemon_view.read_model_bytes("digits")[0].version == "1"
+    import_model(cli_view, SMALL_ONNX, name="digits", version="2")
+    assert daemon_view.read_model_bytes("digits")[0].version == "2"
+    cli_view.rollback("digits")
+    assert daemon_view.read_model_bytes("digits")[0].version == "1"
+    # the cached parse is never handed out for changes: editing a returned state does not leak
+    daemon_view._load_state()["models"]["digits"]["active"] = "9"
+    assert daemon_view.entry("digits").active == "1"
