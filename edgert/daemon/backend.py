@@ -100,7 +100,7 @@ class EngineBackend:
     ) -> InferOutcome:
         """One request through the engine."""
         try:
-            return await self.engine.infer(
+            result = await self.engine.infer(
                 name,
                 inputs,
                 version=version,
@@ -112,6 +112,12 @@ class EngineBackend:
             if mapped is None:
                 raise
             raise mapped from None
+        capture = self.daemon.capture
+        if capture is not None:  # one lookup and, for captured models, one random draw
+            capture.offer(
+                name, inputs, result.outputs, version=result.model_version, request_id=request_id or ""
+            )
+        return result
 
     async def load(self, name: str, version: str | None = None) -> None:
         """Hot-swap (or load) ``name``."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgert.config import DaemonConfig, ModelEntry, load_config, parse_listen
+from edgert.daemon.compliance import CaptureSink, DaemonAudit, open_capture_sink, open_daemon_audit
 from edgert.daemon.sdnotify import Notifier
 from edgert.daemon.sources import ModelSource, open_store
 from edgert.daemon.supervisor import Supervisor
@@ -113,6 +114,8 @@ class Daemon:
         self._supervisor: Supervisor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.source: ModelSource | None = None
+        self.audit = DaemonAudit(None)
+        self.capture: CaptureSink | None = None
 
     # ---- start -------------------------------------------------------------------------------
     def _build_runtime(self) -> Any:
@@ -120,11 +123,23 @@ class Daemon:
 
         return Runtime(profile=self.config.profile)
 
-    def _default_store_factory(self) -> Callable[[], Any]:
+    def _state_root(self) -> Path:
         from edgert.paths import state_dir
 
-        root = state_dir(self.config.state_dir or None)
+        return state_dir(self.config.state_dir or None)
+
+    def _default_store_factory(self) -> Callable[[], Any]:
+        root = self._state_root()
         return lambda: open_store(root)
+
+    def _served_names(self) -> set[str]:
+        return {m.name for m in self.config.models} | {c.name for c in self.config.cascades}
+
+    async def _reopen_capture(self) -> None:
+        """(Re)read the capture settings; the old sink finishes its queue off the event loop."""
+        old, self.capture = self.capture, open_capture_sink(self._state_root(), self._served_names())
+        if old is not None:
+            await asyncio.to_thread(old.close)
 
     async def start(self) -> None:
         """Load models, start listeners and services, then report READY=1."""
@@ -134,9 +149,11 @@ class Daemon:
         if self.runtime is None:
             self.runtime = self._build_runtime()
         self.source = ModelSource(self.runtime, self._store_factory or self._default_store_factory())
+        self.audit = open_daemon_audit(self._state_root())
         if self.config.mqtt is not None and self.build_sync:
             self.services.append(self._sync_service())
         await self._load_all(self.config)
+        self.capture = open_capture_sink(self._state_root(), self._served_names())
         await self._start_listeners()
         for service in self.services:
             await _call(service.start)
@@ -146,6 +163,8 @@ class Daemon:
             self._tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_s)))
         self.is_ready = True
         self.notifier.ready(f"serving {len(self.config.models)} models")
+        self.audit.event("daemon_start", pid=os.getpid(), config=self.config.source,
+                         models=self._served_versions(), capture=self._capture_models())
         log.info(
             "daemon ready",
             extra={
@@ -173,6 +192,8 @@ class Daemon:
         for entry in config.models:
             model = self.source.load(entry)
             self.engine.add_model(model, self._model_config(entry))
+            self.audit.event("model_load", model=entry.name, version=model.version,
+                             source="store" if entry.from_store else "file", provider=model.provider)
         for c in config.cascades:
             self.engine.add_cascade(CascadeConfig(c.name, c.small, c.large, c.rule, c.threshold, c.output))
 
@@ -258,22 +279,38 @@ class Daemon:
         assert self.source is not None and self._loop is not None
         source = self.source
         # Loading takes tens of ms (more for big models): keep it off the event loop so serving continues.
-        model = await self._loop.run_in_executor(None, lambda: source.load(entry, version))
-        served = {info.name for info in self.engine.models()}
-        if name in served:
+        current = {info.name: info.version for info in self.engine.models()}
+        try:
+            model = await self._loop.run_in_executor(None, lambda: source.load(entry, version))
+        except BaseException as exc:
+            self._audit_failed_swap(name, version, current.get(name), exc, "load")
+            raise
+        if name in current:
             try:
                 await self.engine.swap(name, model, warmup=SWAP_WARMUP_RUNS)
-            except BaseException:
+            except BaseException as exc:
                 model.close()
+                self._audit_failed_swap(name, model.version, current[name], exc, "warmup")
                 raise
+            self.audit.event("model_swap", model=name, version=model.version, previous=current[name])
         else:
             self.engine.add_model(model, self._model_config(entry))
+            self.audit.event("model_load", model=name, version=model.version,
+                             source="store" if entry.from_store else "file", provider=model.provider)
         log.info("model activated", extra={"model": name, "version": model.version})
+
+    def _audit_failed_swap(self, name: str, version: str | None, kept: str | None, exc: BaseException,
+                           stage: str) -> None:
+        """A failed load or swap: the old version (if any) keeps serving, i.e. an automatic rollback."""
+        error = exc.message if isinstance(exc, EdgertError) else type(exc).__name__
+        self.audit.event("model_swap_failed", model=name, version=version or "(active)", kept=kept,
+                         stage=stage, error=error[:300])
 
     async def deactivate(self, name: str) -> None:
         """Stop serving ``name``."""
         self.engine.get(name)  # raises the engine's unknown-model error
         self.engine.remove(name)
+        self.audit.event("model_unload", model=name)
         log.info("model unloaded", extra={"model": name})
 
     def _restart_hung(self, name: str) -> None:
@@ -281,6 +318,7 @@ class Daemon:
         if self._loop is None or self.entry(name) is None:
             return
         version = self.engine.get(name).version
+        self.audit.event("model_restart", model=name, version=version, reason="hung")
         asyncio.run_coroutine_threadsafe(self.activate(name, version), self._loop)
 
     # ---- run / stop / reload -----------------------------------------------------------------
@@ -345,6 +383,12 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await asyncio.to_thread(self.engine.close)
+        if self.capture is not None:
+            await asyncio.to_thread(self.capture.close)
+            self.capture = None
+        uptime = round(time.monotonic() - self.started_at, 3)
+        self.audit.event("daemon_stop", pid=os.getpid(), uptime_s=uptime)
+        self.audit.close()
         log.info("daemon stopped")
 
     async def reload(self) -> None:
@@ -356,8 +400,13 @@ class Daemon:
         try:
             new = load_config(self.config_path)
             await self._apply(new)
+            await self._reopen_capture()
         except EdgertError as exc:
+            self.audit.event("config_reload_failed", config=str(self.config_path), error=exc.message[:300])
             log.error("config reload failed; keeping the running config", extra={"error": str(exc)})
+        else:
+            self.audit.event("config_reload", config=str(self.config_path), models=self._served_versions(),
+                             capture=self._capture_models())
         finally:
             self.notifier.ready("serving (reloaded)")
 
@@ -380,6 +429,12 @@ class Daemon:
         log.info("config reloaded", extra={"models": [m.name for m in new.models]})
 
     # ---- status ------------------------------------------------------------------------------
+    def _served_versions(self) -> dict[str, str]:
+        return {info.name: info.version for info in self.engine.models()}
+
+    def _capture_models(self) -> list[str]:
+        return sorted(self.capture.writers) if self.capture is not None else []
+
     def status(self) -> dict[str, Any]:
         """Version, profile, effective providers, active model versions, uptime, listeners."""
         from edgert import __version__

@@ -131,8 +131,14 @@ class CaptureWriter:
     def maybe_capture(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
                       **meta: Any) -> bool:
         """Sample this request; if chosen and under the cap, seal and append it. True if written."""
-        if self.rate <= 0.0 or self._used >= self.max_bytes or self.rng() >= self.rate:
-            return False
+        return self.sample() and self.write(inputs, outputs, **meta)
+
+    def sample(self) -> bool:
+        """The cheap request-path half: one random draw (nothing when disabled or full)."""
+        return self.rate > 0.0 and self._used < self.max_bytes and self.rng() < self.rate
+
+    def write(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], **meta: Any) -> bool:
+        """Seal and append one record (the slow half, run off the request path); False when over the cap."""
         frame = self._seal(inputs, outputs, meta)
         with self._lock:
             if self._used + len(frame) > self.max_bytes:
