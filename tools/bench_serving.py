@@ -26,6 +26,16 @@ REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
 
 
+def free_port() -> int:
+    """A free loopback TCP port (other benchmarks may run on this machine at the same time)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+PORT = free_port()
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.array(xs), q))
 
@@ -39,7 +49,7 @@ state_dir = "{tmp / "state"}"
 allow_plaintext = true
 log_level = "warning"
 [http]
-listen = "127.0.0.1:18000"
+listen = "127.0.0.1:{PORT}"
 [metrics]
 listen = ""
 [socket]
@@ -98,7 +108,7 @@ def read_response(sock: socket.socket, buf: bytearray) -> None:
 
 
 def time_http(req: bytes, n: int) -> list[float]:
-    s = socket.create_connection(("127.0.0.1", 18000))
+    s = socket.create_connection(("127.0.0.1", PORT))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = bytearray()
     out = []
@@ -111,11 +121,11 @@ def time_http(req: bytes, n: int) -> list[float]:
     return out
 
 
-def _loadgen(req: bytes, conns: int, seconds: float, q: mp.Queue) -> None:  # type: ignore[type-arg]
+def _loadgen(req: bytes, conns: int, seconds: float, q: mp.Queue, port: int) -> None:  # type: ignore[type-arg]
     import uvloop
 
     async def one(stop: float) -> int:
-        reader, writer = await asyncio.open_connection("127.0.0.1", 18000)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         done = 0
         while time.monotonic() < stop:
             writer.write(req)
@@ -140,7 +150,7 @@ def throughput(req: bytes, clients: int, seconds: float, procs: int = 2) -> tupl
     """req/s with ``clients`` connections spread over ``procs`` processes; and loadgen CPU share (cores)."""
     q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
     per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
-    ps = [mp.Process(target=_loadgen, args=(req, k, seconds, q)) for k in per if k]
+    ps = [mp.Process(target=_loadgen, args=(req, k, seconds, q, PORT)) for k in per if k]
     for p in ps:
         p.start()
     results = [q.get() for _ in ps]
@@ -212,7 +222,7 @@ def bench_mobilenet(args: argparse.Namespace, report: dict) -> None:
         if i >= 5:
             bare.append(time.perf_counter() - t)
     model.close()
-    with Client("http://127.0.0.1:18000") as c:
+    with Client(f"http://127.0.0.1:{PORT}") as c:
         http = []
         for i in range(n + 5):
             t = time.perf_counter()

@@ -11,6 +11,7 @@ supports it (Triton, KServe runtimes). Errors from the daemon come back as edger
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -28,8 +29,10 @@ __all__ = ["Client", "notify_daemon_activate"]
 
 #: Default per-call socket timeout (s).
 DEFAULT_TIMEOUT_S = 30.0
-#: Receive buffer for HTTP responses.
+#: Receive buffer for replies.
 RECV_BYTES = 256 * 1024
+#: Requests up to this size are joined into one buffer and sent with one plain send(2).
+JOIN_MAX_BYTES = 64 * 1024
 
 
 def _error_for(status: int, message: str, retry_after: float | None = None) -> EdgertError:
@@ -40,6 +43,36 @@ def _error_for(status: int, message: str, retry_after: float | None = None) -> E
     if status == 503 and retry_after is not None:
         return OverloadedError(message, retry_after=retry_after)
     return ServeError(f"daemon answered {status}: {message}")
+
+
+def _kernel_timeouts(sock: socket.socket, timeout: float) -> None:
+    """Put the per-call timeout in the kernel (SO_RCVTIMEO/SO_SNDTIMEO) on a blocking socket.
+
+    ``sock.settimeout()`` makes CPython poll(2) before every recv/send; on a busy 2-core device that
+    extra wake-up measured ~40 us per round trip, as much as the whole daemon side of a request.
+    A timed-out call fails with EAGAIN (an OSError), which the transports turn into ServeError.
+    """
+    sock.settimeout(None)
+    seconds = int(timeout)
+    micros = int((timeout - seconds) * 1e6)
+    tv = struct.pack("ll", seconds, micros)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def _send_all(sock: socket.socket, buffers: Sequence[Any]) -> None:
+    """Send every buffer: small messages joined (one plain send(2), measured ~8 us cheaper than a
+    vectored one), large ones with sendmsg, resumed after partial sends (a send timeout may cut one)."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    if sum(v.nbytes for v in views) <= JOIN_MAX_BYTES:
+        sock.sendall(b"".join(views))
+        return
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= views[0].nbytes:
+            sent -= views.pop(0).nbytes
+        if views and sent:
+            views[0] = views[0][sent:]
 
 
 class _UnixTransport:
@@ -55,25 +88,46 @@ class _UnixTransport:
                 f"cannot connect to the edgert socket {path}: {exc.strerror or exc}",
                 hint="is `edgert daemon` running, and may this user open the socket?",
             ) from None
+        _kernel_timeouts(self.sock, timeout)
+        self._buf = bytearray(RECV_BYTES)
 
     def call(
         self, kind: int, meta: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | None = None
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         buffers = fr.encode_frame(kind, meta, tensors)
         try:
-            self.sock.sendmsg(buffers)
-            head = self._recv_exact(fr.HEADER.size)
-            body_len, rkind, meta_len = fr.parse_header(head, 1 << 40)
-            body = self._recv_exact(body_len)
+            _send_all(self.sock, buffers)
+            rkind, meta_len, body = self._recv_frame()
         except OSError as exc:
+            # The stream may hold half a reply now: never reuse it.
+            self.sock.close()
+            what = "timed out" if isinstance(exc, BlockingIOError) else f"failed: {exc}"
             raise ServeError(
-                f"connection to {self.path} failed: {exc}", hint="is the daemon still running?"
+                f"connection to {self.path} {what}", hint="is the daemon still running?"
             ) from None
         rmeta, data = fr.decode_body(body, meta_len)
         if rkind == fr.ERROR:
             raise _error_for(int(rmeta.get("status", 500)), str(rmeta.get("error")), rmeta.get("retry_after"))
         arrays = fr.decode_tensors(rmeta, data, meta_len) if "t" in rmeta else {}
         return rmeta, arrays
+
+    def _recv_frame(self) -> tuple[int, int, bytearray]:
+        """Read one reply frame: (kind, meta length, body); usually a single recv(2)."""
+        view = memoryview(self._buf)
+        got = 0
+        while got < fr.HEADER.size:
+            k = self.sock.recv_into(view[got:])
+            if k == 0:
+                raise ConnectionResetError("daemon closed the connection")
+            got += k
+        body_len, kind, meta_len = fr.parse_header(view, 1 << 40)
+        have = got - fr.HEADER.size
+        body = bytearray(view[fr.HEADER.size : got]) if have <= body_len else None
+        if body is None:
+            raise ConnectionResetError("daemon sent more than one reply")
+        if have < body_len:
+            body += self._recv_exact(body_len - have)
+        return kind, meta_len, body
 
     def _recv_exact(self, n: int) -> bytearray:
         buf = bytearray(n)
@@ -113,6 +167,7 @@ class _HttpTransport:
         self.host, self.port, self.timeout = host, port, timeout
         self.auth = f"authorization: Bearer {token}\r\n" if token else ""
         self.sock: socket.socket | None = None
+        self._buf = bytearray(RECV_BYTES)
 
     def _connect(self) -> socket.socket:
         try:
@@ -123,6 +178,7 @@ class _HttpTransport:
                 hint="is `edgert daemon` running with that HTTP listener?",
             ) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _kernel_timeouts(sock, self.timeout)
         return sock
 
     def request(
@@ -137,7 +193,7 @@ class _HttpTransport:
             if self.sock is None:
                 self.sock = self._connect()
             try:
-                self.sock.sendmsg([head, *chunks])
+                _send_all(self.sock, [head, *chunks])
                 return self._read()
             except (ConnectionError, BrokenPipeError) as exc:
                 self.close()
@@ -152,11 +208,13 @@ class _HttpTransport:
         assert self.sock is not None
         resp = _HttpResponse()
         parser = httptools.HttpResponseParser(resp)
+        view = memoryview(self._buf)
         while not resp.done:
-            data = self.sock.recv(RECV_BYTES)
-            if not data:
+            # recv_into a kept buffer: recv(256 KiB) would malloc (mmap) a fresh block every call.
+            n = self.sock.recv_into(view)
+            if not n:
                 raise ConnectionResetError("server closed the connection")
-            parser.feed_data(data)
+            parser.feed_data(view[:n])
         if not parser.should_keep_alive():
             self.close()
         return parser.get_status_code(), resp

@@ -19,6 +19,8 @@ from typing import Any
 
 import httptools
 
+from edgert.serve import eager
+
 __all__ = ["HttpLimits", "HttpServer", "Request", "Response"]
 
 log = logging.getLogger("edgert.serve.http")
@@ -211,23 +213,37 @@ class _Connection(asyncio.Protocol):
             if isinstance(result, Response):
                 self._write(result, keep_alive)
                 continue
+            if asyncio.iscoroutine(result):
+                # Eager: an inference on an inline model finishes here, with no task per request.
+                started = eager.start(result)
+                if isinstance(started, eager.Done):
+                    self._write(self._outcome(started.error, started.value, request), keep_alive)
+                    continue
+                task: asyncio.Future[Response] = started
+            else:
+                task = asyncio.ensure_future(result)
             self.busy = True
-            task = asyncio.ensure_future(result)
             task.add_done_callback(functools.partial(self._done, keep_alive=keep_alive))
             return
         if self.reading_paused and self.transport is not None:
             self.transport.resume_reading()
             self.reading_paused = False
 
+    @staticmethod
+    def _outcome(error: BaseException | None, value: Response | None, request: Request | None) -> Response:
+        if isinstance(error, asyncio.CancelledError):
+            return error_response(503, "server is shutting down")
+        if error is not None or value is None:
+            log.error("handler failed", exc_info=error, extra={"path": request.path if request else None})
+            return error_response(500, "internal error; see the daemon log")
+        return value
+
     def _done(self, task: asyncio.Future[Response], keep_alive: bool) -> None:
         self.busy = False
         if task.cancelled():
             resp = error_response(503, "server is shutting down")
-        elif task.exception() is not None:
-            log.error("handler failed", exc_info=task.exception())
-            resp = error_response(500, "internal error; see the daemon log")
         else:
-            resp = task.result()
+            resp = self._outcome(task.exception(), None if task.exception() else task.result(), None)
         if self.transport is None:
             return  # the client went away mid-request; the result is dropped
         self._write(resp, keep_alive)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgert.errors import ConfigError, InputError
+from edgert.serve import eager
 from edgert.serve import uds_frames as fr
 from edgert.serve.backend import ServingBackend, error_text, status_for
 from edgert.serve.oip_http import model_metadata_doc
@@ -92,9 +93,13 @@ class _Connection(asyncio.Protocol):
     def _next(self) -> None:
         while self.pending and self.transport is not None:
             kind, meta_len, frame = self.pending.popleft()
+            # Eager: a request to an inline model completes right here, with no task per request.
+            started = eager.start(self.server.handle(kind, meta_len, frame))
+            if isinstance(started, eager.Done):
+                self._write(started.result())  # handle() never raises
+                continue
             self.busy = True
-            task = asyncio.ensure_future(self.server.handle(kind, meta_len, frame))
-            task.add_done_callback(self._done)
+            started.add_done_callback(self._done)
             return
 
     def _done(self, task: asyncio.Future[list[Any]]) -> None:
