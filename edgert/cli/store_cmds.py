@@ -1,16 +1,25 @@
-"""``edgert models list|activate|rollback|remove|import``: the encrypted model store (lead attaches)."""
+"""``edgert models list|activate|rollback|remove|import``: the encrypted model store.
+
+``activate`` and ``rollback`` also tell a running daemon (over its Unix socket) to hot-swap.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from edgert.cli.keys import resolve_root, state_dir_option
 from edgert.security.store import ModelStore
+
+if TYPE_CHECKING:
+    from edgert.config import DaemonConfig
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @contextmanager
@@ -39,26 +48,92 @@ def list_cmd(state_dir: Path | None, as_json: bool) -> None:
                    f"{','.join(e.installed) or '-'}")
 
 
+#: Where the daemon's config lives when --config is not given (used only if it exists).
+DEFAULT_DAEMON_CONFIG = Path("/etc/edgert/edgert.toml")
+
+
+def daemon_options(func: F) -> F:
+    """``--socket`` and ``--config``: which running daemon to tell about a store change."""
+    func = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                        default=None,
+                        help=f"Daemon config: its socket and state dir (default {DEFAULT_DAEMON_CONFIG} "
+                             "if it exists).")(func)
+    return click.option("--socket", "socket_path", default=None,
+                        help="Daemon socket to notify (default: from the daemon config).")(func)
+
+
+def _daemon_config(config_path: Path | None) -> DaemonConfig | None:
+    from edgert.config import load_config
+
+    if config_path is None and DEFAULT_DAEMON_CONFIG.is_file():
+        config_path = DEFAULT_DAEMON_CONFIG
+    return load_config(config_path) if config_path is not None else None
+
+
+def _root(state_dir: Path | None, cfg: DaemonConfig | None) -> Path | None:
+    """--state-dir, else the daemon config's state dir (CLI and daemon must share one store)."""
+    if state_dir is None and cfg is not None and cfg.state_dir:
+        return Path(cfg.state_dir)
+    return state_dir
+
+
+def _notify_daemon(name: str, version: str, socket_path: str | None, cfg: DaemonConfig | None) -> None:
+    """Ask the running daemon to serve ``version``; say clearly what happened."""
+    from edgert.config import DEFAULT_SOCKET_PATH
+    from edgert.errors import EdgertError, ServeError
+    from edgert.serve.backend import UnknownModelError
+    from edgert.serve.client import notify_daemon_activate
+
+    sock = socket_path or (cfg.socket.path if cfg is not None else DEFAULT_SOCKET_PATH)
+    if not sock:
+        click.echo("the daemon config disables its socket; restart the daemon to serve the new version")
+        return
+    try:
+        reached = notify_daemon_activate(name, version, socket=sock)
+    except UnknownModelError:
+        click.echo(f"the daemon at {sock} does not serve {name}; the store change applies when it does")
+        return
+    except EdgertError as exc:
+        raise ServeError(
+            f"the store now has {name} {version} active, but the running daemon could not load it and "
+            f"keeps serving the previous version: {exc.message}",
+            hint=f"fix the cause and run 'edgert models activate {name} {version}' again, or run "
+                 f"'edgert models rollback {name}' so the store matches what the daemon serves",
+        ) from None
+    if reached:
+        click.echo(f"the daemon at {sock} now serves {name} {version}")
+    else:
+        click.echo(f"no daemon listening on {sock}; {name} {version} is served when it starts")
+
+
 @click.command("activate")
 @click.argument("name")
 @click.argument("version")
 @click.option("--allow-downgrade", is_flag=True, help="Activate a version below the highest installed.")
 @state_dir_option
-def activate_cmd(name: str, version: str, allow_downgrade: bool, state_dir: Path | None) -> None:
-    """Make an installed VERSION of NAME active."""
-    with _open(state_dir) as store:
+@daemon_options
+def activate_cmd(name: str, version: str, allow_downgrade: bool, state_dir: Path | None,
+                 socket_path: str | None, config_path: Path | None) -> None:
+    """Make an installed VERSION of NAME active, then hot-swap it in the running daemon."""
+    cfg = _daemon_config(config_path)
+    with _open(_root(state_dir, cfg)) as store:
         store.activate(name, version, allow_downgrade=allow_downgrade)
     click.echo(f"{name} {version} is active")
+    _notify_daemon(name, version, socket_path, cfg)
 
 
 @click.command("rollback")
 @click.argument("name")
 @state_dir_option
-def rollback_cmd(name: str, state_dir: Path | None) -> None:
-    """Swap NAME's active and previous versions."""
-    with _open(state_dir) as store:
+@daemon_options
+def rollback_cmd(name: str, state_dir: Path | None, socket_path: str | None,
+                 config_path: Path | None) -> None:
+    """Swap NAME's active and previous versions, then hot-swap the running daemon."""
+    cfg = _daemon_config(config_path)
+    with _open(_root(state_dir, cfg)) as store:
         version = store.rollback(name)
     click.echo(f"{name} rolled back to {version}")
+    _notify_daemon(name, version, socket_path, cfg)
 
 
 @click.command("remove")
