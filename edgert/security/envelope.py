@@ -103,21 +103,21 @@ def encrypt_stream(key: bytes, prefix: bytes, reader: Reader, aad: bytes,
                    chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
     """Yield the encrypted chunks of everything ``reader`` holds (one chunk in memory at a time)."""
     aead = AESGCM(key)
-    current = bytearray(chunk_size)
+    # Two read buffers, reused: encrypt() returns a new object, so a buffer is free once it has run.
+    current, nxt = bytearray(chunk_size), bytearray(chunk_size)
     n_current = _read_full(reader, current)
     counter = 0
     while True:
-        nxt = bytearray(chunk_size)
         n_next = _read_full(reader, nxt) if n_current == chunk_size else 0
         last = n_next == 0
         yield aead.encrypt(_nonce(prefix, counter, last), memoryview(current)[:n_current], aad)
         if last:
             return
-        current, n_current = nxt, n_next
+        current, nxt, n_current = nxt, current, n_next
         counter += 1
 
 
-def decrypt_stream(key: bytes, prefix: bytes, reader: Reader, aad: bytes, *, plaintext_size: int,
+def decrypt_stream(key: bytes, prefix: bytes, reader: Reader | memoryview, aad: bytes, *, plaintext_size: int,
                    chunk_size: int = CHUNK_SIZE, out: bytearray | memoryview | None = None,
                    on_ciphertext: Callable[[memoryview], None] | None = None,
                    on_plaintext: Callable[[memoryview], None] | None = None) -> None:
@@ -126,7 +126,8 @@ def decrypt_stream(key: bytes, prefix: bytes, reader: Reader, aad: bytes, *, pla
     ``out`` (any writable buffer) must be ``plaintext_size`` long; with ``out=None`` chunks are
     decrypted into one reusable scratch buffer and discarded, so verification costs O(chunk)
     memory. Each chunk's ciphertext is passed to ``on_ciphertext`` and each verified plaintext chunk to
-    ``on_plaintext`` (e.g. to hash them on the way).
+    ``on_plaintext`` (e.g. to hash them on the way). ``reader`` may also be a memoryview of the
+    whole ciphertext (an mmap of the package), which saves copying it chunk by chunk.
     """
     if not 0 < chunk_size <= MAX_CHUNK_SIZE or plaintext_size < 0:
         raise _fail()
@@ -137,6 +138,9 @@ def decrypt_stream(key: bytes, prefix: bytes, reader: Reader, aad: bytes, *, pla
     except ValueError:
         raise _fail() from None
     n_chunks = max(1, -(-plaintext_size // chunk_size))
+    if isinstance(reader, memoryview):
+        _decrypt_view(aead, prefix, reader, aad, plaintext_size, chunk_size, out, on_ciphertext, on_plaintext)
+        return
     # Size the scratch buffers to the payload: a 1 MiB zero-fill per small model shows on cold load.
     largest = min(chunk_size, plaintext_size)
     cbuf = bytearray(largest + TAG_SIZE)
@@ -165,6 +169,37 @@ def decrypt_stream(key: bytes, prefix: bytes, reader: Reader, aad: bytes, *, pla
             on_plaintext(target)
     if reader.read(1):
         raise _fail()
+
+
+def _decrypt_view(aead: AESGCM, prefix: bytes, data: memoryview, aad: bytes, plaintext_size: int,
+                  chunk_size: int, out: bytearray | memoryview | None,
+                  on_ciphertext: Callable[[memoryview], None] | None,
+                  on_plaintext: Callable[[memoryview], None] | None) -> None:
+    """:func:`decrypt_stream` over ciphertext already in memory (e.g. an mmap): no read copies."""
+    n_chunks = max(1, -(-plaintext_size // chunk_size))
+    if len(data) != ciphertext_size(plaintext_size, chunk_size):
+        raise _fail()
+    out_view = memoryview(out) if out is not None else None
+    scratch = memoryview(bytearray(min(chunk_size, plaintext_size))) if out is None else None
+    for counter in range(n_chunks):
+        last = counter == n_chunks - 1
+        plain_len = plaintext_size - counter * chunk_size if last else chunk_size
+        start = counter * (chunk_size + TAG_SIZE)
+        if out_view is not None:
+            target = out_view[counter * chunk_size: counter * chunk_size + plain_len]
+        else:
+            assert scratch is not None
+            target = scratch[:plain_len]
+        # Release the slice even when failing: a live export would stop the caller closing its mmap.
+        with data[start: start + plain_len + TAG_SIZE] as chunk:
+            if on_ciphertext is not None:
+                on_ciphertext(chunk)
+            try:
+                aead.decrypt_into(_nonce(prefix, counter, last), chunk, aad, target)
+            except (InvalidTag, ValueError):
+                raise _fail() from None
+        if on_plaintext is not None:
+            on_plaintext(target)
 
 
 # ---- key wrapping -----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import json
 import re
 import struct
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -205,7 +206,7 @@ def read_header(reader: BinaryIO) -> PackageHeader:
     return PackageHeader(Manifest.from_dict(doc.get("manifest")), doc["recipients"], len(MAGIC) + 4 + length)
 
 
-def decrypt_payload(reader: BinaryIO, header: PackageHeader, key: bytes, *,
+def decrypt_payload(reader: BinaryIO | memoryview, header: PackageHeader, key: bytes, *,
                     out: bytearray | memoryview | None, check_hashes: bool = False) -> None:
     """Decrypt (into ``out``) or just verify (``out=None``) the payload that follows the header.
 
@@ -292,10 +293,21 @@ def create_package(model_path: Path, out: BinaryIO, *, name: str, version: str, 
     start = out.tell()
     out.write(header_bytes())  # placeholder payload hash; same length as the real one
     digest = hashlib.sha256()
-    with open(model_path, "rb") as f:
+
+    def sink(chunk: bytes) -> None:
+        digest.update(chunk)
+        out.write(chunk)
+
+    # Hashing and writing release the GIL, so a second thread overlaps them with the next chunk's
+    # read and encryption; one chunk in flight keeps the order and bounds memory.
+    with open(model_path, "rb") as f, ThreadPoolExecutor(1, thread_name_prefix="edgert-pkg") as pool:
+        pending: Future[None] | None = None
         for chunk in envelope.encrypt_stream(key, prefix, f, binding, chunk_size):
-            digest.update(chunk)
-            out.write(chunk)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(sink, chunk)
+        if pending is not None:
+            pending.result()
     doc["payload"]["sha256"] = digest.hexdigest()
     end = out.tell()
     out.seek(start)

@@ -20,6 +20,7 @@ import copy
 import errno
 import fcntl
 import json
+import mmap
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ PACKAGES_DIR = "packages"
 LOCK_FILE = ".lock"
 PKG_SUFFIX = ".edgepkg"
 COPY_BLOCK = 1 << 20
+#: Payloads at least this large are decrypted from an mmap (below it the map costs more than it saves).
+MMAP_MIN_PAYLOAD = 1 << 20
 
 
 class AuditSink(Protocol):
@@ -222,7 +225,16 @@ class ModelStore:
                 key = header.key_for(self.keys.wrap, self.keys.wrap_fingerprint)
                 buf = alloc(header.manifest.plaintext_size)
                 try:
-                    pkg.decrypt_payload(f, header, key, out=buf.view)
+                    if header.manifest.payload_size >= MMAP_MIN_PAYLOAD:
+                        # Decrypt from a read-only map of the (encrypted) file: no read copies.
+                        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                            view = memoryview(mapped)[header.payload_offset:]
+                            try:
+                                pkg.decrypt_payload(view, header, key, out=buf.view)
+                            finally:
+                                view.release()
+                    else:
+                        pkg.decrypt_payload(f, header, key, out=buf.view)
                 except BaseException:
                     buf.discard()
                     raise

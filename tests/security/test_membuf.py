@@ -109,3 +109,29 @@ def test_wipe_at_load_depends_on_whether_the_backend_keeps_the_buffer(
         assert wiped == []  # still referenced by the "backend": never wiped under it
     else:
         assert wiped == [SMALL_ONNX.stat().st_size]
+
+
+def test_large_payloads_decrypt_from_a_map_and_tampering_is_caught(state: Path) -> None:
+    from edgert.errors import IntegrityError
+    from edgert.security.package import read_header
+    from edgert.security.store import MMAP_MIN_PAYLOAD
+
+    source = MODELS / "mobilenetv2_int8.onnx"
+    assert source.stat().st_size > MMAP_MIN_PAYLOAD  # this test is about the mmap path
+    keys = open_keystore(state)
+    import_files(state, [source], keys=keys)
+    store = open_store(state, keys)
+    _manifest, data = store.read_model_bytes("mobilenetv2_int8")
+    assert data == source.read_bytes()
+    package = state / "models" / "packages" / "mobilenetv2_int8" / "1.edgepkg"
+    original = package.read_bytes()
+    with open(package, "rb") as f:
+        offset = read_header(f).payload_offset
+    at = offset + 3 * 1024 * 1024 + 5  # in the fourth chunk
+    flipped = original[:at] + bytes([original[at] ^ 1]) + original[at + 1:]
+    for damaged in (flipped, original[:-1], original + b"\0"):  # flipped bit, truncated, trailing bytes
+        package.write_bytes(damaged)
+        with pytest.raises(IntegrityError):
+            store.read_model_bytes("mobilenetv2_int8")
+    package.write_bytes(original)
+    assert store.read_model_bytes("mobilenetv2_int8")[1] == data
