@@ -30,7 +30,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edgert.errors import ConfigError, KeyFileError, SyncError
 from edgert.mqtt.config import MqttConfig
 
-__all__ = ["CONNACK_TIMEOUT_S", "LOOP_TIMEOUT_S", "Backoff", "MqttLink", "explain_error"]
+__all__ = ["CONNACK_TIMEOUT_S", "LOOP_TIMEOUT_S", "MAX_PAYLOAD_BYTES", "Backoff", "MqttLink", "explain_error"]
 
 log = logging.getLogger("edgert.mqtt.client")
 
@@ -45,6 +45,8 @@ JITTER = 0.5
 #: Loop iterations allowed for a DISCONNECT packet to go out on stop().
 DISCONNECT_LOOPS = 20
 MAX_PASSWORD_BYTES = 4096
+#: Largest payload published: under AWS IoT Core's 128 KB limit with room for topic and properties.
+MAX_PAYLOAD_BYTES = 120 * 1024
 
 OnPuback = Callable[[int, int, str], None]
 OnMessage = Callable[[str, bytes, Any], None]
@@ -207,8 +209,19 @@ def _check_files(cfg: MqttConfig) -> None:
         )
 
 
+def _write_in_network_thread(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """No-op: the network thread's loop() sees pending output (want_write) and writes it."""
+
+
 class _Client(paho.Client):
-    """paho's Client, closing the TLS socket when the handshake fails (paho 2.2 leaks it)."""
+    """paho's Client, closing the TLS socket when the handshake fails.
+
+    paho 2.2's ``_ssl_wrap_socket`` leaves the half-open SSLSocket to the garbage collector when
+    ``do_handshake()`` raises (wrong CA, refused client certificate): a device retrying for weeks
+    leaks a descriptor per attempt until GC runs, and pytest's ``filterwarnings = error`` turns the
+    ResourceWarning into a failure. This override is the one private hook we keep; it is covered by
+    the wrong-CA and expired-certificate tests. Drop it once paho closes the socket itself.
+    """
 
     def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
         ctx = self._ssl_context
@@ -274,6 +287,11 @@ class MqttLink:
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         client.on_log = self._on_log
+        # Registering a write callback (paho's public hook for external event loops) stops paho from
+        # writing to the socket from the publishing thread: publishes from the drain and command threads
+        # then only queue and wake our select(), and the network thread does every write. Concurrent
+        # writes from two threads corrupt a TLS stream.
+        client.on_socket_register_write = _write_in_network_thread
         return client
 
     def _setup_tls(self, client: paho.Client) -> None:
@@ -355,9 +373,6 @@ class MqttLink:
                 pass
 
     def _run(self) -> None:
-        # Tell paho this thread owns the socket (what loop_start() does): publishes from other threads
-        # then only queue and wake our select() instead of writing concurrently, which breaks TLS.
-        self.client._thread = threading.current_thread()
         attempt = 0
         while not self._stop.is_set():
             if self._session():
@@ -449,6 +464,11 @@ class MqttLink:
         properties: Properties | None = None,
     ) -> int:
         """Queue a publish; return its message id (delivery is reported through on_puback)."""
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise SyncError(
+                f"cannot publish {len(payload)} bytes to {topic}: the limit is {MAX_PAYLOAD_BYTES} bytes",
+                hint="split the payload into smaller messages",
+            )
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         # On NO_CONN/CONN_LOST paho keeps the message and sends it after the next CONNACK.
         queued = (

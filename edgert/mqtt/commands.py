@@ -15,7 +15,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edgert.errors import EdgertError
-from edgert.mqtt.signing import CommandRejected, NonceCache, SignedCommand, verify_command
+from edgert.mqtt.signing import CommandRejected, NonceCache, NonceStore, SignedCommand, verify_command
 
 __all__ = ["COMMANDS", "MAX_REPLY_BYTES", "AuditSink", "CommandProcessor", "Handler"]
 
@@ -52,7 +52,7 @@ class CommandProcessor:
     public_key: Ed25519PublicKey | None
     handlers: dict[str, Handler] = field(default_factory=dict)
     audit: AuditSink = _no_audit
-    nonces: NonceCache = field(default_factory=NonceCache)
+    nonces: NonceStore = field(default_factory=NonceCache)
 
     def __post_init__(self) -> None:
         self.handlers.setdefault("ping", lambda args: {"pong": True, "echo": str(args.get("echo", ""))[:256]})

@@ -21,7 +21,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -36,6 +36,7 @@ __all__ = [
     "MAX_COMMAND_TTL_S",
     "CommandRejected",
     "NonceCache",
+    "NonceStore",
     "SignedCommand",
     "load_private_key",
     "load_public_key",
@@ -159,6 +160,13 @@ def _parse_body(body_text: str) -> dict[str, Any]:
     return body
 
 
+class NonceStore(Protocol):
+    """Where verify_command records nonces: in memory (:class:`NonceCache`) or persistent."""
+
+    def check_and_add(self, nonce: str, exp: float, now: float, *, iat: float | None = None) -> None:
+        """Record ``nonce``; raise CommandRejected('replayed') if it was seen before."""
+
+
 @dataclass
 class NonceCache:
     """Nonces seen and their expiry; refuses a nonce twice while the command is still valid."""
@@ -166,7 +174,7 @@ class NonceCache:
     max_entries: int = MAX_NONCES
     _seen: dict[str, float] = field(default_factory=dict)
 
-    def check_and_add(self, nonce: str, exp: float, now: float) -> None:
+    def check_and_add(self, nonce: str, exp: float, now: float, *, iat: float | None = None) -> None:
         """Record ``nonce``; raise CommandRejected('replayed') if it was seen before."""
         if nonce in self._seen:
             raise CommandRejected("replayed", "command nonce was already used (replay refused)")
@@ -185,7 +193,7 @@ def verify_command(
     fleet: str,
     device: str,
     now: float,
-    nonces: NonceCache,
+    nonces: NonceStore,
 ) -> SignedCommand:
     """Verify signature, binding, expiry and freshness; raise CommandRejected with a reason code."""
     body_text, sig = _parse_envelope(payload)
@@ -203,7 +211,7 @@ def verify_command(
         raise CommandRejected(
             "bad_time", f"command validity must start by now and last <= {MAX_COMMAND_TTL_S} s"
         )
-    nonces.check_and_add(body["nonce"], exp, now)
+    nonces.check_and_add(body["nonce"], exp, now, iat=iat)
     return SignedCommand(
         cmd=body["cmd"],
         args=body["args"],

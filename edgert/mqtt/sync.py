@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import secrets
 import threading
@@ -25,10 +26,12 @@ from paho.mqtt.properties import Properties
 from edgert import __version__
 from edgert.errors import SyncError
 from edgert.mqtt import topics
-from edgert.mqtt.client import MqttLink
+from edgert.mqtt.client import MAX_PAYLOAD_BYTES, MqttLink
 from edgert.mqtt.commands import AuditSink, CommandProcessor, Handler
 from edgert.mqtt.config import MAX_TELEMETRY_INTERVAL_S, MIN_TELEMETRY_INTERVAL_S, MqttConfig
-from edgert.mqtt.signing import load_public_key
+from edgert.mqtt.logtail import LogRing
+from edgert.mqtt.nonces import NONCE_FILE, PersistentNonceCache
+from edgert.mqtt.signing import NonceCache, NonceStore, load_public_key
 from edgert.mqtt.spool import Record, Spool
 from edgert.mqtt.status import offline_status, online_status
 from edgert.mqtt.telemetry import DeviceStats, build_telemetry
@@ -43,6 +46,10 @@ COMMAND_QUEUE = 32
 #: How long stop() waits for the graceful ``offline`` status to be acknowledged.
 OFFLINE_ACK_TIMEOUT_S = 2.0
 _REPLAYED_SUFFIX = b',"replayed":true}'
+#: Largest payload the spool accepts: the replay flag must still fit under the publish limit.
+MAX_SPOOLED_BYTES = MAX_PAYLOAD_BYTES - len(_REPLAYED_SUFFIX)
+#: MQTT 5 reason code "Packet too large", recorded when an oversized record is set aside locally.
+PACKET_TOO_LARGE = 0x95
 
 
 def _empty() -> Mapping[str, Any]:
@@ -64,15 +71,20 @@ class SyncService:
         log_tail: Callable[[int], list[str]] | None = None,
         device_stats: DeviceStats | None = None,
         clock: Callable[[], float] = time.time,
+        state_root: str | os.PathLike[str] | None = None,
+        nonce_path: str | os.PathLike[str] | None = None,
     ) -> None:
         from edgert.paths import spool_path, state_dir
 
         self.cfg = cfg
         self.clock = clock
-        self.spool = spool or Spool(cfg.spool_path or spool_path(state_dir()), cfg.spool_max_records)
+        spool_file = cfg.spool_path or spool_path(state_dir(state_root))
+        self.spool = spool or Spool(spool_file, cfg.spool_max_records)
         self.status_provider, self.stats_provider = status_provider, stats_provider
         self.device_stats = device_stats or DeviceStats(disk_path=str(Path(self.spool.path).parent))
-        self.log_tail = log_tail
+        # Without a log source from the daemon, keep our own tail of the edgert.* log records.
+        self._log_ring = LogRing() if log_tail is None else None
+        self.log_tail = log_tail or (self._log_ring.tail if self._log_ring else None)
         self.interval = cfg.telemetry_interval
         self.boot_id = secrets.token_hex(4)
         self.seq = 0
@@ -82,8 +94,19 @@ class SyncService:
         self.cmd_topic = topics.device_topic(cfg.fleet, cfg.device_id, "cmd")
         self.reply_topic = topics.device_topic(cfg.fleet, cfg.device_id, "reply")
         key = load_public_key(cfg.command_key_file) if cfg.command_key_file else None
+        # Nonces persist next to the spool so a captured command cannot be replayed after a restart.
+        self.nonces: NonceStore = (
+            PersistentNonceCache(nonce_path or Path(self.spool.path).parent / NONCE_FILE, now=clock())
+            if key is not None
+            else NonceCache()
+        )
         self.commands = CommandProcessor(
-            cfg.fleet, cfg.device_id, key, handlers=self._handlers(handlers or {}), audit=audit or _no_audit
+            cfg.fleet,
+            cfg.device_id,
+            key,
+            handlers=self._handlers(handlers or {}),
+            audit=audit or _no_audit,
+            nonces=self.nonces,
         )
         self.link = MqttLink(
             cfg,
@@ -111,6 +134,8 @@ class SyncService:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         """Start the network, drain, telemetry and command threads; returns at once."""
+        if self._log_ring is not None:
+            self._log_ring.attach()
         for name, target in (
             ("drain", self._drain_loop),
             ("telemetry", self._telemetry_loop),
@@ -139,6 +164,10 @@ class SyncService:
         self.link.stop(timeout)
         self._apply_acks()
         self.spool.close()
+        if isinstance(self.nonces, PersistentNonceCache):
+            self.nonces.close()
+        if self._log_ring is not None:
+            self._log_ring.detach()
 
     # -- public operations -------------------------------------------------------------------
     def publish_telemetry(self) -> int:
@@ -161,7 +190,12 @@ class SyncService:
         return len(parts)
 
     def emit_event(self, payload: bytes) -> None:
-        """Spool a JSON event document for the ``events`` channel."""
+        """Spool a JSON event document for the ``events`` channel (refused if over the size limit)."""
+        if len(payload) > MAX_SPOOLED_BYTES:
+            raise SyncError(
+                f"event is {len(payload)} bytes; MQTT messages are limited to {MAX_SPOOLED_BYTES} bytes",
+                hint="send a smaller event (summaries, not raw data)",
+            )
         self.spool.enqueue(self.events_topic, payload, self.clock())
         self._wake.set()
 
@@ -262,6 +296,12 @@ class SyncService:
         for record in self.spool.peek(self._last_sent, room):
             if not self.link.connected.is_set():
                 return
+            if len(record.payload) > MAX_SPOOLED_BYTES:
+                # Only a spool written by an older version can hold one; never let it block the rest.
+                self.spool.reject(record.id, PACKET_TOO_LARGE, "payload over the device's size limit")
+                self.counters["rejected"] += 1
+                self._last_sent = record.id
+                continue
             mid = self._send(record)
             self._last_sent = record.id
             with self._lock:

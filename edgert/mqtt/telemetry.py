@@ -55,7 +55,8 @@ def build_telemetry(
 ) -> list[bytes]:
     """Return one or more telemetry payloads; models are split across parts to fit ``max_bytes``.
 
-    A model whose own stats exceed the limit loses its (large, optional) ``latency_sketch``.
+    A model whose own stats exceed the limit loses its (large, optional) ``latency_sketch``, then, if
+    still too large, every non-scalar field; it is marked ``"truncated": true``.
     """
     base = {
         "v": TELEMETRY_VERSION,
@@ -77,6 +78,10 @@ def build_telemetry(
         if size > budget:
             entry = {k: v for k, v in entry.items() if k != "latency_sketch"}
             entry["truncated"] = True
+            size = len(_dump({name: entry}))
+        if size > budget:
+            # Still too big (e.g. thousands of error reasons): keep only the scalar fields.
+            entry = {k: v for k, v in entry.items() if not isinstance(v, (dict, list))}
             size = len(_dump({name: entry}))
         if used + size > budget and parts[-1]:
             parts.append({})
