@@ -129,6 +129,64 @@ class CA:
         return cert_path, key_path
 
 
+    def sign_csr(self, directory: Path, csr_pem: bytes, *, days: int = 7) -> Path:
+        """Issue a client certificate for a device's CSR (its key never leaves it); return the path."""
+        csr = x509.load_pem_x509_csr(csr_pem)
+        assert csr.is_signature_valid, "CSR signature does not verify"
+        cn = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        now = dt.datetime.now(dt.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(csr.subject)
+            .issuer_name(self.cert.subject)
+            .public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        path = directory / f"{cn}.crt"
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+
+# -- TCP proxy ----------------------------------------------------------------------------------
+@dataclass
+class TcpProxy:
+    """socat forwarding a free loopback port to ``target_port``: stop it to cut a device off the broker."""
+
+    target_port: int
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> TcpProxy:
+        """Start forwarding and wait until the port accepts."""
+        self.proc = subprocess.Popen(
+            [
+                "socat",
+                f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork",
+                f"TCP:127.0.0.1:{self.target_port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: stop() ends the forked children too
+        )
+        wait_port(self.port, START_TIMEOUT_S, self.proc)
+        return self
+
+    def stop(self) -> None:
+        """Stop the listener and every forwarded connection (the process group we started)."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            proc.wait(STOP_TIMEOUT_S)
+
+
 # -- mosquitto ----------------------------------------------------------------------------------
 @dataclass
 class Mosquitto:

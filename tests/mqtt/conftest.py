@@ -91,6 +91,27 @@ class Recorder:
         self.client.loop_stop()
 
 
+def telemetry_seqs(*recorders: Recorder) -> list[tuple[int, bool]]:
+    """(seq, replayed) of every telemetry message seen, in arrival order, across recorders."""
+    out = []
+    for rec in recorders:
+        for doc in rec.json_on("/telemetry"):
+            out.append((doc["seq"], bool(doc.get("replayed"))))
+    return out
+
+
+def assert_complete_in_order(seqs: list[tuple[int, bool]], upto: int) -> None:
+    """Every seq 1..upto arrived; first arrivals are in increasing order (duplicates allowed: QoS 1)."""
+    first: list[int] = []
+    seen: set[int] = set()
+    for seq, _ in seqs:
+        if seq not in seen:
+            seen.add(seq)
+            first.append(seq)
+    assert set(range(1, upto + 1)) <= seen, f"lost: {sorted(set(range(1, upto + 1)) - seen)[:20]}"
+    assert first == sorted(first), "telemetry arrived out of order"
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     """An anonymous mosquitto."""

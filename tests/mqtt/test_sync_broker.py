@@ -17,32 +17,18 @@ import pytest
 
 from edgert.mqtt.sync import SyncService
 from tests.brokers import DEVICE_ACL, Mosquitto
-from tests.mqtt.conftest import Recorder, make_config, require_mosquitto, wait_for
+from tests.mqtt.conftest import (
+    Recorder,
+    assert_complete_in_order,
+    make_config,
+    require_mosquitto,
+    telemetry_seqs,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "digits_small_int8.onnx"
-
-
-def telemetry_seqs(*recorders: Recorder) -> list[tuple[int, bool]]:
-    """(seq, replayed) of every telemetry message seen, in arrival order, across recorders."""
-    out = []
-    for rec in recorders:
-        for doc in rec.json_on("/telemetry"):
-            out.append((doc["seq"], bool(doc.get("replayed"))))
-    return out
-
-
-def assert_complete_in_order(seqs: list[tuple[int, bool]], upto: int) -> None:
-    """Every seq 1..upto arrived; first arrivals are in increasing order (duplicates allowed: QoS 1)."""
-    first: list[int] = []
-    seen: set[int] = set()
-    for seq, _ in seqs:
-        if seq not in seen:
-            seen.add(seq)
-            first.append(seq)
-    assert set(range(1, upto + 1)) <= seen, f"lost: {sorted(set(range(1, upto + 1)) - seen)[:20]}"
-    assert first == sorted(first), "telemetry arrived out of order"
 
 
 class Inference:
