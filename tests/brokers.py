@@ -128,7 +128,6 @@ class CA:
         os.chmod(key_path, 0o600)
         return cert_path, key_path
 
-
     def sign_csr(self, directory: Path, csr_pem: bytes, *, days: int = 7) -> Path:
         """Issue a client certificate for a device's CSR (its key never leaves it); return the path."""
         csr = x509.load_pem_x509_csr(csr_pem)

@@ -157,7 +157,10 @@ class SyncService:
         self._stop.set()
         self._wake.set()
         self._tick.set()
-        self._cmds.put(None)
+        try:
+            self._cmds.put_nowait(None)
+        except queue.Full:
+            pass  # the worker sees _stop after its next item; never block stop() on a busy handler
         for thread in self._threads:
             thread.join(timeout)
         self._threads.clear()
