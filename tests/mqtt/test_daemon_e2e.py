@@ -312,7 +312,9 @@ def test_unsigned_replayed_and_forged_commands_are_refused(device: Device) -> No
 
 @pytest.mark.xfail(strict=True, reason=PENDING_WIRING)
 def test_activate_model_command_hot_swaps(device: Device) -> None:
-    reply = device.signed("activate-model", b"activate-1", model="digits", version="1")
+    refused = device.signed("activate-model", b"activate-0", model="digits", version="1")
+    assert refused["ok"] is False and "anti-rollback" in refused["error"]["message"]
+    reply = device.signed("activate-model", b"activate-1", model="digits", version="1", allow_downgrade=True)
     assert reply["ok"] is True, reply
     assert reply["result"] == {"model": "digits", "version": "1", "previous": "2"}
     assert device.served_version("digits") == "1"
