@@ -24,6 +24,8 @@ sys.path.insert(0, str(ROOT))
 from edgert import Runtime  # noqa: E402
 from edgert.metrics import Metrics  # noqa: E402
 from edgert.mqtt.config import DEFAULT_TELEMETRY_INTERVAL_S, MqttConfig  # noqa: E402
+from edgert.mqtt.nonces import PersistentNonceCache  # noqa: E402
+from edgert.mqtt.signing import NonceCache  # noqa: E402
 from edgert.mqtt.spool import Spool  # noqa: E402
 from edgert.mqtt.sync import SyncService  # noqa: E402
 from tests.brokers import Mosquitto  # noqa: E402
@@ -173,6 +175,23 @@ def bytes_per_hour(payload: bytes) -> dict[str, float]:
     }
 
 
+def bench_nonces(tmp: Path, commands: int) -> dict[str, float]:
+    """Per-command cost of the persistent nonce store (fsync'd SQLite) against the in-memory cache."""
+    now = time.time()
+    persistent = PersistentNonceCache(tmp / "nonces.sqlite", now=now)
+    memory = NonceCache()
+    out: dict[str, float] = {"commands": commands}
+    try:
+        for name, store in (("memory", memory), ("sqlite", persistent), ("memory2", memory)):
+            t0 = time.perf_counter()
+            for i in range(commands):
+                store.check_and_add(f"{name}-{i:016x}", now + 60, now, iat=now)
+            out[f"{name}_us_per_command"] = (time.perf_counter() - t0) / commands * 1e6
+    finally:
+        persistent.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -194,6 +213,7 @@ def main() -> None:
         results["spool"] = bench_spool(tmp, args.records, payload)
         results["drain"] = bench_drain(tmp, args.records, payload, args.outage)
         results["bandwidth"] = bytes_per_hour(payload)
+        results["nonces"] = bench_nonces(tmp, 500)
     print(json.dumps(results, indent=2))
 
 
