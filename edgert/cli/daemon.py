@@ -77,7 +77,14 @@ def daemon(config_path: str, http: str | None, socket: str | None, check: bool) 
         click.echo(f"{config_path}: ok ({len(cfg.models)} models, {len(cfg.cascades)} cascades)")
         return
     _log_level(cfg)
-    run_loop(Daemon(cfg, config_path=config_path).run())
+    d = Daemon(cfg, config_path=config_path)
+    run_loop(d.run())
+    if d.restart_requested:
+        # reboot-daemon (MQTT): re-execute in place so systemd keeps tracking the same PID.
+        import os
+        import sys
+
+        os.execv(sys.executable, [sys.executable, "-m", "edgert.cli.main", *sys.argv[1:]])  # noqa: S606
 
 
 @click.command()

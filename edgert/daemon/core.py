@@ -34,6 +34,8 @@ log = logging.getLogger("edgert.daemon")
 
 #: Warm-up runs of a new version before it takes traffic.
 SWAP_WARMUP_RUNS = 3
+#: How long an MQTT activate/rollback command waits for the load, warm-up and swap.
+SWAP_TIMEOUT_S = 120.0
 
 
 class Service(Protocol):
@@ -116,6 +118,7 @@ class Daemon:
         self.source: ModelSource | None = None
         self.audit = DaemonAudit(None)
         self.capture: CaptureSink | None = None
+        self.restart_requested = False
 
     # ---- start -------------------------------------------------------------------------------
     def _build_runtime(self) -> Any:
@@ -175,14 +178,34 @@ class Daemon:
         )
 
     def _sync_service(self) -> Service:
-        """The MQTT sync service for a configured [mqtt] table."""
+        """The MQTT sync service for a configured [mqtt] table, with the daemon's command handlers."""
+        from contextlib import contextmanager
+
         from edgert.mqtt.config import MqttConfig
+        from edgert.mqtt.daemon_commands import daemon_handlers
         from edgert.mqtt.sync import SyncService
+        from edgert.security.loader import open_audit, open_keystore
+        from edgert.security.loader import open_store as open_model_store
 
         assert self.config.mqtt is not None
         cfg = MqttConfig.from_dict(self.config.mqtt, self.config.source)
+        root = self._state_root()
+
+        @contextmanager
+        def store() -> Any:
+            keys = open_keystore(root)
+            with open_audit(root, keys) as audit:
+                yield open_model_store(root, keys, audit)
+
         return SyncService(
-            cfg, status_provider=self.status, stats_provider=lambda: self.metrics.snapshot(reset_window=True)
+            cfg,
+            status_provider=self.status,
+            stats_provider=lambda: self.metrics.snapshot(reset_window=True),
+            audit=self.audit.event,
+            state_root=root,
+            handlers=daemon_handlers(
+                models=_EngineModels(self), open_store=store, restart=self.request_restart
+            ),
         )
 
     async def _load_all(self, config: DaemonConfig) -> None:
@@ -358,6 +381,15 @@ class Daemon:
         if self._stop_event is not None:
             self._stop_event.set()
 
+    def request_restart(self) -> None:
+        """Drain and stop, then have ``edgert daemon`` re-execute itself (same PID under systemd).
+
+        Thread-safe: called from the MQTT command thread for ``reboot-daemon``.
+        """
+        self.restart_requested = True
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.request_stop)
+
     async def shutdown(self) -> None:
         """Drain in-flight requests up to the deadline, then stop everything."""
         self.notifier.stopping()
@@ -466,3 +498,21 @@ def _with_models(old: DaemonConfig, new: DaemonConfig) -> DaemonConfig:
     from dataclasses import replace
 
     return replace(old, models=new.models, cascades=new.cascades)
+
+
+class _EngineModels:
+    """What the MQTT command handlers may do to the serving engine (called from the MQTT thread)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def served_version(self, name: str) -> str | None:
+        """The version of ``name`` being served, if any."""
+        return {info.name: info.version for info in self._daemon.engine.models()}.get(name)
+
+    def swap(self, name: str, version: str) -> None:
+        """Load, warm up and swap in ``name`` at ``version`` on the daemon's event loop; wait for it."""
+        loop = self._daemon._loop
+        if loop is None:
+            raise RuntimeError("the daemon is not running")
+        asyncio.run_coroutine_threadsafe(self._daemon.activate(name, version), loop).result(SWAP_TIMEOUT_S)

@@ -52,7 +52,6 @@ TOPIC = f"edgert/v1/{FLEET}/devices/{DEVICE}"
 OUTAGE_S = float(os.environ.get("EDGERT_E2E_OUTAGE_S", "3"))
 READY_TIMEOUT_S = 60.0
 SUB_TIMEOUT_S = 20
-PENDING_WIRING = "daemon handler wiring pending"
 
 
 @dataclass
@@ -310,7 +309,6 @@ def test_unsigned_replayed_and_forged_commands_are_refused(device: Device) -> No
     assert device.command(other, b"other-device")["error"]["code"] == "wrong_device"
 
 
-@pytest.mark.xfail(strict=True, reason=PENDING_WIRING)
 def test_activate_model_command_hot_swaps(device: Device) -> None:
     refused = device.signed("activate-model", b"activate-0", model="digits", version="1")
     assert refused["ok"] is False and "anti-rollback" in refused["error"]["message"]
@@ -326,7 +324,6 @@ def test_activate_model_command_hot_swaps(device: Device) -> None:
     assert device.served_version("digits") == "2"
 
 
-@pytest.mark.xfail(strict=True, reason=PENDING_WIRING)
 def test_rollback_model_command_goes_to_the_previous_version(device: Device) -> None:
     reply = device.signed("rollback-model", b"rollback-1", model="digits")
     assert reply["ok"] is True, reply
@@ -401,7 +398,6 @@ def test_broker_outage_loses_no_telemetry_and_never_blocks_inference(device: Dev
     assert sync["replayed"] >= len(outage_seqs)
 
 
-@pytest.mark.xfail(strict=True, reason=PENDING_WIRING)
 def test_reboot_daemon_command_restarts_and_comes_back_online(device: Device) -> None:
     assert device.monitor is not None
     before = len(device.monitor.on("/status"))
