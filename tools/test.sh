@@ -18,6 +18,10 @@ fi
 echo "== installing edgert[dev,litert]"
 "$PYTHON" -m pip install --disable-pip-version-check -q -e ".[dev,litert]"
 
+echo "== lint: ruff and mypy"
+"$PYTHON" -m ruff check edgert tests tools
+"$PYTHON" -m mypy
+
 echo "== running the test suite"
 set +e
 "$PYTHON" -m pytest "$@"

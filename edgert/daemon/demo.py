@@ -63,7 +63,9 @@ def build_demo_config(
     """The embedded demo config: CPU profile, store under ``root``, no broker."""
     from edgert.engine import DIGITS_DEFAULT_RULE, DIGITS_DEFAULT_THRESHOLD
 
-    models = [ModelEntry(name=m.name) for m in DEMO_MODELS]
+    # The digits models run in ~20 µs: a second intra-op thread only spins and steals the core the
+    # event loop needs (measured in docs/serving.md), so they get one thread.
+    models = [ModelEntry(name=m.name, threads=1) for m in DEMO_MODELS]
     if mobilenet:
         models.append(ModelEntry(name=MOBILENET.name))
     return DaemonConfig(
@@ -100,7 +102,7 @@ curl:
 
 Python:
   import numpy as np
-  from edgert.serve.client import Client
+  from edgert.client import Client
   with Client("unix://{socket}") as c:        # or Client("http://{http}")
       logits = c.infer("digits", {{"pixels": np.zeros((1, 64), np.float32)}})["logits"]
       print(logits.argmax(1))

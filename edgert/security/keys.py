@@ -17,10 +17,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
-from cryptography.x509.oid import NameOID
 
 from edgert.errors import KeyFileError
 from edgert.security.atomic import FileSystem, ensure_private_dir
@@ -157,6 +155,10 @@ class DeviceKeys:
 
     def tls_csr(self, common_name: str) -> bytes:
         """A PEM certificate signing request for the TLS client key (for broker enrollment)."""
+        # x509 is ~6 MB of RSS and only needed here, never on the serving path.
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
         builder = x509.CertificateSigningRequestBuilder().subject_name(
             x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         return builder.sign(self.tls, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
