@@ -238,3 +238,30 @@ def test_public_api_is_pinned() -> None:
     )
     for name in edgert.__all__:
         assert getattr(edgert, name) is not None
+
+
+def test_tflite_int8_inputs_and_outputs_are_quantized_for_the_caller(
+    rt: Runtime, models_dir: Path, digits
+) -> None:
+    """A real .tflite with int8 input/output tensors: callers pass and receive float32."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    x, y = digits
+    path = models_dir / "digits_small_int8io.tflite"
+    raw = Interpreter(model_content=path.read_bytes())
+    assert raw.get_input_details()[0]["dtype"] == np.int8  # the file really has int8 I/O
+    assert raw.get_output_details()[0]["dtype"] == np.int8
+    model = rt.load(path)
+    assert [(s.name, s.dtype.name) for s in model.inputs] == [("pixels", "float32")]
+    assert [(s.name, s.dtype.name) for s in model.outputs] == [("logits", "float32")]
+    logits = np.concatenate([model.infer({"pixels": x[i : i + 32]})["logits"] for i in range(0, len(x), 32)])
+    assert logits.dtype == np.float32
+    # dequantized logits are real-valued scores, not raw int8 codes
+    assert np.abs(logits).max() < 127 and len(np.unique(logits)) > 10
+    import json
+
+    card = json.loads((models_dir / "cards.json").read_text())["models"]["digits_small_int8io.tflite"]
+    acc = float((logits.argmax(1) == y).mean())
+    assert abs(acc * 100 - card["accuracy_pct"]) <= 0.1
+    float_io = rt.load(models_dir / "digits_small_int8.tflite").infer({"pixels": x[:32]})["logits"]
+    assert (logits[:32].argmax(1) == float_io.argmax(1)).mean() >= 0.95
