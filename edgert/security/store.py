@@ -280,6 +280,9 @@ class ModelStore:
                 if self.header(m.name, m.version).manifest.payload_sha256 != m.payload_sha256:
                     raise StoreError(f"{m.name} {m.version} is already installed with different content",
                                      hint="give the new build a higher version")
+                # Same version again: keep the stored copy, but never report a damaged or
+                # foreign file as installed.
+                self._verify_source(source, header)
             else:
                 self._stage(source, final, header)
             self._commit_install(state, m, activate)
@@ -296,6 +299,20 @@ class ModelStore:
                                 "installed (anti-rollback)",
                                 hint="pass --allow-downgrade to install an older version on purpose")
         self._emit("model_downgrade_allowed", model=m.name, version=m.version, highest=highest)
+
+    def _verify_source(self, source: Path, header: pkg.PackageHeader) -> None:
+        """Fully verify a package file in place (decrypt to nowhere); audit and raise on failure."""
+        try:
+            with open(source, "rb") as f:
+                pkg.read_header(f)
+                key = header.key_for(self.keys.wrap)
+                pkg.decrypt_payload(f, header, key, out=None, check_hashes=True)
+        except SecurityError as exc:
+            self._emit("package_verify_failed", model=header.manifest.name,
+                       version=header.manifest.version, error=type(exc).__name__)
+            raise
+        except OSError as exc:
+            raise ModelError(f"cannot read package {source}: {exc.strerror}") from exc
 
     def _stage(self, source: Path, final: Path, header: pkg.PackageHeader) -> None:
         """Copy ``source`` next to ``final``, verify the copy, then rename it into place."""

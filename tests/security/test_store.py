@@ -96,6 +96,25 @@ def test_tampered_or_foreign_package_is_not_installed(state: Path, device_keys: 
     assert "package_verify_failed" in [r["event"] for r in read_records(state / "audit")]
 
 
+def test_reimporting_a_damaged_copy_of_an_installed_version_is_refused(state: Path, device_keys: DeviceKeys,
+                                                                        tmp_path: Path) -> None:
+    store, audit = _store(state, device_keys)
+    good = _pkg(tmp_path, device_keys, "1")
+    store.install(good)
+    bad = bytearray(good.read_bytes())
+    bad[len(bad) // 2] ^= 0x01  # inside the encrypted payload; the manifest still matches
+    damaged = tmp_path / "damaged.edgepkg"
+    damaged.write_bytes(bytes(bad))
+    with pytest.raises(IntegrityError):
+        store.install(damaged)
+    store.install(good)  # the intact file is still accepted as the same version
+    assert store.entry("digits").installed == ["1"]
+    _manifest, plaintext = store.read_model("digits")
+    assert plaintext == SMALL_ONNX.read_bytes()
+    audit.close()
+    assert "package_verify_failed" in [r["event"] for r in read_records(state / "audit")]
+
+
 def test_package_file_tampered_after_install_is_refused_at_load(state: Path, device_keys: DeviceKeys,
                                                                 tmp_path: Path) -> None:
     store, audit = _store(state, device_keys)
