@@ -19,7 +19,7 @@ from typing import Any
 
 import httptools
 
-from edgert.serve import eager
+from edgert.serve import eager, linger
 
 __all__ = ["HttpLimits", "HttpServer", "Request", "Response"]
 
@@ -127,6 +127,7 @@ class _Connection(asyncio.Protocol):
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        self.linger = linger.for_loop()
         if len(self.server.connections) >= self.limits.max_connections:
             self._reject(503, "too many connections; retry later")
             return
@@ -259,6 +260,7 @@ class _Connection(asyncio.Protocol):
             transport.write(head + resp.body[0])
         else:
             transport.writelines([head, *resp.body])
+        self.linger.touch()
         if not keep_alive:
             transport.close()
             self.transport = None

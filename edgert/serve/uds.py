@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgert.errors import ConfigError, InputError
-from edgert.serve import eager
+from edgert.serve import eager, linger
 from edgert.serve import uds_frames as fr
 from edgert.serve.backend import ServingBackend, error_text, status_for
 from edgert.serve.oip_http import model_metadata_doc
@@ -39,6 +39,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        self.linger = linger.for_loop()
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -114,6 +115,7 @@ class _Connection(asyncio.Protocol):
     def _write(self, buffers: list[Any]) -> None:
         if self.transport is not None:
             self.transport.writelines(buffers)
+            self.linger.touch()
 
 
 class UdsServer:
