@@ -6,7 +6,8 @@ it for the next request measured 40-60 us, and the model then ran 1.5-2x slower 
 (digits: ~45 us instead of ~25 us). Lingering keeps the vCPU awake for that gap: after a response,
 the loop keeps a callback ready for ``budget`` so it polls (``epoll_wait`` with timeout 0) and
 serves the next request, on any connection or protocol, as soon as it arrives. The cost is at most
-``budget`` of CPU per response and none while the loop is busy anyway.
+``budget`` of CPU per response, and each poll yields the CPU to any other runnable thread, so
+lingering only uses time the core would otherwise spend idle.
 
 ``EDGERT_LINGER_US`` sets the budget (default :data:`DEFAULT_LINGER_US`; 0 turns lingering off).
 """
@@ -55,6 +56,9 @@ class Linger:
     def _poll(self) -> None:
         # A ready callback makes the loop poll its selector without blocking, then run us again.
         if time.perf_counter_ns() - self.last < self.budget_ns and not self.loop.is_closed():
+            # Polling must not take the core from work that could use it (clients on a loaded
+            # 2-core device): let any runnable thread on this CPU go first.
+            os.sched_yield()
             self.loop.call_soon(self._poll)
         else:
             self.active = False
