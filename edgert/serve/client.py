@@ -176,6 +176,8 @@ class _HttpResponse:
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
         self.done = False
+        self.keep_alive = False
+        self.parser: Any = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
@@ -184,6 +186,8 @@ class _HttpResponse:
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        # llhttp resets its flags once the message is complete: ask about keep-alive now.
+        self.keep_alive = bool(self.parser is not None and self.parser.should_keep_alive())
         self.done = True
 
 
@@ -236,6 +240,7 @@ class _HttpTransport:
         assert self.sock is not None
         resp = _HttpResponse()
         parser = httptools.HttpResponseParser(resp)
+        resp.parser = parser
         view = memoryview(self._buf)
         while not resp.done:
             # recv_into a kept buffer: recv(256 KiB) would malloc (mmap) a fresh block every call.
@@ -243,7 +248,7 @@ class _HttpTransport:
             if not n:
                 raise ConnectionResetError("server closed the connection")
             parser.feed_data(view[:n])
-        if not parser.should_keep_alive():
+        if not resp.keep_alive:
             self.close()
         return parser.get_status_code(), resp
 

@@ -423,3 +423,17 @@ def test_concurrent_threads_through_our_client(served, digits):
     for t in threads:
         t.join()
     assert not failures, failures[0]
+
+
+def test_python_client_keeps_the_http_connection_alive(served, digits) -> None:
+    """One TCP connection for many calls (the response parser's keep-alive flag is read in time)."""
+    from edgert.client import Client
+
+    x, _ = digits
+    with Client(served.http_url) as c:
+        c.infer("digits-small", {"pixels": x[:1]})
+        first = c._http.sock
+        assert first is not None
+        for i in range(5):
+            c.infer("digits-small", {"pixels": x[i : i + 1]})
+        assert c._http.sock is first
