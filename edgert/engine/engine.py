@@ -16,17 +16,15 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Any
 
 import numpy as np
 
-from edgert.engine.batcher import Batcher
 from edgert.engine.batching import batch_rows
 from edgert.engine.cache import cache_key
-from edgert.engine.cascade import escalate_mask, merge_rows
+from edgert.engine.cascade_run import cascade_info, check_members, run_cascade_async, run_cascade_sync
 from edgert.engine.config import CascadeConfig, InferResult, ModelConfig, ModelInfo, ServableModel
-from edgert.engine.served import Progress, Served, check_batchable, check_compatible, warm_up
+from edgert.engine.served import Progress, Served, check_compatible, prepare
 from edgert.errors import BackendError, ConfigError, EdgertError, InputError, OverloadedError, ServeError
 from edgert.metrics import Metrics
 
@@ -60,6 +58,32 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, BackendError):
         return "backend"
     return "error" if isinstance(exc, EdgertError) else "internal"
+
+
+class _Admitted:
+    """One admitted request: on exit, record a failure, free its slot, then record its latency.
+
+    Shared by :meth:`Engine.infer` and :meth:`Engine.infer_sync`. A class rather than
+    ``@contextmanager`` because this is on every request's path and a generator costs more.
+    """
+
+    __slots__ = ("engine", "name", "served", "start")
+
+    def __init__(self, engine: Engine, name: str, version: str | None, start: float) -> None:
+        self.engine, self.name, self.start = engine, name, start
+        self.served = engine._admit(name, version)  # raises before anything needs undoing
+
+    def __enter__(self) -> Served:
+        return self.served
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        try:
+            if exc is not None:
+                self.engine._failed(self.name, self.start, exc)
+        finally:
+            self.engine._release(self.served)
+        if exc is None:
+            self.engine.metrics.observe_request(self.name, time.perf_counter() - self.start)
 
 
 class Engine:
@@ -98,16 +122,7 @@ class Engine:
                     hint="add the member models before the cascade",
                 )
             small, large = self._served[config.small].model, self._served[config.large].model
-        check_compatible(small, large, config.name)
-        for member in (small, large):
-            if config.output not in {o.name for o in member.outputs}:
-                raise ConfigError(
-                    f"cascade {config.name!r}: model {member.name!r} has no output {config.output!r}"
-                )
-        if any(not s.shape or s.shape[0] is not None for s in small.inputs):
-            raise ConfigError(
-                f"cascade {config.name!r}: inputs need a dynamic batch dimension for per-row escalation"
-            )
+        check_members(config, small, large)
         with self._lock:
             self._cascades[config.name] = config
         self.metrics.set_model_info(
@@ -151,16 +166,7 @@ class Engine:
         if served is None:
             raise self._unknown(name)
         if cascade is not None and large is not None:
-            info = ModelInfo(
-                name=name,
-                versions=(f"{served.model.version}+{large.model.version}",),
-                inputs=tuple(served.model.inputs),
-                outputs=tuple(served.model.outputs),
-                provider=f"cascade({served.model.provider},{large.model.provider})",
-                format=served.model.format,
-                ready=not self._draining,
-                kind="cascade",
-            )
+            info = cascade_info(name, served.model, large.model, ready=not self._draining)
         else:
             info = ModelInfo(
                 name=name,
@@ -202,9 +208,8 @@ class Engine:
         start = time.perf_counter()
         cascade = self._cascades.get(name)
         if cascade is not None:
-            return await self._cascade_async(cascade, inputs, version, outputs, start)
-        served = self._admit(name, version)
-        try:
+            return await run_cascade_async(self, cascade, inputs, version, outputs, start)
+        with _Admitted(self, name, version, start) as served:
             validated, key, hit = self._before(served, inputs, outputs)
             if hit is not None:
                 out = hit
@@ -215,14 +220,7 @@ class Engine:
             else:
                 loop = asyncio.get_running_loop()
                 out = await loop.run_in_executor(self._executor(), self._run, served, validated)
-            result = self._after(served, out, outputs, key, cached=hit is not None)
-        except BaseException as exc:
-            self._failed(name, start, exc)
-            raise
-        finally:
-            self._release(served)
-        self.metrics.observe_request(name, time.perf_counter() - start)
-        return result
+            return self._after(served, out, outputs, key, cached=hit is not None)
 
     def infer_sync(
         self,
@@ -237,9 +235,8 @@ class Engine:
         start = time.perf_counter()
         cascade = self._cascades.get(name)
         if cascade is not None:
-            return self._cascade_sync(cascade, inputs, version, outputs, start)
-        served = self._admit(name, version)
-        try:
+            return run_cascade_sync(self, cascade, inputs, version, outputs, start)
+        with _Admitted(self, name, version, start) as served:
             validated, key, hit = self._before(served, inputs, outputs)
             if hit is not None:
                 out = hit
@@ -247,14 +244,7 @@ class Engine:
                 out = served.batcher.submit_sync(validated, batch_rows(validated))
             else:
                 out = self._run(served, validated)
-            result = self._after(served, out, outputs, key, cached=hit is not None)
-        except BaseException as exc:
-            self._failed(name, start, exc)
-            raise
-        finally:
-            self._release(served)
-        self.metrics.observe_request(name, time.perf_counter() - start)
-        return result
+            return self._after(served, out, outputs, key, cached=hit is not None)
 
     def _admit(self, name: str, version: str | None) -> Served:
         with self._lock:
@@ -369,111 +359,9 @@ class Engine:
                     self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="edgert-infer")
         return self._pool
 
-    # -- cascades ----------------------------------------------------------------------------------
-    def _cascade_inputs(
-        self, cfg: CascadeConfig, inputs: Mapping[str, Any], version: str | None
-    ) -> dict[str, Any]:
-        info = self.get(cfg.name, version)  # raises for a wrong version
-        del info
-        with self._lock:
-            small = self._served.get(cfg.small)
-        if small is None:
-            raise self._unknown(cfg.small)
-        return small.model.validate(inputs)
-
-    def _cascade_split(self, cfg: CascadeConfig, small: InferResult) -> np.ndarray:
-        return escalate_mask(small.outputs[cfg.output], cfg.rule, cfg.threshold)
-
-    def _cascade_result(
-        self,
-        cfg: CascadeConfig,
-        small: InferResult,
-        large: InferResult | None,
-        mask: np.ndarray,
-        outputs: Sequence[str] | None,
-        start: float,
-    ) -> InferResult:
-        merged = merge_rows(small.outputs, large.outputs, mask) if large is not None else small.outputs
-        if outputs:
-            missing = [o for o in outputs if o not in merged]
-            if missing:
-                raise InputError(
-                    f"cascade {cfg.name!r} has no output(s) {missing}; outputs are {sorted(merged)}"
-                )
-            merged = {o: merged[o] for o in outputs}
-        escalated = int(mask.sum())
-        self.metrics.observe_cascade(cfg.name, int(mask.shape[0]), escalated)
-        self.metrics.observe_request(cfg.name, time.perf_counter() - start)
-        version = (
-            f"{small.model_version}+{large.model_version if large else self._served[cfg.large].model.version}"
-        )
-        return InferResult(merged, cfg.name, version, escalated=escalated > 0, escalated_rows=escalated)
-
-    async def _cascade_async(
-        self,
-        cfg: CascadeConfig,
-        inputs: Mapping[str, Any],
-        version: str | None,
-        outputs: Sequence[str] | None,
-        start: float,
-    ) -> InferResult:
-        try:
-            x = self._cascade_inputs(cfg, inputs, version)
-            small = await self.infer(cfg.small, x)
-            mask = self._cascade_split(cfg, small)
-            large = await self.infer(cfg.large, {k: v[mask] for k, v in x.items()}) if mask.any() else None
-            return self._cascade_result(cfg, small, large, mask, outputs, start)
-        except BaseException as exc:
-            self._failed(cfg.name, start, exc)
-            raise
-
-    def _cascade_sync(
-        self,
-        cfg: CascadeConfig,
-        inputs: Mapping[str, Any],
-        version: str | None,
-        outputs: Sequence[str] | None,
-        start: float,
-    ) -> InferResult:
-        try:
-            x = self._cascade_inputs(cfg, inputs, version)
-            small = self.infer_sync(cfg.small, x)
-            mask = self._cascade_split(cfg, small)
-            large = self.infer_sync(cfg.large, {k: v[mask] for k, v in x.items()}) if mask.any() else None
-            return self._cascade_result(cfg, small, large, mask, outputs, start)
-        except BaseException as exc:
-            self._failed(cfg.name, start, exc)
-            raise
-
     # -- lifecycle ---------------------------------------------------------------------------------
     def _prepare(self, model: ServableModel, config: ModelConfig, warmup: int) -> Served:
-        max_batch = config.max_batch_size
-        if max_batch and model.max_batch:
-            max_batch = min(max_batch, model.max_batch)  # the runtime's limit for this model/profile
-        if max_batch:
-            check_batchable(model, config.name)
-        run_seconds = warm_up(model, warmup)
-        served = Served(model, config, max_batch=max_batch, run_seconds=run_seconds)
-        if max_batch:
-            served.batcher = Batcher(
-                config.name,
-                partial(self._run, served),
-                max_batch_size=max_batch,
-                max_queue_delay_us=config.max_queue_delay_us,
-                preferred_batch_sizes=config.preferred_batch_sizes,
-            )
-        log.info(
-            "serving model",
-            extra={
-                "model": config.name,
-                "version": model.version,
-                "provider": model.provider,
-                "max_batch": max_batch,
-                "placement": "batcher" if max_batch else ("inline" if served.inline else "pool"),
-                "warm_run_us": round(run_seconds * 1e6, 1),
-            },
-        )
-        return served
+        return prepare(model, config, warmup, self._run)
 
     async def swap(
         self,
@@ -584,6 +472,17 @@ class Engine:
             f"unknown model {name!r}; served models: {known}",
             hint="list them with GET /v2/models or 'edgert models list'",
         )
+
+    def _member_model(self, name: str) -> ServableModel:
+        """The model served under ``name`` (a cascade member); raises UnknownModelError."""
+        with self._lock:
+            served = self._served.get(name)
+        if served is None:
+            raise self._unknown(name)
+        return served.model
+
+    def _served_version(self, name: str) -> str:
+        return self._served[name].model.version
 
     def _queue_depths(self) -> dict[str, float]:
         with self._lock:

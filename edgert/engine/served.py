@@ -1,14 +1,18 @@
 """One served model version: its config, batcher, cache, admission counters and progress clock.
 
 Also the checks done before a model serves: batchability, signature compatibility for swaps,
-and the warm-up that measures latency to choose between inline and threaded execution.
+and the warm-up that measures latency to choose between inline and threaded execution; and
+:func:`prepare`, which does both and builds the batcher.
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -17,7 +21,17 @@ from edgert.engine.cache import ResultCache
 from edgert.engine.config import ModelConfig, ServableModel
 from edgert.errors import BackendError, ConfigError, EdgertError
 
-__all__ = ["INLINE_THRESHOLD_S", "Progress", "Served", "check_batchable", "check_compatible", "warm_up"]
+__all__ = [
+    "INLINE_THRESHOLD_S",
+    "Progress",
+    "Served",
+    "check_batchable",
+    "check_compatible",
+    "prepare",
+    "warm_up",
+]
+
+log = logging.getLogger("edgert.engine")
 
 #: Models whose warm run takes less than this run inline on the caller's thread (the event loop)
 #: when not batching: digits takes ~20 us, while a hand-off to a worker thread and back costs
@@ -120,3 +134,39 @@ def warm_up(model: ServableModel, runs: int) -> float:
             f"warm-up of model {model.name!r} version {model.version!r} failed: {type(exc).__name__}: {exc}"
         ) from None
     return statistics.median(timings[1:])
+
+
+def prepare(
+    model: ServableModel,
+    config: ModelConfig,
+    warmup: int,
+    run: Callable[[Served, dict[str, np.ndarray]], dict[str, np.ndarray]],
+) -> Served:
+    """Check and warm up ``model``, then wrap it for serving; ``run`` executes one batch for the batcher."""
+    max_batch = config.max_batch_size
+    if max_batch and model.max_batch:
+        max_batch = min(max_batch, model.max_batch)  # the runtime's limit for this model/profile
+    if max_batch:
+        check_batchable(model, config.name)
+    run_seconds = warm_up(model, warmup)
+    served = Served(model, config, max_batch=max_batch, run_seconds=run_seconds)
+    if max_batch:
+        served.batcher = Batcher(
+            config.name,
+            partial(run, served),
+            max_batch_size=max_batch,
+            max_queue_delay_us=config.max_queue_delay_us,
+            preferred_batch_sizes=config.preferred_batch_sizes,
+        )
+    log.info(
+        "serving model",
+        extra={
+            "model": config.name,
+            "version": model.version,
+            "provider": model.provider,
+            "max_batch": max_batch,
+            "placement": "batcher" if max_batch else ("inline" if served.inline else "pool"),
+            "warm_run_us": round(run_seconds * 1e6, 1),
+        },
+    )
+    return served
