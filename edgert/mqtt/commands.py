@@ -15,7 +15,14 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edgert.errors import EdgertError
-from edgert.mqtt.signing import CommandRejected, NonceCache, NonceStore, SignedCommand, verify_command
+from edgert.mqtt.signing import (
+    MAX_COMMAND_BYTES,
+    CommandRejected,
+    NonceCache,
+    NonceStore,
+    SignedCommand,
+    verify_command,
+)
 
 __all__ = ["COMMANDS", "MAX_REPLY_BYTES", "AuditSink", "CommandProcessor", "Handler"]
 
@@ -72,6 +79,15 @@ class CommandProcessor:
         self.audit("mqtt.command.accepted", cmd=command.cmd, nonce=command.nonce)
         return self._dispatch(command, rid)
 
+    def busy_reply(self, payload: bytes, message: str) -> dict[str, Any]:
+        """The ``busy`` reply for a command the device cannot take now; it is neither verified nor run.
+
+        The ``request_id`` is read from the *unverified* body, only so that an MQTT 3.1.1 fleet can
+        correlate the reply (MQTT 5 uses the correlation data); nothing else in the payload is used.
+        Cheap and never raises: it runs on the network thread.
+        """
+        return self._reply(_unverified_request_id(payload), ok=False, code="busy", message=message)
+
     def _verify(self, payload: bytes, now: float) -> SignedCommand:
         if self.public_key is None:
             raise CommandRejected("no_key", "device has no pinned fleet command key; commands are disabled")
@@ -126,3 +142,16 @@ class CommandProcessor:
             doc["ok"] = False
             doc["error"] = {"code": "too_large", "message": f"result exceeds {MAX_REPLY_BYTES} bytes"}
         return doc
+
+
+def _unverified_request_id(payload: bytes) -> str | None:
+    """``request_id`` from a command's signed body without checking the signature, or None."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        return None
+    try:
+        env = json.loads(payload)
+        body = json.loads(env["body"]) if isinstance(env, dict) and isinstance(env.get("body"), str) else None
+    except Exception:  # invalid JSON, bad UTF-8, nesting too deep: no id to echo
+        return None
+    rid = body.get("request_id") if isinstance(body, dict) else None
+    return rid if isinstance(rid, str) and len(rid) <= 128 else None

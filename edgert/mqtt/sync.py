@@ -129,7 +129,15 @@ class SyncService:
         self._stop = threading.Event()
         self._cmds: queue.Queue[tuple[bytes, bytes | None] | None] = queue.Queue(COMMAND_QUEUE)
         self._threads: list[threading.Thread] = []
-        self.counters = {"published": 0, "acked": 0, "rejected": 0, "replayed": 0, "commands": 0}
+        # commands_busy: commands answered ``busy`` because the command queue was full.
+        self.counters = {
+            "published": 0,
+            "acked": 0,
+            "rejected": 0,
+            "replayed": 0,
+            "commands": 0,
+            "commands_busy": 0,
+        }
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -250,10 +258,20 @@ class SyncService:
         if topic != self.cmd_topic:
             return
         corr = getattr(props, "CorrelationData", None) if props is not None else None
+        corr = bytes(corr) if corr else None
         try:
-            self._cmds.put_nowait((payload, bytes(corr) if corr else None))
+            self._cmds.put_nowait((payload, corr))
         except queue.Full:
-            log.warning("command queue full; command dropped")
+            # Tell the fleet instead of dropping silently; the command is neither verified nor run
+            # (and its nonce is not recorded), so the fleet may send it again, re-signed or as is.
+            self.counters["commands_busy"] += 1
+            log.warning("command queue full; replied busy", extra={"queue": COMMAND_QUEUE})
+            self._reply(
+                self.commands.busy_reply(
+                    payload, f"the device's command queue is full ({COMMAND_QUEUE}); retry later"
+                ),
+                corr,
+            )
 
     # -- drainer -----------------------------------------------------------------------------
     def _drain_loop(self) -> None:
@@ -340,25 +358,28 @@ class SyncService:
 
     # -- commands ----------------------------------------------------------------------------
     def _command_loop(self) -> None:
-        import json
-
         while True:
             item = self._cmds.get()
             if item is None or self._stop.is_set():
                 return
             payload, corr = item
             self.counters["commands"] += 1
-            reply = self.commands.handle(payload, now=self.clock())
-            props = None
-            if self.cfg.mqtt5 and corr is not None:
-                props = Properties(PacketTypes.PUBLISH)
-                props.CorrelationData = corr
-            try:
-                self.link.publish(
-                    self.reply_topic, json.dumps(reply, default=str).encode(), qos=1, properties=props
-                )
-            except SyncError as exc:
-                log.warning("cannot send command reply", extra={"error": exc.message})
+            self._reply(self.commands.handle(payload, now=self.clock()), corr)
+
+    def _reply(self, reply: Mapping[str, Any], corr: bytes | None) -> None:
+        """Publish a reply, correlated like the request (MQTT 5 correlation data; request_id inside)."""
+        import json
+
+        props = None
+        if self.cfg.mqtt5 and corr is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = corr
+        try:
+            self.link.publish(
+                self.reply_topic, json.dumps(reply, default=str).encode(), qos=1, properties=props
+            )
+        except SyncError as exc:
+            log.warning("cannot send command reply", extra={"error": exc.message})
 
     def _handlers(self, extra: Mapping[str, Handler]) -> dict[str, Handler]:
         handlers: dict[str, Handler] = {

@@ -178,3 +178,96 @@ def test_commands_disabled_without_pinned_key(tmp_path: Path, broker: Mosquitto,
     finally:
         svc.stop()
         rec.close()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_full_command_queue_replies_busy_then_queued_commands_complete(
+    tmp_path: Path, broker: Mosquitto, command_key: Any, protocol: str
+) -> None:
+    import threading
+
+    from edgert.mqtt.sync import COMMAND_QUEUE
+
+    key, pub = command_key
+    entered, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def blocking(args: Any) -> dict[str, Any]:
+        entered.set()
+        assert release.wait(60), "test never released the handler"
+        ran.append(args["version"])
+        return {"model": args["model"], "version": args["version"]}
+
+    rec = Recorder(broker.port)
+    svc = SyncService(
+        make_config(
+            tmp_path, broker.port, command_key_file=str(pub), telemetry_interval=3600, protocol=protocol
+        ),
+        handlers={"activate-model": blocking},
+    )
+    svc.start()
+    mqtt5 = protocol == "5"
+
+    def send(payload: bytes, rid: str) -> None:
+        rec.publish(CMD, payload, _corr(rid.encode()) if mqtt5 else None)
+
+    def replies(rid: str) -> list[dict[str, Any]]:
+        # Correlate exactly as a fleet would: correlation data with MQTT 5, request_id with 3.1.1.
+        out = []
+        for m in rec.on("/reply"):
+            doc = json.loads(m.payload)
+            if mqtt5:
+                if getattr(m.properties, "CorrelationData", None) == rid.encode():
+                    assert doc.get("request_id") == rid
+                    out.append(doc)
+            elif doc.get("request_id") == rid:
+                out.append(doc)
+        return out
+
+    def activate(i: int) -> bytes:
+        return sign_command(
+            key,
+            cmd="activate-model",
+            fleet=FLEET,
+            device=DEVICE,
+            now=time.time(),
+            args={"model": "m", "version": str(i)},
+            request_id=f"q{i}",
+        )
+
+    try:
+        assert svc.link.wait_connected(10)
+        wait_for(lambda: rec.on("/status"), what="online")
+        # One command occupies the worker, COMMAND_QUEUE more fill the queue.
+        send(activate(0), "q0")
+        wait_for(entered.is_set, what="handler entered")
+        for i in range(1, COMMAND_QUEUE + 1):
+            send(activate(i), f"q{i}")
+        overflow = sign_command(
+            key, cmd="ping", fleet=FLEET, device=DEVICE, now=time.time(), request_id="over"
+        )
+        send(overflow, "over")
+        wait_for(lambda: replies("over"), what="busy reply")
+        (busy,) = replies("over")
+        assert busy["ok"] is False and busy["error"]["code"] == "busy"
+        assert busy["device"] == DEVICE and "result" not in busy
+        assert svc.stats()["commands_busy"] == 1
+        assert not [m for m in rec.on("/reply") if json.loads(m.payload).get("request_id") != "over"]
+
+        release.set()
+        for i in range(COMMAND_QUEUE + 1):
+            wait_for(lambda i=i: replies(f"q{i}"), what=f"reply to q{i}")
+            (doc,) = replies(f"q{i}")
+            assert doc["ok"] is True and doc["result"]["version"] == str(i)
+        assert ran == [str(i) for i in range(COMMAND_QUEUE + 1)]
+        assert len(replies("over")) == 1  # the overflow command was never executed
+
+        # It was not verified either: its nonce was not recorded, so the fleet can send it again.
+        send(overflow, "over")
+        wait_for(lambda: len(replies("over")) == 2, what="reply to the resent command")
+        assert replies("over")[1]["ok"] is True and replies("over")[1]["result"]["pong"] is True
+        assert svc.stats()["commands_busy"] == 1 and svc.stats()["commands"] == COMMAND_QUEUE + 2
+    finally:
+        release.set()
+        svc.stop()
+        rec.close()

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from edgert.errors import ConfigError, SyncError
 from edgert.mqtt import topics
 from edgert.mqtt.client import Backoff, certificate_problem
+from edgert.mqtt.commands import CommandProcessor
 from edgert.mqtt.config import MqttConfig
 from edgert.mqtt.signing import CommandRejected, NonceCache, sign_command, verify_command
 from edgert.mqtt.spool import Spool
@@ -280,3 +281,35 @@ def test_online_status_accepts_daemon_model_entries() -> None:
     }
     doc = json.loads(online_status(device="d", version="0.1", ts=1.0, uptime_s=2.0, info=info))
     assert doc["models"] == {"a": "3", "b": "7"} and doc["state"] == "online"
+
+
+# -- busy replies (command queue full) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "rid"),
+    [
+        (None, "r-7"),  # a real signed command: its request_id is echoed for 3.1.1 correlation
+        (b"\xff not json", None),
+        (b"[" * 50_000, None),  # nesting too deep for json: must not raise on the network thread
+        (json.dumps({"v": 1, "body": json.dumps({"request_id": "x" * 129})}).encode(), None),
+        (json.dumps({"v": 1, "body": json.dumps({"request_id": 5})}).encode(), None),
+        (json.dumps({"v": 1, "body": "[1]"}).encode(), None),
+        (b"{" + b" " * 70_000 + b"}", None),
+    ],
+)
+def test_busy_reply_echoes_only_a_plausible_request_id(payload: bytes | None, rid: str | None) -> None:
+    key = Ed25519PrivateKey.generate()
+    nonces = NonceCache()
+    proc = CommandProcessor("f1", "dev-a", key.public_key(), nonces=nonces)
+    if payload is None:
+        payload = sign_command(key, cmd="ping", fleet="f1", device="dev-a", now=1000.0, request_id="r-7")
+    reply = proc.busy_reply(payload, "queue full")
+    assert reply == {
+        "v": 1,
+        "device": "dev-a",
+        "ok": False,
+        "error": {"code": "busy", "message": "queue full"},
+        **({"request_id": rid} if rid else {}),
+    }
+    assert not nonces._seen  # neither verified nor recorded
