@@ -117,7 +117,7 @@ def _parse_envelope(payload: bytes) -> tuple[str, bytes]:
         )
     try:
         env = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[…" nesting bombs
         raise CommandRejected("malformed", "command is not valid JSON") from None
     if not isinstance(env, dict):
         raise CommandRejected("malformed", "command must be a JSON object")
@@ -138,7 +138,7 @@ def _parse_envelope(payload: bytes) -> tuple[str, bytes]:
 def _parse_body(body_text: str) -> dict[str, Any]:
     try:
         body = json.loads(body_text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CommandRejected("malformed", "signed body is not valid JSON") from None
     if not isinstance(body, dict) or body.get("v") != COMMAND_VERSION:
         raise CommandRejected("bad_version", "signed body has an unsupported version")

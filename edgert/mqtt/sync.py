@@ -364,7 +364,10 @@ class SyncService:
                 return
             payload, corr = item
             self.counters["commands"] += 1
-            self._reply(self.commands.handle(payload, now=self.clock()), corr)
+            try:
+                self._reply(self.commands.handle(payload, now=self.clock()), corr)
+            except Exception:  # one bad command must never stop the device taking commands
+                log.exception("command processing failed")
 
     def _reply(self, reply: Mapping[str, Any], corr: bytes | None) -> None:
         """Publish a reply, correlated like the request (MQTT 5 correlation data; request_id inside)."""

@@ -125,6 +125,9 @@ def test_signed_command_roundtrip_and_refusals() -> None:
     assert _verify(b"[]") == "malformed"
     assert _verify(b'{"v":7}') == "bad_version"
     assert _verify(b"x" * 70_000) == "too_large"
+    # nesting bombs under the size limit: json raises RecursionError, which must be "malformed"
+    assert _verify(b"[" * 60_000) == "malformed"
+    assert _verify(b"{\"a\":" * 10_000 + b"1" + b"}" * 10_000) == "malformed"
 
 
 def test_nonce_cache_is_bounded_without_evicting_live_nonces() -> None:
