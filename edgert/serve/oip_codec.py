@@ -31,10 +31,13 @@ try:  # orjson is in the `fast` extra; the stdlib is the fallback
 except ImportError:  # pragma: no cover - exercised only without the fast extra
 
     def json_loads(data: bytes | bytearray | memoryview | str) -> Any:
-        """Parse JSON (stdlib)."""
+        """Parse JSON (stdlib); nesting bombs become ValueError like orjson's depth limit."""
         if isinstance(data, memoryview):
             data = data.tobytes()
-        return json.loads(data)
+        try:
+            return json.loads(data)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
 
     def json_dumps(obj: Any) -> bytes:
         """Serialise to compact JSON bytes (stdlib)."""

@@ -138,6 +138,7 @@ def test_cascade_and_our_client_over_http(served, digits):
 
 BAD = [
     ("malformed json", b"{not json", "application/json", 400, "not valid JSON"),
+    ("json nesting bomb", b'{"inputs": ' + b"[" * 200_000, "application/json", 400, "not valid JSON"),
     ("wrong content type", b"{}", "application/x-www-form-urlencoded", 415, "content type"),
     ("no inputs", b'{"inputs": []}', "application/json", 400, "inputs"),
     (
