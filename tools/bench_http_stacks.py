@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing as mp
 import os
 import socket
 import statistics
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from loadgen import throughput
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
@@ -182,44 +182,6 @@ def read_response(sock: socket.socket, buf: bytearray) -> None:
         buf += chunk
 
 
-def _loadgen(req: bytes, port: int, conns: int, seconds: float, q: Any) -> None:
-    import uvloop
-
-    async def one(stop: float) -> int:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        done = 0
-        while time.monotonic() < stop:
-            writer.write(req)
-            head = await reader.readuntil(b"\r\n\r\n")
-            i = head.lower().find(b"content-length:")
-            await reader.readexactly(int(head[i + 15 : head.find(b"\r\n", i)]))
-            done += 1
-        writer.close()
-        await writer.wait_closed()
-        return done
-
-    async def main() -> int:
-        stop = time.monotonic() + seconds
-        return sum(await asyncio.gather(*(one(stop) for _ in range(conns))))
-
-    c0 = time.process_time()
-    total = uvloop.run(main())
-    q.put((total, time.process_time() - c0))
-
-
-def throughput(port: int, clients: int, seconds: float, procs: int = 2) -> tuple[float, float]:
-    """(req/s, load generator CPU in cores) with ``clients`` connections over ``procs`` processes."""
-    q: Any = mp.Queue()
-    per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
-    ps = [mp.Process(target=_loadgen, args=(http_request(port), port, k, seconds, q)) for k in per if k]
-    for p in ps:
-        p.start()
-    results = [q.get() for _ in ps]
-    for p in ps:
-        p.join()
-    return sum(r[0] for r in results) / seconds, sum(r[1] for r in results) / seconds
-
-
 def start(stack: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parent}:{REPO}"}
@@ -279,7 +241,7 @@ def main() -> None:
         cpu: dict[str, list[float]] = {s: [] for s in stacks}
         for _ in range(rounds):
             for s, (_, port) in servers.items():
-                r, c = throughput(port, 32, secs)
+                r, c = throughput(http_request(port), port, 32, secs)
                 rps[s].append(r)
                 cpu[s].append(c)
     finally:

@@ -9,9 +9,7 @@ load generators are separate processes with pre-built requests (low per-request 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import multiprocessing as mp
 import os
 import socket
 import subprocess
@@ -21,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from loadgen import throughput
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
@@ -121,44 +120,6 @@ def time_http(req: bytes, n: int) -> list[float]:
     return out
 
 
-def _loadgen(req: bytes, conns: int, seconds: float, q: mp.Queue, port: int) -> None:  # type: ignore[type-arg]
-    import uvloop
-
-    async def one(stop: float) -> int:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        done = 0
-        while time.monotonic() < stop:
-            writer.write(req)
-            head = await reader.readuntil(b"\r\n\r\n")
-            i = head.lower().find(b"content-length:")
-            n = int(head[i + 15 : head.find(b"\r\n", i)])
-            await reader.readexactly(n)
-            done += 1
-        writer.close()
-        return done
-
-    async def main() -> int:
-        stop = time.monotonic() + seconds
-        return sum(await asyncio.gather(*(one(stop) for _ in range(conns))))
-
-    c0 = time.process_time()
-    total = uvloop.run(main())
-    q.put((total, time.process_time() - c0))
-
-
-def throughput(req: bytes, clients: int, seconds: float, procs: int = 2) -> tuple[float, float]:
-    """req/s with ``clients`` connections spread over ``procs`` processes; and loadgen CPU share (cores)."""
-    q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
-    per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
-    ps = [mp.Process(target=_loadgen, args=(req, k, seconds, q, PORT)) for k in per if k]
-    for p in ps:
-        p.start()
-    results = [q.get() for _ in ps]
-    for p in ps:
-        p.join()
-    return sum(r[0] for r in results) / seconds, sum(r[1] for r in results) / seconds
-
-
 def bench_digits(args: argparse.Namespace, report: dict, tmp: Path) -> dict:
     """p50 of in-process ``Model.infer``, the socket client and raw HTTP JSON, interleaved per request.
 
@@ -206,12 +167,12 @@ def bench_throughput(args: argparse.Namespace, report: dict) -> dict[int, float]
     secs = 2.0 if args.quick else 4.0
     curve = {}
     for clients in (1, 8, 32, 64) if not args.quick else (1, 32):
-        rps, _ = throughput(req, clients, secs)
+        rps, _ = throughput(req, PORT, clients, secs)
         curve[clients] = rps
     rounds: dict[str, list[tuple[float, float]]] = {"digits": [], "digits-profile-threads": []}
     for _ in range(2 if args.quick else 3):
         for name in rounds:
-            rounds[name].append(throughput(json_request(name, x1), 32, secs))
+            rounds[name].append(throughput(json_request(name, x1), PORT, 32, secs))
     med = {
         k: (float(np.median([r for r, _ in v])), float(np.median([c for _, c in v])))
         for k, v in rounds.items()

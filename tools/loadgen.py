@@ -1,0 +1,51 @@
+"""HTTP load generator shared by the benchmark scripts: uvloop clients in separate processes.
+
+Each process keeps ``conns`` kept-alive connections busy with one request at a time, so the
+server, not the generator, sets the pace; the processes report their own CPU time so readers can
+judge how much of the 2 cores the generator took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import time
+from typing import Any
+
+
+def _worker(req: bytes, port: int, conns: int, seconds: float, q: Any) -> None:
+    import uvloop
+
+    async def one(stop: float) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        done = 0
+        while time.monotonic() < stop:
+            writer.write(req)
+            head = await reader.readuntil(b"\r\n\r\n")
+            i = head.lower().find(b"content-length:")
+            await reader.readexactly(int(head[i + 15 : head.find(b"\r\n", i)]))
+            done += 1
+        writer.close()
+        await writer.wait_closed()
+        return done
+
+    async def main() -> int:
+        stop = time.monotonic() + seconds
+        return sum(await asyncio.gather(*(one(stop) for _ in range(conns))))
+
+    c0 = time.process_time()
+    total = uvloop.run(main())
+    q.put((total, time.process_time() - c0))
+
+
+def throughput(req: bytes, port: int, clients: int, seconds: float, procs: int = 2) -> tuple[float, float]:
+    """(req/s, load generator CPU in cores) for ``clients`` connections spread over ``procs`` processes."""
+    q: Any = mp.Queue()
+    per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    ps = [mp.Process(target=_worker, args=(req, port, k, seconds, q)) for k in per if k]
+    for p in ps:
+        p.start()
+    results = [q.get() for _ in ps]
+    for p in ps:
+        p.join()
+    return sum(r[0] for r in results) / seconds, sum(r[1] for r in results) / seconds
