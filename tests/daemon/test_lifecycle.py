@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from edgert.serve.client import Client
+from tests.daemon.subproc import stop_daemon
 
 pytestmark = pytest.mark.integration
 
@@ -77,17 +78,6 @@ def start(config: Path, env_extra: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
-def stop(proc: subprocess.Popen[bytes]) -> tuple[int, bytes]:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    return proc.returncode, err
-
-
 @pytest.mark.slow
 def test_ready_watchdog_reload_and_drain(tmp_path, notify_socket):
     name, nsock = notify_socket
@@ -114,12 +104,12 @@ def test_ready_watchdog_reload_and_drain(tmp_path, notify_socket):
             proc.send_signal(signal.SIGHUP)
             recv_until(nsock, b"READY=1", 30)
             assert c.infer("digits-large", {"pixels": x})["logits"].shape == (4, 10)
-        code, err = stop(proc)
-        assert code == 0, err.decode()[-2000:]
-        assert b"config reload failed" in err
+        code, err = stop_daemon(proc)
+        assert code == 0, err[-2000:]
+        assert "config reload failed" in err
         assert not (tmp_path / "edgert.sock").exists()
     finally:
-        stop(proc)
+        stop_daemon(proc)
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path):
@@ -169,4 +159,4 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
         # every failure is a clean refusal/close after draining began, never a half-written answer
         assert all(r in ((32, 10), "OverloadedError", "ServeError") for r in results), results
     finally:
-        stop(proc)
+        stop_daemon(proc)
