@@ -42,6 +42,7 @@ __all__ = [
     "ServeError",
     "StoreError",
     "SyncError",
+    "UnknownModelError",
     "exit_code_for",
 ]
 
@@ -102,6 +103,10 @@ class StoreError(EdgertError):
 
 class ServeError(EdgertError):
     """The serving daemon cannot complete a request."""
+
+
+class UnknownModelError(ServeError):
+    """No model, cascade or version of that name is served (HTTP 404; the one class for it)."""
 
 
 class OverloadedError(ServeError):

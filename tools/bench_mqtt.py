@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgert import Runtime  # noqa: E402
+from edgert.device.sync import SyncService  # noqa: E402
 from edgert.metrics import Metrics  # noqa: E402
 from edgert.mqtt.config import DEFAULT_TELEMETRY_INTERVAL_S, MqttConfig  # noqa: E402
 from edgert.mqtt.nonces import PersistentNonceCache  # noqa: E402
 from edgert.mqtt.signing import NonceCache  # noqa: E402
 from edgert.mqtt.spool import Spool  # noqa: E402
-from edgert.mqtt.sync import SyncService  # noqa: E402
 from tests.brokers import Mosquitto  # noqa: E402
 
 MODEL = ROOT / "models" / "digits_small_int8.onnx"

@@ -62,7 +62,7 @@ path = "{tmp / "edgert.sock"}"
 
 
 def wait_ready(sock_path: Path, timeout: float = 60) -> None:
-    from edgert.serve.client import Client
+    from edgert.client import Client
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -127,7 +127,7 @@ def bench_digits(args: argparse.Namespace, report: dict, tmp: Path) -> dict:
     three alike; the added cost is each path's p50 minus the in-process p50.
     """
     from edgert import ModelOptions, Runtime
-    from edgert.serve.client import Client
+    from edgert.client import Client
 
     x1 = np.load(MODELS / "digits_test.npz")["x"][:1]
     n = 1500 if args.quick else 5000
@@ -189,7 +189,7 @@ def bench_throughput(args: argparse.Namespace, report: dict) -> dict[int, float]
 def bench_mobilenet(args: argparse.Namespace, report: dict) -> None:
     """MobileNetV2 int8: bare ``session.run`` vs our client over HTTP (binary extension), interleaved."""
     from edgert import Runtime
-    from edgert.serve.client import Client
+    from edgert.client import Client
 
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     n = 40 if args.quick else 150

@@ -70,7 +70,7 @@ def _log_level(cfg: DaemonConfig) -> None:
 @click.option("--check", is_flag=True, help="Validate the config and exit.")
 def daemon(config_path: str, http: str | None, socket: str | None, check: bool) -> None:
     """Serve the models of a config file over OIP v2 HTTP and the Unix socket."""
-    from edgert.daemon import Daemon
+    from edgert.device import Daemon
 
     cfg = _override(load_config(config_path), http, socket)
     if check:
@@ -104,8 +104,8 @@ def daemon(config_path: str, http: str | None, socket: str | None, check: bool) 
 @click.option("--mobilenet", is_flag=True, help="Also serve MobileNetV2 int8.")
 def demo(http: str, socket: str | None, metrics: str, mobilenet: bool) -> None:
     """Serve the bundled sample models (encrypted to a fresh device key), offline, on localhost."""
-    from edgert.daemon import Daemon
-    from edgert.daemon.demo import DEMO_MODELS, MOBILENET, build_demo_config, demo_usage, install_demo_store
+    from edgert.device import Daemon
+    from edgert.device.demo import DEMO_MODELS, MOBILENET, build_demo_config, demo_usage, install_demo_store
 
     root = Path(tempfile.mkdtemp(prefix="edgert-demo-"))
     try:

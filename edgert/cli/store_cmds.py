@@ -79,10 +79,9 @@ def _root(state_dir: Path | None, cfg: DaemonConfig | None) -> Path | None:
 
 def _notify_daemon(name: str, version: str, socket_path: str | None, cfg: DaemonConfig | None) -> None:
     """Ask the running daemon to serve ``version``; say clearly what happened."""
+    from edgert.client import notify_daemon_activate
     from edgert.config import DEFAULT_SOCKET_PATH
-    from edgert.errors import EdgertError, ServeError
-    from edgert.serve.backend import UnknownModelError
-    from edgert.serve.client import notify_daemon_activate
+    from edgert.errors import EdgertError, ServeError, UnknownModelError
 
     sock = socket_path or (cfg.socket.path if cfg is not None else DEFAULT_SOCKET_PATH)
     if not sock:

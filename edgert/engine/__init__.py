@@ -2,7 +2,7 @@
 
 from edgert.engine.cascade import DIGITS_DEFAULT_RULE, DIGITS_DEFAULT_THRESHOLD
 from edgert.engine.config import CascadeConfig, InferResult, ModelConfig, ModelInfo, ServableModel
-from edgert.engine.engine import Engine, UnknownModelError
+from edgert.engine.engine import Engine
 from edgert.engine.served import INLINE_THRESHOLD_S, Progress
 
 __all__ = [
@@ -16,5 +16,4 @@ __all__ = [
     "ModelInfo",
     "Progress",
     "ServableModel",
-    "UnknownModelError",
 ]

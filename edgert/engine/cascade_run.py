@@ -2,8 +2,7 @@
 
 The rule that picks those rows lives in :mod:`edgert.engine.cascade`; this module checks a cascade's
 member models, describes it, and runs a request through an :class:`~edgert.engine.engine.Engine`'s
-member models, merging their outputs. It is the engine's own helper (it uses the engine's private
-lookup and metrics hooks), reached only through :class:`Engine`'s methods.
+member models, merging their outputs, through the engine's public lookup and failure-counting methods.
 """
 
 from __future__ import annotations
@@ -69,7 +68,7 @@ async def run_cascade_async(
         large = await engine.infer(cfg.large, {k: v[mask] for k, v in x.items()}) if mask.any() else None
         return _result(engine, cfg, small, large, mask, outputs, start)
     except BaseException as exc:
-        engine._failed(cfg.name, start, exc)
+        engine.record_failure(cfg.name, start, exc)
         raise
 
 
@@ -89,7 +88,7 @@ def run_cascade_sync(
         large = engine.infer_sync(cfg.large, {k: v[mask] for k, v in x.items()}) if mask.any() else None
         return _result(engine, cfg, small, large, mask, outputs, start)
     except BaseException as exc:
-        engine._failed(cfg.name, start, exc)
+        engine.record_failure(cfg.name, start, exc)
         raise
 
 
@@ -98,7 +97,7 @@ def _inputs(
 ) -> dict[str, Any]:
     """Check the requested version, then validate the inputs against the small model."""
     engine.get(cfg.name, version)  # raises for a wrong version
-    return engine._member_model(cfg.small).validate(inputs)
+    return engine.served_model(cfg.small).validate(inputs)
 
 
 def _split(cfg: CascadeConfig, small: InferResult) -> np.ndarray:
@@ -124,5 +123,5 @@ def _result(
     escalated = int(mask.sum())
     engine.metrics.observe_cascade(cfg.name, int(mask.shape[0]), escalated)
     engine.metrics.observe_request(cfg.name, time.perf_counter() - start)
-    version = f"{small.model_version}+{large.model_version if large else engine._served_version(cfg.large)}"
+    version = f"{small.model_version}+{large.model_version if large else engine.served_version(cfg.large)}"
     return InferResult(merged, cfg.name, version, escalated=escalated > 0, escalated_rows=escalated)

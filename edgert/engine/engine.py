@@ -25,7 +25,14 @@ from edgert.engine.cache import cache_key
 from edgert.engine.cascade_run import cascade_info, check_members, run_cascade_async, run_cascade_sync
 from edgert.engine.config import CascadeConfig, InferResult, ModelConfig, ModelInfo, ServableModel
 from edgert.engine.served import Progress, Served, check_compatible, prepare
-from edgert.errors import BackendError, ConfigError, EdgertError, InputError, OverloadedError, ServeError
+from edgert.errors import (
+    BackendError,
+    ConfigError,
+    EdgertError,
+    InputError,
+    OverloadedError,
+    UnknownModelError,
+)
 from edgert.metrics import Metrics
 
 __all__ = ["DRAIN_POLL_S", "SWAP_DRAIN_TIMEOUT_S", "Engine", "UnknownModelError"]
@@ -41,13 +48,6 @@ RETRY_AFTER_MIN_S = 0.01
 RETRY_AFTER_MAX_S = 5.0
 #: Threads for unbatched slow models (onnxruntime releases the GIL, so these run in parallel).
 POOL_THREADS = max(2, os.cpu_count() or 2)
-
-
-class UnknownModelError(ServeError, KeyError):
-    """No model or version of that name is served (maps to HTTP 404)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return ServeError.__str__(self)
 
 
 def _reason(exc: BaseException) -> str:
@@ -79,7 +79,7 @@ class _Admitted:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         try:
             if exc is not None:
-                self.engine._failed(self.name, self.start, exc)
+                self.engine.record_failure(self.name, self.start, exc)
         finally:
             self.engine._release(self.served)
         if exc is None:
@@ -286,7 +286,8 @@ class Engine:
         if close:
             self._close_model(served)
 
-    def _failed(self, name: str, start: float, exc: BaseException) -> None:
+    def record_failure(self, name: str, start: float, exc: BaseException) -> None:
+        """Count a failed request of ``name`` (started at ``start``, perf_counter) by its reason."""
         if not isinstance(exc, asyncio.CancelledError):
             self.metrics.observe_request(name, time.perf_counter() - start, error=_reason(exc))
 
@@ -473,7 +474,7 @@ class Engine:
             hint="list them with GET /v2/models or 'edgert models list'",
         )
 
-    def _member_model(self, name: str) -> ServableModel:
+    def served_model(self, name: str) -> ServableModel:
         """The model served under ``name`` (a cascade member); raises UnknownModelError."""
         with self._lock:
             served = self._served.get(name)
@@ -481,8 +482,9 @@ class Engine:
             raise self._unknown(name)
         return served.model
 
-    def _served_version(self, name: str) -> str:
-        return self._served[name].model.version
+    def served_version(self, name: str) -> str:
+        """The version served under ``name``; raises UnknownModelError."""
+        return self.served_model(name).version
 
     def _queue_depths(self) -> dict[str, float]:
         with self._lock:

@@ -1,4 +1,4 @@
-"""Open Inference Protocol v2 REST routes (plus Triton's repository extension) over a ServingBackend."""
+"""Open Inference Protocol v2 REST routes (plus Triton's repository extension) over a ServingPort."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import unquote
 
-from edgert.errors import InputError
-from edgert.serve.backend import ModelMeta, ServingBackend, UnknownModelError, error_text, status_for
+from edgert.errors import InputError, UnknownModelError
 from edgert.serve.http_server import Request, Response, error_response
 from edgert.serve.oip_codec import decode_infer_request, encode_infer_response, json_dumps, tensor_metadata
+from edgert.serve.port import ModelMeta, ServingPort, error_text, status_for
 
 __all__ = ["OipRouter", "metrics_router", "model_metadata_doc"]
 
@@ -39,7 +39,7 @@ def model_metadata_doc(meta: ModelMeta) -> dict[str, Any]:
 class OipRouter:
     """Callable HTTP handler: sync for cheap routes, a coroutine for inference and repository calls."""
 
-    def __init__(self, backend: ServingBackend, *, token: str | None = None) -> None:
+    def __init__(self, backend: ServingPort, *, token: str | None = None) -> None:
         self.backend = backend
         self.token = f"Bearer {token}".encode() if token else None
 

@@ -1,4 +1,4 @@
-"""The Unix-socket fast path: binary frames (see uds_frames) served over a ServingBackend."""
+"""The Unix-socket fast path: binary frames (see uds_frames) served over a ServingPort."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Any
 from edgert.errors import ConfigError, InputError
 from edgert.serve import eager, linger
 from edgert.serve import uds_frames as fr
-from edgert.serve.backend import ServingBackend, error_text, status_for
 from edgert.serve.oip_http import model_metadata_doc
+from edgert.serve.port import ServingPort, error_text, status_for
 
 __all__ = ["UdsServer"]
 
@@ -121,7 +121,7 @@ class _Connection(asyncio.Protocol):
 class UdsServer:
     """Serve the binary protocol on a Unix socket with configured mode, owner and group."""
 
-    def __init__(self, backend: ServingBackend, *, max_frame_bytes: int = 256 * 1024 * 1024) -> None:
+    def __init__(self, backend: ServingPort, *, max_frame_bytes: int = 256 * 1024 * 1024) -> None:
         self.backend = backend
         self.max_frame_bytes = max_frame_bytes
         self.connections: set[_Connection] = set()

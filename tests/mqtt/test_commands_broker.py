@@ -11,8 +11,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgert.device.sync import SyncService
 from edgert.mqtt.signing import sign_command
-from edgert.mqtt.sync import SyncService
 from tests.brokers import Mosquitto
 from tests.mqtt.conftest import DEVICE, FLEET, Recorder, make_config, wait_for
 
@@ -186,7 +186,7 @@ def test_full_command_queue_replies_busy_then_queued_commands_complete(
 ) -> None:
     import threading
 
-    from edgert.mqtt.sync import COMMAND_QUEUE
+    from edgert.device.sync import COMMAND_QUEUE
 
     key, pub = command_key
     entered, release = threading.Event(), threading.Event()

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgert.device.commands import CommandProcessor
+from edgert.device.handlers import daemon_handlers
 from edgert.errors import ModelError, RollbackError
-from edgert.mqtt.commands import CommandProcessor
-from edgert.mqtt.daemon_commands import daemon_handlers
 from edgert.mqtt.signing import sign_command
 
 NOW = 1_800_000_000.0

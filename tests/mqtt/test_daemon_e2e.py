@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgert.client import Client
 from edgert.mqtt.signing import sign_command
-from edgert.serve.client import Client
 from tests.brokers import CA, DEVICE_ACL, Mosquitto, TcpProxy
 from tests.mqtt.conftest import (
     DEVICE,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgert.serve.client import Client
+from edgert.client import Client
 from tests.brokers import Mosquitto
 from tests.mqtt.conftest import Recorder, wait_for
 

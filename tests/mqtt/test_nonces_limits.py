@@ -15,15 +15,15 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgert.device.commands import CommandProcessor
+from edgert.device.logtail import LogRing
+from edgert.device.sync import MAX_SPOOLED_BYTES, SyncService
+from edgert.device.telemetry import build_telemetry
 from edgert.errors import SyncError
 from edgert.mqtt.client import MAX_PAYLOAD_BYTES, MqttLink
-from edgert.mqtt.commands import CommandProcessor
-from edgert.mqtt.logtail import LogRing
 from edgert.mqtt.nonces import PersistentNonceCache
 from edgert.mqtt.signing import CLOCK_SKEW_S, CommandRejected, sign_command
 from edgert.mqtt.spool import Spool
-from edgert.mqtt.sync import MAX_SPOOLED_BYTES, SyncService
-from edgert.mqtt.telemetry import build_telemetry
 from tests.brokers import Mosquitto
 from tests.mqtt.conftest import DEVICE, FLEET, Recorder, make_config, wait_for
 

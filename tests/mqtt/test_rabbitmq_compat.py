@@ -10,8 +10,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from edgert.device.sync import SyncService
 from edgert.mqtt.probe import probe
-from edgert.mqtt.sync import SyncService
 from tests.brokers import RabbitMQ, rabbitmq_available
 from tests.mqtt.conftest import make_config, wait_for
 

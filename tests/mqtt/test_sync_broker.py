@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgert.mqtt.sync import SyncService
+from edgert.device.sync import SyncService
 from tests.brokers import DEVICE_ACL, Mosquitto
 from tests.mqtt.conftest import (
     Recorder,
@@ -97,7 +97,7 @@ def test_status_online_with_info_then_graceful_offline(broker: Mosquitto, servic
 DEVICE_SCRIPT = """
 import json, sys, time
 from edgert.mqtt.config import MqttConfig
-from edgert.mqtt.sync import SyncService
+from edgert.device.sync import SyncService
 svc = SyncService(MqttConfig.from_dict(json.loads(sys.argv[1]), "child"))
 svc.start()
 svc.link.wait_connected(20)

@@ -11,14 +11,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edgert.device.commands import CommandProcessor
+from edgert.device.telemetry import MAX_MESSAGE_BYTES, DeviceStats, build_telemetry
 from edgert.errors import ConfigError, SyncError
 from edgert.mqtt import topics
 from edgert.mqtt.client import Backoff, certificate_problem
-from edgert.mqtt.commands import CommandProcessor
 from edgert.mqtt.config import MqttConfig
 from edgert.mqtt.signing import CommandRejected, NonceCache, sign_command, verify_command
 from edgert.mqtt.spool import Spool
-from edgert.mqtt.telemetry import MAX_MESSAGE_BYTES, DeviceStats, build_telemetry
 
 # -- topics ---------------------------------------------------------------------------------------
 
@@ -275,7 +275,7 @@ def test_certificate_problem_takes_now(tmp_path: Path) -> None:
 
 
 def test_online_status_accepts_daemon_model_entries() -> None:
-    from edgert.mqtt.status import online_status
+    from edgert.device.status import online_status
 
     info = {
         "profile": "p",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgert.config import DaemonConfig
-from edgert.daemon import Daemon
+from edgert.device import Daemon
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 START_TIMEOUT_S = 60.0

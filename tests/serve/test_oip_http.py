@@ -14,7 +14,7 @@ import numpy as np
 import psutil
 import pytest
 
-from edgert.serve.client import Client
+from edgert.client import Client
 
 pytestmark = pytest.mark.integration
 

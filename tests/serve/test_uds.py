@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgert.client import Client
 from edgert.config import parse_config
-from edgert.errors import InputError, ServeError
+from edgert.errors import InputError, ServeError, UnknownModelError
 from edgert.serve import uds_frames as fr
-from edgert.serve.backend import UnknownModelError
-from edgert.serve.client import Client
 from tests.serve.daemon_harness import MODELS, Running, config_text, start_daemon
 
 pytestmark = pytest.mark.integration

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgert.config import DaemonConfig, ModelEntry, load_config, parse_listen
-from edgert.daemon.compliance import CaptureSink, DaemonAudit, open_capture_sink, open_daemon_audit
-from edgert.daemon.sdnotify import Notifier
-from edgert.daemon.sources import ModelSource, open_store
-from edgert.daemon.supervisor import Supervisor
+from edgert.device.compliance import CaptureSink, DaemonAudit, open_capture_sink, open_daemon_audit
+from edgert.device.sdnotify import Notifier
+from edgert.device.sources import ModelSource, open_store
+from edgert.device.supervisor import Supervisor
 from edgert.errors import ConfigError, EdgertError
 from edgert.serve.http_server import HttpLimits, HttpServer
 from edgert.serve.oip_http import OipRouter, metrics_router
@@ -30,7 +30,7 @@ from edgert.serve.uds import UdsServer
 
 __all__ = ["Daemon", "Service"]
 
-log = logging.getLogger("edgert.daemon")
+log = logging.getLogger("edgert.device")
 
 #: Warm-up runs of a new version before it takes traffic.
 SWAP_WARMUP_RUNS = 3
@@ -90,7 +90,7 @@ class Daemon:
         config_path: str | os.PathLike[str] | None = None,
         build_sync: bool = True,
     ) -> None:
-        from edgert.daemon.backend import EngineBackend
+        from edgert.device.serving import ServingAdapter
         from edgert.engine import Engine
         from edgert.metrics import Metrics
 
@@ -103,7 +103,7 @@ class Daemon:
         self.build_sync = build_sync  # False when the caller plugs its own sync service in
         self.notifier = notifier or Notifier()
         self._store_factory = store_factory
-        self.backend = EngineBackend(self)
+        self.backend = ServingAdapter(self)
         self.http: HttpServer | None = None
         self.metrics_http: HttpServer | None = None
         self.uds: UdsServer | None = None
@@ -181,9 +181,9 @@ class Daemon:
         """The MQTT sync service for a configured [mqtt] table, with the daemon's command handlers."""
         from contextlib import contextmanager
 
+        from edgert.device.handlers import daemon_handlers
+        from edgert.device.sync import SyncService
         from edgert.mqtt.config import MqttConfig
-        from edgert.mqtt.daemon_commands import daemon_handlers
-        from edgert.mqtt.sync import SyncService
         from edgert.security.loader import open_audit, open_keystore
         from edgert.security.loader import open_store as open_model_store
 
@@ -292,7 +292,7 @@ class Daemon:
         """Load ``name`` at ``version`` beside the current one, warm it up, swap atomically."""
         entry = self.entry(name)
         if entry is None:
-            from edgert.serve.backend import UnknownModelError
+            from edgert.errors import UnknownModelError
 
             allowed = ", ".join(m.name for m in self.config.models) or "(none)"
             raise UnknownModelError(

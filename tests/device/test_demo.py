@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgert.serve.client import Client
+from edgert.client import Client
 
 pytestmark = pytest.mark.integration
 

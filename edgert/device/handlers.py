@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-from edgert.mqtt.commands import Handler
+from edgert.device.commands import Handler
 
 __all__ = ["REBOOT_DELAY_S", "ModelControl", "StoreControl", "daemon_handlers"]
 

@@ -5,6 +5,6 @@
 ...     outputs = c.infer("digits", {"pixels": x})
 """
 
-from edgert.serve.client import Client, notify_daemon_activate
+from edgert.client._client import Client, notify_daemon_activate
 
 __all__ = ["Client", "notify_daemon_activate"]

@@ -26,7 +26,7 @@ from edgert.mqtt.signing import (
 
 __all__ = ["COMMANDS", "MAX_REPLY_BYTES", "AuditSink", "CommandProcessor", "Handler"]
 
-log = logging.getLogger("edgert.mqtt.commands")
+log = logging.getLogger("edgert.device.commands")
 
 COMMANDS = (
     "ping",

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgert.client import Client
 from edgert.security.loader import import_model, open_keystore, open_store
-from edgert.serve.client import Client
-from tests.daemon.subproc import MODELS, cli, free_port, start_daemon, stop_daemon, write_store_config
+from tests.device.subproc import MODELS, cli, free_port, start_daemon, stop_daemon, write_store_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

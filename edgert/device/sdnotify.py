@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 __all__ = ["Notifier", "watchdog_interval"]
 
-log = logging.getLogger("edgert.daemon.sdnotify")
+log = logging.getLogger("edgert.device.sdnotify")
 
 
 def socket_address(value: str) -> str | bytes | None:

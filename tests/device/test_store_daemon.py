@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgert.client import Client
 from edgert.security.audit import read_records, verify_dir
 from edgert.security.loader import import_model, open_keystore, open_store
 from edgert.security.package import read_header
-from edgert.serve.client import Client
-from tests.daemon.subproc import MODELS, cli, start_daemon, stop_daemon, write_store_config
+from tests.device.subproc import MODELS, cli, start_daemon, stop_daemon, write_store_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgert.serve.client import Client
+from edgert.client import Client
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 READY_TIMEOUT_S = 60.0

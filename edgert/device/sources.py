@@ -12,7 +12,7 @@ from edgert.errors import ConfigError, StoreError
 
 __all__ = ["ModelSource", "open_store"]
 
-log = logging.getLogger("edgert.daemon.sources")
+log = logging.getLogger("edgert.device.sources")
 
 
 def open_store(state_root: Path) -> Any:

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from edgert.daemon.core import Daemon, Service
+from edgert.device.daemon import Daemon, Service
 
 __all__ = ["Daemon", "Service"]

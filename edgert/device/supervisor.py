@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 __all__ = ["Supervisor"]
 
-log = logging.getLogger("edgert.daemon.supervisor")
+log = logging.getLogger("edgert.device.supervisor")
 
 #: How often the supervisor looks, as a fraction of the hang timeout, bounded below (s).
 CHECK_FRACTION = 0.25

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgert.serve import client
+from edgert.client import _client as client
 
 
 class PartialSocket:

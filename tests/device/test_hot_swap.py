@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgert.client import Client, notify_daemon_activate
 from edgert.config import parse_config
 from edgert.security.loader import import_model, open_keystore, open_store
-from edgert.serve.client import Client, notify_daemon_activate
 from tests.serve.daemon_harness import start_daemon
 
 pytestmark = pytest.mark.integration

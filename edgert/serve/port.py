@@ -1,6 +1,6 @@
 """What the protocol front ends (OIP HTTP, Unix socket) need from the daemon: one small interface.
 
-The servers never import the engine or the store; the daemon implements :class:`ServingBackend` over
+The servers never import the engine or the store; the daemon implements :class:`ServingPort` over
 them, and tests can serve any object with these methods.
 """
 
@@ -21,13 +21,10 @@ from edgert.errors import (
     SecurityError,
     ServeError,
     StoreError,
+    UnknownModelError,
 )
 
-__all__ = ["InferOutcome", "ModelMeta", "ServingBackend", "TensorMeta", "UnknownModelError", "status_for"]
-
-
-class UnknownModelError(ServeError):
-    """The request names a model or version that is not served."""
+__all__ = ["InferOutcome", "ModelMeta", "ServingPort", "TensorMeta", "status_for"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +57,7 @@ class InferOutcome(Protocol):
     model_version: str
 
 
-class ServingBackend(Protocol):
+class ServingPort(Protocol):
     """The daemon as seen by the servers."""
 
     def live(self) -> bool:

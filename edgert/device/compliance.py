@@ -26,7 +26,7 @@ from edgert import paths
 
 __all__ = ["CAPTURE_QUEUE", "CaptureSink", "DaemonAudit", "open_capture_sink", "open_daemon_audit"]
 
-log = logging.getLogger("edgert.daemon.compliance")
+log = logging.getLogger("edgert.device.compliance")
 
 #: Sampled requests waiting to be sealed; beyond this they are dropped and counted.
 CAPTURE_QUEUE = 256

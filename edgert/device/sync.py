@@ -24,21 +24,21 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgert import __version__
+from edgert.device.commands import AuditSink, CommandProcessor, Handler
+from edgert.device.logtail import LogRing
+from edgert.device.status import offline_status, online_status
+from edgert.device.telemetry import DeviceStats, build_telemetry
 from edgert.errors import SyncError
 from edgert.mqtt import topics
 from edgert.mqtt.client import MAX_PAYLOAD_BYTES, MqttLink
-from edgert.mqtt.commands import AuditSink, CommandProcessor, Handler
 from edgert.mqtt.config import MAX_TELEMETRY_INTERVAL_S, MIN_TELEMETRY_INTERVAL_S, MqttConfig
-from edgert.mqtt.logtail import LogRing
 from edgert.mqtt.nonces import NONCE_FILE, PersistentNonceCache
 from edgert.mqtt.signing import NonceCache, NonceStore, load_public_key
 from edgert.mqtt.spool import Record, Spool
-from edgert.mqtt.status import offline_status, online_status
-from edgert.mqtt.telemetry import DeviceStats, build_telemetry
 
 __all__ = ["MAX_LOG_LINES", "SyncService"]
 
-log = logging.getLogger("edgert.mqtt.sync")
+log = logging.getLogger("edgert.device.sync")
 
 MAX_LOG_LINES = 200
 MAX_LOG_BYTES = 64 * 1024

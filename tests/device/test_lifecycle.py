@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgert.serve.client import Client
-from tests.daemon.subproc import stop_daemon
+from edgert.client import Client
+from tests.device.subproc import stop_daemon
 
 pytestmark = pytest.mark.integration
 

@@ -22,9 +22,8 @@ import httptools
 import numpy as np
 
 from edgert.config import DEFAULT_SOCKET_PATH
-from edgert.errors import EdgertError, InputError, OverloadedError, ServeError
+from edgert.errors import EdgertError, InputError, OverloadedError, ServeError, UnknownModelError
 from edgert.serve import uds_frames as fr
-from edgert.serve.backend import UnknownModelError
 from edgert.serve.oip_codec import DATATYPES, datatype_of, json_dumps, json_loads
 
 __all__ = ["Client", "notify_daemon_activate"]

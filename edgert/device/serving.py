@@ -1,4 +1,4 @@
-"""The daemon as a ServingBackend: what the HTTP and socket front ends call."""
+"""The daemon as a ServingPort: what the HTTP and socket front ends call."""
 
 from __future__ import annotations
 
@@ -7,34 +7,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgert.errors import EdgertError, OverloadedError, ServeError
-from edgert.serve.backend import InferOutcome, ModelMeta, TensorMeta, UnknownModelError
+from edgert.errors import UnknownModelError
+from edgert.serve.port import InferOutcome, ModelMeta, TensorMeta
 
 if TYPE_CHECKING:
-    from edgert.daemon.core import Daemon
+    from edgert.device.daemon import Daemon
 
-__all__ = ["EngineBackend"]
+__all__ = ["ServingAdapter"]
 
 
 def _tensors(specs: Sequence[Any]) -> tuple[TensorMeta, ...]:
     return tuple(TensorMeta(s.name, np.dtype(s.dtype), tuple(s.shape)) for s in specs)
 
 
-def _unknown(exc: BaseException, name: str, version: str | None) -> EdgertError | None:
-    """Turn the engine's unknown-model error (whatever its class) into UnknownModelError."""
-    if isinstance(exc, UnknownModelError):
-        return exc
-    if isinstance(exc, KeyError) or (
-        isinstance(exc, ServeError) and not isinstance(exc, OverloadedError) and "unknown" in str(exc).lower()
-    ):
-        what = f"model {name!r}" + (f" version {version!r}" if version else "")
-        message = exc.message if isinstance(exc, EdgertError) else f"{what} is not served"
-        return UnknownModelError(message, hint="GET /v2/repository/index (POST) lists served models")
-    return None
-
-
-class EngineBackend:
-    """Adapter from the servers' ServingBackend interface to the daemon's engine."""
+class ServingAdapter:
+    """Adapter from the servers' ServingPort interface to the daemon's engine."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
@@ -59,13 +46,7 @@ class EngineBackend:
         }
 
     def _info(self, name: str, version: str | None) -> Any:
-        try:
-            info = self.engine.get(name, version)
-        except (KeyError, ServeError) as exc:
-            mapped = _unknown(exc, name, version)
-            if mapped is None:
-                raise
-            raise mapped from None
+        info = self.engine.get(name, version)
         if version is not None and version not in info.versions:
             raise UnknownModelError(
                 f"model {name!r} has no version {version!r} (serving {', '.join(info.versions)})"
@@ -99,19 +80,13 @@ class EngineBackend:
         request_id: str | None = None,
     ) -> InferOutcome:
         """One request through the engine."""
-        try:
-            result = await self.engine.infer(
-                name,
-                inputs,
-                version=version,
-                outputs=list(outputs) if outputs is not None else None,
-                request_id=request_id,
-            )
-        except (KeyError, ServeError) as exc:
-            mapped = _unknown(exc, name, version)
-            if mapped is None:
-                raise
-            raise mapped from None
+        result = await self.engine.infer(
+            name,
+            inputs,
+            version=version,
+            outputs=list(outputs) if outputs is not None else None,
+            request_id=request_id,
+        )
         capture = self.daemon.capture
         if capture is not None:  # one lookup and, for captured models, one random draw
             capture.offer(
@@ -125,13 +100,7 @@ class EngineBackend:
 
     async def unload(self, name: str) -> None:
         """Stop serving ``name``."""
-        try:
-            await self.daemon.deactivate(name)
-        except (KeyError, ServeError) as exc:
-            mapped = _unknown(exc, name, None)
-            if mapped is None:
-                raise
-            raise mapped from None
+        await self.daemon.deactivate(name)
 
     def status(self) -> dict[str, Any]:
         """Daemon status."""
