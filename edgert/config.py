@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgert.engine.config import ModelConfig
 from edgert.errors import ConfigError
+from edgert.runtime import ModelOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -74,24 +76,36 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One served model: from the encrypted store (default) or a plaintext path when allowed."""
+    """One served model: where it comes from, plus its serving settings (declared once, in ModelConfig)."""
 
     name: str
     path: str = ""  # plaintext file; needs daemon.allow_plaintext
     version: str = ""  # store version; "" = the active one
-    max_batch_size: int = 0
-    max_queue_delay_us: int = 500
-    preferred_batch_sizes: tuple[int, ...] = ()
-    cache_bytes: int = 0
-    max_in_flight: int = 64
-    max_queue: int = 256
-    nan_policy: str = "allow"
     threads: int = 0  # 0 = the profile's choice
+    serving: ModelConfig | None = None  # None = the engine's defaults for this name
+
+    def __post_init__(self) -> None:
+        if self.serving is None:
+            object.__setattr__(self, "serving", ModelConfig(name=self.name))
+        elif self.serving.name != self.name:
+            raise ConfigError(f"model {self.name!r}: serving settings are for {self.serving.name!r}")
+
+    @property
+    def settings(self) -> ModelConfig:
+        """The engine's serving settings for this model (batching, cache, limits, NaN policy)."""
+        assert self.serving is not None  # set in __post_init__
+        return self.serving
 
     @property
     def from_store(self) -> bool:
         """True when the model is read from the encrypted store."""
         return not self.path
+
+    def runtime_options(self) -> ModelOptions:
+        """The runtime's load options, derived from the serving settings (nothing declared twice)."""
+        s = self.settings
+        return ModelOptions(max_batch=s.max_batch_size or None, nan_policy=s.nan_policy,
+                            threads=self.threads or None)
 
 
 @dataclass(frozen=True)
@@ -270,14 +284,17 @@ def _parse_model(table: _Table, allow_plaintext: bool) -> ModelEntry:
         name=name,
         path=str(table.get("path", str, "")),
         version=str(table.get("version", str, "")),
-        max_batch_size=table.integer("max_batch_size", 0),
-        max_queue_delay_us=table.integer("max_queue_delay_us", 500),
-        preferred_batch_sizes=tuple(sizes),
-        cache_bytes=table.integer("cache_bytes", 0),
-        max_in_flight=table.integer("max_in_flight", 64, minimum=1),
-        max_queue=table.integer("max_queue", 256, minimum=1),
-        nan_policy=table.choice("nan_policy", "allow", NAN_POLICIES),
         threads=table.integer("threads", 0),
+        serving=ModelConfig(
+            name=name,
+            max_batch_size=table.integer("max_batch_size", ModelConfig.max_batch_size),
+            max_queue_delay_us=table.integer("max_queue_delay_us", ModelConfig.max_queue_delay_us),
+            preferred_batch_sizes=tuple(sizes),
+            cache_bytes=table.integer("cache_bytes", ModelConfig.cache_bytes),
+            max_in_flight=table.integer("max_in_flight", ModelConfig.max_in_flight, minimum=1),
+            max_queue=table.integer("max_queue", ModelConfig.max_queue, minimum=1),
+            nan_policy=table.choice("nan_policy", ModelConfig.nan_policy, NAN_POLICIES),
+        ),
     )
     table.check_unknown()
     if entry.path and not allow_plaintext:

@@ -214,26 +214,11 @@ class Daemon:
         assert self.source is not None
         for entry in config.models:
             model = self.source.load(entry)
-            self.engine.add_model(model, self._model_config(entry))
+            self.engine.add_model(model, entry.settings)
             self.audit.event("model_load", model=entry.name, version=model.version,
                              source="store" if entry.from_store else "file", provider=model.provider)
         for c in config.cascades:
             self.engine.add_cascade(CascadeConfig(c.name, c.small, c.large, c.rule, c.threshold, c.output))
-
-    @staticmethod
-    def _model_config(entry: ModelEntry) -> Any:
-        from edgert.engine import ModelConfig
-
-        return ModelConfig(
-            name=entry.name,
-            max_batch_size=entry.max_batch_size,
-            max_queue_delay_us=entry.max_queue_delay_us,
-            preferred_batch_sizes=entry.preferred_batch_sizes,
-            cache_bytes=entry.cache_bytes,
-            max_in_flight=entry.max_in_flight,
-            max_queue=entry.max_queue,
-            nan_policy=entry.nan_policy,
-        )
 
     async def _start_listeners(self) -> None:
         cfg = self.config
@@ -317,7 +302,7 @@ class Daemon:
                 raise
             self.audit.event("model_swap", model=name, version=model.version, previous=current[name])
         else:
-            self.engine.add_model(model, self._model_config(entry))
+            self.engine.add_model(model, entry.settings)
             self.audit.event("model_load", model=name, version=model.version,
                              source="store" if entry.from_store else "file", provider=model.provider)
         log.info("model activated", extra={"model": name, "version": model.version})

@@ -41,13 +41,7 @@ class ModelSource:
 
     def load(self, entry: ModelEntry, version: str | None = None) -> Any:
         """Load ``entry`` (at ``version`` for store models; the active one when None)."""
-        from edgert.runtime import ModelOptions
-
-        options = ModelOptions(
-            max_batch=entry.max_batch_size or None,
-            nan_policy=entry.nan_policy,
-            threads=entry.threads or None,
-        )
+        options = entry.runtime_options()
         if not entry.from_store:
             if version not in (None, "", "1"):
                 raise StoreError(
