@@ -1,6 +1,8 @@
 """``edgert models list|activate|rollback|remove|import``: the encrypted model store.
 
-``activate`` and ``rollback`` also tell a running daemon (over its Unix socket) to hot-swap.
+``import``, ``activate`` and ``rollback`` never move the store's active pointer themselves: they go
+through the Deployer (:mod:`edgert.device.control`), in the running daemon when one answers on its
+socket, else offline on this device, so the store and the daemon never disagree.
 """
 
 from __future__ import annotations
@@ -30,6 +32,23 @@ def _open(state_dir: Path | None) -> Iterator[ModelStore]:
     keys = open_keystore(root)
     with open_audit(root, keys) as audit:
         yield open_store(root, keys, audit)
+
+
+def _deploy(store: ModelStore, name: str, version: str | None, *, reason: str, allow_downgrade: bool,
+            socket_path: str | None, cfg: DaemonConfig | None) -> None:
+    """Serve ``name`` at ``version`` through the Deployer; print what happened."""
+    from edgert.config import DEFAULT_SOCKET_PATH
+    from edgert.device.control import deploy_from_cli
+
+    sock = socket_path or (cfg.socket.path if cfg is not None else DEFAULT_SOCKET_PATH)
+    audit = store.audit.append if store.audit is not None else None
+    outcome = deploy_from_cli(store, name, version, allow_downgrade=allow_downgrade, reason=reason,
+                              socket_path=sock or None, profile=cfg.profile if cfg is not None else "auto",
+                              audit=audit)
+    click.echo(outcome.message)
+    if outcome.deployment is not None and outcome.deployment.pruned:
+        click.echo(f"pruned {name} {', '.join(outcome.deployment.pruned)} (keeps the newest versions; "
+                   "see 'edgert models list')")
 
 
 @click.command("list")
@@ -77,34 +96,6 @@ def _root(state_dir: Path | None, cfg: DaemonConfig | None) -> Path | None:
     return state_dir
 
 
-def _notify_daemon(name: str, version: str, socket_path: str | None, cfg: DaemonConfig | None) -> None:
-    """Ask the running daemon to serve ``version``; say clearly what happened."""
-    from edgert.client import notify_daemon_activate
-    from edgert.config import DEFAULT_SOCKET_PATH
-    from edgert.errors import EdgertError, ServeError, UnknownModelError
-
-    sock = socket_path or (cfg.socket.path if cfg is not None else DEFAULT_SOCKET_PATH)
-    if not sock:
-        click.echo("the daemon config disables its socket; restart the daemon to serve the new version")
-        return
-    try:
-        reached = notify_daemon_activate(name, version, socket=sock)
-    except UnknownModelError:
-        click.echo(f"the daemon at {sock} does not serve {name}; the store change applies when it does")
-        return
-    except EdgertError as exc:
-        raise ServeError(
-            f"the store now has {name} {version} active, but the running daemon could not load it and "
-            f"keeps serving the previous version: {exc.message}",
-            hint=f"fix the cause and run 'edgert models activate {name} {version}' again, or run "
-                 f"'edgert models rollback {name}' so the store matches what the daemon serves",
-        ) from None
-    if reached:
-        click.echo(f"the daemon at {sock} now serves {name} {version}")
-    else:
-        click.echo(f"no daemon listening on {sock}; {name} {version} is served when it starts")
-
-
 @click.command("activate")
 @click.argument("name")
 @click.argument("version")
@@ -116,9 +107,8 @@ def activate_cmd(name: str, version: str, allow_downgrade: bool, state_dir: Path
     """Make an installed VERSION of NAME active, then hot-swap it in the running daemon."""
     cfg = _daemon_config(config_path)
     with _open(_root(state_dir, cfg)) as store:
-        store.activate(name, version, allow_downgrade=allow_downgrade)
-    click.echo(f"{name} {version} is active")
-    _notify_daemon(name, version, socket_path, cfg)
+        _deploy(store, name, version, reason="activate", allow_downgrade=allow_downgrade,
+                socket_path=socket_path, cfg=cfg)
 
 
 @click.command("rollback")
@@ -130,9 +120,7 @@ def rollback_cmd(name: str, state_dir: Path | None, socket_path: str | None,
     """Swap NAME's active and previous versions, then hot-swap the running daemon."""
     cfg = _daemon_config(config_path)
     with _open(_root(state_dir, cfg)) as store:
-        version = store.rollback(name)
-    click.echo(f"{name} rolled back to {version}")
-    _notify_daemon(name, version, socket_path, cfg)
+        _deploy(store, name, None, reason="rollback", allow_downgrade=True, socket_path=socket_path, cfg=cfg)
 
 
 @click.command("remove")
@@ -157,20 +145,38 @@ def remove_cmd(name: str, version: str | None, force: bool, state_dir: Path | No
 @click.option("--allow-downgrade", is_flag=True, help="Install a version below the highest installed.")
 @click.option("--shred", is_flag=True,
                help="Overwrite and delete the plaintext source (best effort on flash).")
+@click.option("--no-activate", is_flag=True, help="Install only; do not serve the new version.")
 @state_dir_option
+@daemon_options
 def import_cmd(files: tuple[Path, ...], name: str | None, version: str, variant: str | None, is_package: bool,
-               allow_downgrade: bool, shred: bool, state_dir: Path | None) -> None:
-    """Encrypt plaintext model FILES to this device's key and store them (or install .edgepkg files)."""
+               allow_downgrade: bool, shred: bool, no_activate: bool, state_dir: Path | None,
+               socket_path: str | None, config_path: Path | None) -> None:
+    """Encrypt plaintext model FILES to this device's key and store them (or install .edgepkg files).
+
+    Each imported version is then served through the Deployer (the running daemon hot-swaps it, or,
+    with no daemon, it is loaded and health-checked here before it becomes active).
+    """
     from edgert.errors import ConfigError
     from edgert.security.loader import import_model
 
     if name and len(files) > 1:
         raise ConfigError("--name works with one file only")
-    with _open(state_dir) as store:
+    cfg = _daemon_config(config_path)
+    with _open(_root(state_dir, cfg)) as store:
         for f in files:
             if is_package or f.suffix == ".edgepkg":
-                m = store.install(f, allow_downgrade=allow_downgrade)
+                m = store.install(f, activate=False, allow_downgrade=allow_downgrade)
             else:
                 m = import_model(store, f, name=name, version=version, variant=variant, shred_source=shred,
-                                 allow_downgrade=allow_downgrade)
-            click.echo(f"imported {m.name} {m.version} ({m.variant}, {m.format}); active")
+                                 allow_downgrade=allow_downgrade, activate=False)
+            click.echo(f"imported {m.name} {m.version} ({', '.join(_variants(m))})")
+            if not no_activate:
+                _deploy(store, m.name, m.version, reason="import", allow_downgrade=allow_downgrade,
+                        socket_path=socket_path, cfg=cfg)
+
+
+def _variants(manifest: Any) -> list[str]:
+    variants = getattr(manifest, "variants", None)
+    if variants:
+        return [f"{v.variant} {v.format}" for v in variants]
+    return [f"{manifest.variant} {manifest.format}"]

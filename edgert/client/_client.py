@@ -425,11 +425,17 @@ class Client:
             return list(self._unix.call(fr.LIST, {})[0]["models"])
         return sorted({item["name"] for item in self._http_json("POST", "/v2/repository/index")})
 
-    def load(self, model: str, version: str | None = None) -> None:
-        """Load or hot-swap ``model`` (to ``version``, else the store's active version)."""
+    def load(self, model: str, version: str | None = None, *, allow_downgrade: bool = False) -> None:
+        """Load or hot-swap ``model`` (to ``version``, else the store's active version).
+
+        ``allow_downgrade`` (below the anti-rollback floor, audited) is accepted over the Unix socket only.
+        """
         if self._unix is not None:
-            self._unix.call(fr.LOAD, {"m": model, "v": version})
+            self._unix.call(fr.LOAD, {"m": model, "v": version, **({"d": True} if allow_downgrade else {})})
             return
+        if allow_downgrade:
+            raise ServeError("a downgrade can only be requested over the daemon's Unix socket",
+                             hint="use 'edgert models activate --allow-downgrade' on the device")
         doc = {"parameters": {"version": version}} if version else None
         self._http_json("POST", f"/v2/repository/models/{quote(model, safe='')}/load", doc)
 
@@ -442,17 +448,18 @@ class Client:
 
 
 def notify_daemon_activate(
-    name: str, version: str | None = None, socket: str = DEFAULT_SOCKET_PATH, *, timeout: float = 120.0
+    name: str, version: str | None = None, socket: str = DEFAULT_SOCKET_PATH, *,
+    allow_downgrade: bool = False, timeout: float = 120.0,
 ) -> bool:
-    """Tell a running daemon to hot-swap ``name`` to ``version``; False when no daemon listens there.
+    """Ask a running daemon to serve ``name`` at ``version``; False when no daemon listens there.
 
-    Errors from the daemon (for example a version that fails to load) are raised: the old version
-    keeps serving in that case.
+    The daemon's Deployer loads, health-checks and swaps, then commits the store. Errors from the
+    daemon (a version that fails to load, a refused downgrade) are raised: nothing changed then.
     """
     try:
         client = Client(f"unix://{socket}", timeout=timeout)
     except ServeError:
         return False
     with client:
-        client.load(name, version)
+        client.load(name, version, allow_downgrade=allow_downgrade)
     return True

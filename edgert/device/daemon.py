@@ -9,6 +9,7 @@ thread restarts a backend session that hangs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -20,10 +21,11 @@ from typing import Any, Protocol
 
 from edgert.config import DaemonConfig, ModelEntry, load_config, parse_listen
 from edgert.device.compliance import CaptureSink, DaemonAudit, open_capture_sink, open_daemon_audit
+from edgert.device.deployer import Deployer
 from edgert.device.sdnotify import Notifier
 from edgert.device.sources import ModelSource, open_store
 from edgert.device.supervisor import Supervisor
-from edgert.errors import ConfigError, EdgertError
+from edgert.errors import ConfigError, EdgertError, UnknownModelError
 from edgert.serve.http_server import HttpLimits, HttpServer
 from edgert.serve.oip_http import OipRouter, metrics_router
 from edgert.serve.uds import UdsServer
@@ -32,10 +34,6 @@ __all__ = ["Daemon", "Service"]
 
 log = logging.getLogger("edgert.device")
 
-#: Warm-up runs of a new version before it takes traffic.
-SWAP_WARMUP_RUNS = 3
-#: How long an MQTT activate/rollback command waits for the load, warm-up and swap.
-SWAP_TIMEOUT_S = 120.0
 
 
 class Service(Protocol):
@@ -116,6 +114,7 @@ class Daemon:
         self._supervisor: Supervisor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.source: ModelSource | None = None
+        self.deployer: Deployer | None = None
         self.audit = DaemonAudit(None)
         self.capture: CaptureSink | None = None
         self.restart_requested = False
@@ -133,7 +132,7 @@ class Daemon:
 
     def _default_store_factory(self) -> Callable[[], Any]:
         root = self._state_root()
-        return lambda: open_store(root)
+        return lambda: open_store(root, self.audit.event)
 
     def _served_names(self) -> set[str]:
         return {m.name for m in self.config.models} | {c.name for c in self.config.cascades}
@@ -151,11 +150,12 @@ class Daemon:
         t0 = time.monotonic()
         if self.runtime is None:
             self.runtime = self._build_runtime()
-        self.source = ModelSource(self.runtime, self._store_factory or self._default_store_factory())
         self.audit = open_daemon_audit(self._state_root())
+        self.source = ModelSource(self.runtime, self._store_factory or self._default_store_factory())
+        self.deployer = self._build_deployer(self.source)
         if self.config.mqtt is not None and self.build_sync:
             self.services.append(self._sync_service())
-        await self._load_all(self.config)
+        await self.deployer.boot(self.config.models)
         self.capture = open_capture_sink(self._state_root(), self._served_names())
         await self._start_listeners()
         for service in self.services:
@@ -179,46 +179,36 @@ class Daemon:
 
     def _sync_service(self) -> Service:
         """The MQTT sync service for a configured [mqtt] table, with the daemon's command handlers."""
-        from contextlib import contextmanager
 
         from edgert.device.handlers import daemon_handlers
         from edgert.device.sync import SyncService
         from edgert.mqtt.config import MqttConfig
-        from edgert.security.loader import open_audit, open_keystore
-        from edgert.security.loader import open_store as open_model_store
 
-        assert self.config.mqtt is not None
+        assert self.config.mqtt is not None and self.deployer is not None
         cfg = MqttConfig.from_dict(self.config.mqtt, self.config.source)
-        root = self._state_root()
-
-        @contextmanager
-        def store() -> Any:
-            keys = open_keystore(root)
-            with open_audit(root, keys) as audit:
-                yield open_model_store(root, keys, audit)
-
-        return SyncService(
+        sync = SyncService(
             cfg,
             status_provider=self.status,
             stats_provider=lambda: self.metrics.snapshot(reset_window=True),
             audit=self.audit.event,
-            state_root=root,
-            handlers=daemon_handlers(
-                models=_EngineModels(self), open_store=store, restart=self.request_restart
-            ),
+            state_root=self._state_root(),
+            handlers=daemon_handlers(deployer=self.deployer, restart=self.request_restart),
         )
+        self.deployer.events.append(lambda doc: sync.emit_event(_event_bytes(doc)))
+        return sync
 
-    async def _load_all(self, config: DaemonConfig) -> None:
-        from edgert.engine import CascadeConfig
-
-        assert self.source is not None
-        for entry in config.models:
-            model = self.source.load(entry)
-            self.engine.add_model(model, entry.settings)
-            self.audit.event("model_load", model=entry.name, version=model.version,
-                             source="store" if entry.from_store else "file", provider=model.provider)
-        for c in config.cascades:
-            self.engine.add_cascade(CascadeConfig(c.name, c.small, c.large, c.rule, c.threshold, c.output))
+    def _build_deployer(self, source: ModelSource) -> Deployer:
+        profile = getattr(self.runtime, "profile", None)
+        deployer = Deployer(
+            source=source,
+            target=self.engine,
+            audit=self.audit.event,
+            models=lambda: self.config.models,
+            cascades=lambda: self.config.cascades,
+            preferred_variants=tuple(getattr(profile, "variants", ()) or ()),
+        )
+        deployer.loop = self._loop
+        return deployer
 
     async def _start_listeners(self) -> None:
         cfg = self.config
@@ -273,61 +263,12 @@ class Daemon:
         """The config entry of model ``name``."""
         return next((m for m in self.config.models if m.name == name), None)
 
-    async def activate(self, name: str, version: str | None = None) -> None:
-        """Load ``name`` at ``version`` beside the current one, warm it up, swap atomically."""
-        entry = self.entry(name)
-        if entry is None:
-            from edgert.errors import UnknownModelError
-
-            allowed = ", ".join(m.name for m in self.config.models) or "(none)"
-            raise UnknownModelError(
-                f"model {name!r} is not in the daemon config (configured: {allowed})",
-                hint=f"add a [[models]] entry to {self.config.source} and send SIGHUP",
-            )
-        assert self.source is not None and self._loop is not None
-        source = self.source
-        # Loading takes tens of ms (more for big models): keep it off the event loop so serving continues.
-        current = {info.name: info.version for info in self.engine.models()}
-        try:
-            model = await self._loop.run_in_executor(None, lambda: source.load(entry, version))
-        except BaseException as exc:
-            self._audit_failed_swap(name, version, current.get(name), exc, "load")
-            raise
-        if name in current:
-            try:
-                await self.engine.swap(name, model, warmup=SWAP_WARMUP_RUNS)
-            except BaseException as exc:
-                model.close()
-                self._audit_failed_swap(name, model.version, current[name], exc, "warmup")
-                raise
-            self.audit.event("model_swap", model=name, version=model.version, previous=current[name])
-        else:
-            self.engine.add_model(model, entry.settings)
-            self.audit.event("model_load", model=name, version=model.version,
-                             source="store" if entry.from_store else "file", provider=model.provider)
-        log.info("model activated", extra={"model": name, "version": model.version})
-
-    def _audit_failed_swap(self, name: str, version: str | None, kept: str | None, exc: BaseException,
-                           stage: str) -> None:
-        """A failed load or swap: the old version (if any) keeps serving, i.e. an automatic rollback."""
-        error = exc.message if isinstance(exc, EdgertError) else type(exc).__name__
-        self.audit.event("model_swap_failed", model=name, version=version or "(active)", kept=kept,
-                         stage=stage, error=error[:300])
-
-    async def deactivate(self, name: str) -> None:
-        """Stop serving ``name``."""
-        self.engine.get(name)  # raises the engine's unknown-model error
-        self.engine.remove(name)
-        self.audit.event("model_unload", model=name)
-        log.info("model unloaded", extra={"model": name})
-
     def _restart_hung(self, name: str) -> None:
-        """Called from the supervisor thread: reload the same version and swap it in."""
-        if self._loop is None or self.entry(name) is None:
+        """Called from the supervisor thread: the Deployer reloads the serving version and swaps it in."""
+        deployer = self.deployer
+        if deployer is None or deployer.loop is None or self.entry(name) is None:
             return
-        version = self.engine.get(name).version
-        self.audit.event("model_restart", model=name, version=version, reason="hung")
-        asyncio.run_coroutine_threadsafe(self.activate(name, version), self._loop)
+        asyncio.run_coroutine_threadsafe(deployer.restart(name), deployer.loop)
 
     # ---- run / stop / reload -----------------------------------------------------------------
     async def run(self, on_ready: Callable[[Daemon], None] | None = None, *, signals: bool = True) -> None:
@@ -428,19 +369,20 @@ class Daemon:
             self.notifier.ready("serving (reloaded)")
 
     async def _apply(self, new: DaemonConfig) -> None:
-        from edgert.engine import CascadeConfig
-
+        """Serve what ``new`` configures, through the Deployer; one model failing does not stop the rest."""
+        assert self.deployer is not None
         old_models = {m.name: m for m in self.config.models}
         for c in self.config.cascades:
-            self.engine.remove(c.name)
+            with contextlib.suppress(UnknownModelError):
+                self.engine.remove(c.name)
         for name in old_models.keys() - {m.name for m in new.models}:
-            self.engine.remove(name)
-        changed = [m for m in new.models if old_models.get(m.name) != m]
+            with contextlib.suppress(UnknownModelError):
+                await self.deployer.unload(name, origin="reload")
+            self.deployer.unavailable.pop(name, None)
+        unavailable = self.deployer.unavailable
+        changed = [m for m in new.models if old_models.get(m.name) != m or m.name in unavailable]
         self.config = _with_models(self.config, new)
-        for entry in changed:
-            await self.activate(entry.name, entry.version or None)
-        for c in new.cascades:
-            self.engine.add_cascade(CascadeConfig(c.name, c.small, c.large, c.rule, c.threshold, c.output))
+        await self.deployer.boot(changed, origin="reload")
         if (new.http, new.socket, new.metrics) != (self.config.http, self.config.socket, self.config.metrics):
             log.warning("listener changes take effect after a restart")
         log.info("config reloaded", extra={"models": [m.name for m in new.models]})
@@ -456,14 +398,19 @@ class Daemon:
         """Version, profile, effective providers, active model versions, uptime, listeners."""
         from edgert import __version__
 
-        models = {}
+        models: dict[str, dict[str, Any]] = {}
         for info in self.engine.models():
+            variant, why = self.deployer.served_variant(info.name) if self.deployer else ("", "")
             models[info.name] = {
                 "version": info.version,
                 "provider": info.provider,
                 "ready": info.ready,
                 "kind": getattr(info, "kind", "model"),
+                **({"variant": variant, "variant_reason": why} if variant else {}),
             }
+        for name, item in (self.deployer.unavailable if self.deployer else {}).items():
+            models[name] = {"version": None, "provider": "", "ready": False, "kind": "model",
+                            "failed_version": item.version, "error": item.reason}
         profile = getattr(getattr(self.runtime, "profile", None), "name", self.config.profile)
         return {
             "version": __version__,
@@ -485,19 +432,8 @@ def _with_models(old: DaemonConfig, new: DaemonConfig) -> DaemonConfig:
     return replace(old, models=new.models, cascades=new.cascades)
 
 
-class _EngineModels:
-    """What the MQTT command handlers may do to the serving engine (called from the MQTT thread)."""
+def _event_bytes(doc: dict[str, Any]) -> bytes:
+    """A Deployer event as the JSON document the MQTT ``events`` channel carries."""
+    import json
 
-    def __init__(self, daemon: Daemon) -> None:
-        self._daemon = daemon
-
-    def served_version(self, name: str) -> str | None:
-        """The version of ``name`` being served, if any."""
-        return {info.name: info.version for info in self._daemon.engine.models()}.get(name)
-
-    def swap(self, name: str, version: str) -> None:
-        """Load, warm up and swap in ``name`` at ``version`` on the daemon's event loop; wait for it."""
-        loop = self._daemon._loop
-        if loop is None:
-            raise RuntimeError("the daemon is not running")
-        asyncio.run_coroutine_threadsafe(self._daemon.activate(name, version), loop).result(SWAP_TIMEOUT_S)
+    return json.dumps({"v": 1, "ts": time.time(), **doc}, sort_keys=True, default=str).encode("utf-8")

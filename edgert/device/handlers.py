@@ -1,52 +1,26 @@
 """Handlers for the daemon's MQTT commands: ``activate-model``, ``rollback-model``, ``reboot-daemon``.
 
-The daemon passes in what they act on (pure logic here; the daemon owns the I/O):
-
-* ``models``: the running engine (:class:`ModelControl`): which version serves, and a blocking hot swap;
-* ``open_store``: a context manager yielding the device's model store (:class:`StoreControl`), opened
-  per command with its audit log, like ``edgert models activate|rollback`` does;
-* ``restart``: asks for a graceful restart (drain, stop, re-exec); it is called
-  :data:`REBOOT_DELAY_S` after the handler returns, so the reply is published first.
-
-The store and the running daemon are kept in step: the store is changed first (anti-rollback is
-enforced there), then the daemon swaps; if the swap fails the store is put back, so what the store
-calls active is what serves. Handlers run on the sync service's command thread, never on the event
-loop, so a blocking swap is fine.
+Model changes go through the daemon's :class:`~edgert.device.deployer.Deployer`, the one owner of
+which version serves: it checks the anti-rollback floor, loads, health-checks, swaps and only then
+commits the store, so a failed command changes nothing. Handlers run on the sync service's command
+thread, never on the event loop, so they wait for the deployment on the daemon's loop.
+``restart`` asks for a graceful restart (drain, stop, re-exec); it is called :data:`REBOOT_DELAY_S`
+after the handler returns, so the reply is published first.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any
 
 from edgert.device.commands import Handler
+from edgert.device.deployer import Deployer
 
-__all__ = ["REBOOT_DELAY_S", "ModelControl", "StoreControl", "daemon_handlers"]
+__all__ = ["REBOOT_DELAY_S", "daemon_handlers"]
 
 #: Delay between answering ``reboot-daemon`` and asking the daemon to restart (the reply goes out first).
 REBOOT_DELAY_S = 1.0
-
-
-class ModelControl(Protocol):
-    """The running daemon's models."""
-
-    def served_version(self, name: str) -> str | None:
-        """The version of ``name`` serving now, or None if it is not loaded."""
-
-    def swap(self, name: str, version: str) -> None:
-        """Load ``version``, warm it up and swap it in (blocking); raise EdgertError and keep the old one."""
-
-
-class StoreControl(Protocol):
-    """The subset of :class:`edgert.security.store.ModelStore` the handlers use."""
-
-    def activate(self, name: str, version: str, *, allow_downgrade: bool = False) -> None:
-        """Make an installed version active."""
-
-    def rollback(self, name: str) -> str:
-        """Swap active and previous; return the new active version."""
 
 
 def _text(args: Mapping[str, Any], key: str) -> str:
@@ -58,8 +32,7 @@ def _text(args: Mapping[str, Any], key: str) -> str:
 
 def daemon_handlers(
     *,
-    models: ModelControl,
-    open_store: Callable[[], AbstractContextManager[StoreControl]],
+    deployer: Deployer,
     restart: Callable[[], None],
     reboot_delay_s: float = REBOOT_DELAY_S,
 ) -> dict[str, Handler]:
@@ -70,28 +43,15 @@ def daemon_handlers(
         downgrade = args.get("allow_downgrade", False)
         if not isinstance(downgrade, bool):
             raise ValueError("args.allow_downgrade must be true or false")
-        previous = models.served_version(name)
-        with open_store() as store:
-            store.activate(name, version, allow_downgrade=downgrade)
-            try:
-                models.swap(name, version)
-            except BaseException:
-                if previous is not None and previous != version:
-                    store.activate(name, previous, allow_downgrade=True)
-                raise
-        return {"model": name, "version": version, "previous": previous}
+        done = deployer.run_threadsafe(
+            deployer.deploy(name, version, allow_downgrade=downgrade, origin="mqtt", reason="activate"))
+        return {"model": name, "version": done.version, "previous": done.previous, "changed": done.changed,
+                "variant": done.variant}
 
     def rollback(args: Mapping[str, Any]) -> Mapping[str, Any]:
         name = _text(args, "model")
-        previous = models.served_version(name)
-        with open_store() as store:
-            version = store.rollback(name)
-            try:
-                models.swap(name, version)
-            except BaseException:
-                store.rollback(name)  # swap active/previous back: the store matches what serves
-                raise
-        return {"model": name, "version": version, "previous": previous}
+        done = deployer.run_threadsafe(deployer.rollback(name, origin="mqtt"))
+        return {"model": name, "version": done.version, "previous": done.previous, "variant": done.variant}
 
     def reboot(args: Mapping[str, Any]) -> Mapping[str, Any]:
         timer = threading.Timer(reboot_delay_s, restart)

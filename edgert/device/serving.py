@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgert.errors import UnknownModelError
+from edgert.errors import ServeError, UnknownModelError
 from edgert.serve.port import InferOutcome, ModelMeta, TensorMeta
 
 if TYPE_CHECKING:
     from edgert.device.daemon import Daemon
+    from edgert.device.deployer import Deployer
 
 __all__ = ["ServingAdapter"]
 
@@ -32,7 +33,7 @@ class ServingAdapter:
         return True
 
     def ready(self) -> bool:
-        """Every model loaded and not draining."""
+        """The daemon has started and is not draining; each model reports its own readiness (OIP)."""
         return self.daemon.is_ready and not self.daemon.draining
 
     def server_metadata(self) -> dict[str, Any]:
@@ -45,8 +46,24 @@ class ServingAdapter:
             "extensions": ["binary_tensor_data", "model_repository", "statistics"],
         }
 
+    def _not_serving(self, name: str, exc: UnknownModelError) -> UnknownModelError:
+        """A configured model with no servable version gets the reason, not just "unknown"."""
+        deployer = self.daemon.deployer
+        item = deployer.unavailable.get(name) if deployer is not None else None
+        if item is None:
+            return exc
+        return UnknownModelError(
+            f"model {name!r} is configured but serves no version: {item.version or 'its active version'} "
+            f"failed ({item.reason})",
+            hint=f"install or activate a version that loads ('edgert models activate {name} VERSION'), "
+                 "or roll back",
+        )
+
     def _info(self, name: str, version: str | None) -> Any:
-        info = self.engine.get(name, version)
+        try:
+            info = self.engine.get(name, version)
+        except UnknownModelError as exc:
+            raise self._not_serving(name, exc) from None
         if version is not None and version not in info.versions:
             raise UnknownModelError(
                 f"model {name!r} has no version {version!r} (serving {', '.join(info.versions)})"
@@ -80,13 +97,16 @@ class ServingAdapter:
         request_id: str | None = None,
     ) -> InferOutcome:
         """One request through the engine."""
-        result = await self.engine.infer(
-            name,
-            inputs,
-            version=version,
-            outputs=list(outputs) if outputs is not None else None,
-            request_id=request_id,
-        )
+        try:
+            result = await self.engine.infer(
+                name,
+                inputs,
+                version=version,
+                outputs=list(outputs) if outputs is not None else None,
+                request_id=request_id,
+            )
+        except UnknownModelError as exc:
+            raise self._not_serving(name, exc) from None
         capture = self.daemon.capture
         if capture is not None:  # one lookup and, for captured models, one random draw
             capture.offer(
@@ -94,13 +114,19 @@ class ServingAdapter:
             )
         return result
 
-    async def load(self, name: str, version: str | None = None) -> None:
-        """Hot-swap (or load) ``name``."""
-        await self.daemon.activate(name, version)
+    async def load(self, name: str, version: str | None = None, *, allow_downgrade: bool = False) -> None:
+        """Repository load: the Deployer serves ``name`` at ``version`` (the store's active one if None)."""
+        await self._deployer().load(name, version, allow_downgrade=allow_downgrade, origin="repository")
 
     async def unload(self, name: str) -> None:
-        """Stop serving ``name``."""
-        await self.daemon.deactivate(name)
+        """Repository unload: stop serving ``name``; the store keeps its versions."""
+        await self._deployer().unload(name, origin="repository")
+
+    def _deployer(self) -> Deployer:
+        deployer = self.daemon.deployer
+        if deployer is None:
+            raise ServeError("the daemon is still starting", hint="retry once /v2/health/ready answers 200")
+        return deployer
 
     def status(self) -> dict[str, Any]:
         """Daemon status."""

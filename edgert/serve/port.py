@@ -92,8 +92,8 @@ class ServingPort(Protocol):
         """Run one request through the engine."""
         ...
 
-    async def load(self, name: str, version: str | None = None) -> None:
-        """Load (or hot-swap to) a model version: Triton's repository load."""
+    async def load(self, name: str, version: str | None = None, *, allow_downgrade: bool = False) -> None:
+        """Load (or hot-swap to) a model version: Triton's repository load (anti-rollback applies)."""
         ...
 
     async def unload(self, name: str) -> None:

@@ -210,7 +210,10 @@ class UdsServer:
         if kind == fr.LIST:
             return fr.encode_frame(fr.OK, {"models": b.model_names()})
         if kind == fr.LOAD:
-            await b.load(str(name), None if version is None else str(version))
+            # "d": an explicit downgrade, sent only by `edgert models activate --allow-downgrade` and
+            # `edgert models rollback` (the socket is the device's privileged control path; HTTP has none).
+            downgrade = meta.get("d") is True
+            await b.load(str(name), None if version is None else str(version), allow_downgrade=downgrade)
             return fr.encode_frame(fr.OK, {})
         if kind == fr.UNLOAD:
             await b.unload(str(name))

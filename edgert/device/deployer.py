@@ -1,0 +1,428 @@
+"""The Deployer: the one place that changes which model version serves.
+
+Every entry point goes through it: ``edgert models import|activate|rollback``, the OIP HTTP and
+Unix-socket repository load/unload, MQTT fleet commands, SIGHUP reload, the hang supervisor, boot,
+and (later) the fleet updater. One deployment runs these steps, in order:
+
+1. **floor**: the store's anti-rollback check (:meth:`ModelStore.check_activate`), before any work;
+2. **load**: decrypt into memory and load, trying the package's variants in the device profile's
+   order until one loads;
+3. **health**: warm up on zero inputs (and, when the package carries them, compare with its golden
+   outputs); the warm run must finish within the latency bound;
+4. **swap**: atomically, beside the serving version, with zero failed requests (the engine's swap);
+5. **commit**: the store's active pointer, then the audit record and the event.
+
+On any failure nothing changes: the store and the engine keep the previous version, and the failure
+is audited and reported with its reason and stage. Deployments of one model are serialised.
+
+Without an engine (``edgert models activate`` while no daemon runs) steps 1-3 run, the model is
+closed, and step 5 commits: a version becomes active only after it has really loaded on this device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgert.config import CascadeEntry, ModelEntry
+from edgert.errors import BackendError, EdgertError, UnknownModelError
+
+__all__ = [
+    "DEFAULT_MAX_WARM_LATENCY_S",
+    "DEPLOY_TIMEOUT_S",
+    "Deployer",
+    "Deployment",
+    "ServingTarget",
+    "Unavailable",
+    "variant_order",
+]
+
+log = logging.getLogger("edgert.device.deployer")
+
+#: Warm-up runs of a new version before it takes traffic.
+WARMUP_RUNS = 3
+#: A new version whose median warm run takes longer than this fails its health check (seconds).
+DEFAULT_MAX_WARM_LATENCY_S = 10.0
+#: How long a caller on another thread (MQTT commands) waits for a deployment.
+DEPLOY_TIMEOUT_S = 120.0
+#: Golden-output tolerance (absolute, relative) for the health check.
+GOLDEN_ATOL = 1e-3
+GOLDEN_RTOL = 1e-2
+
+
+class ServingTarget(Protocol):
+    """Where deployed models serve: the daemon's engine."""
+
+    def served_version(self, name: str) -> str:
+        """The version serving under ``name``; raises UnknownModelError."""
+        ...
+
+    def add_model(self, model: Any, config: Any, *, warmup: int = ...) -> None:
+        """Serve a new model."""
+        ...
+
+    async def swap(self, name: str, new_model: Any, *, warmup: int = ...) -> None:
+        """Replace the served version atomically."""
+        ...
+
+    def remove(self, name: str) -> None:
+        """Stop serving ``name``."""
+        ...
+
+    def add_cascade(self, config: Any) -> None:
+        """Serve a cascade of two served models."""
+        ...
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What a successful deployment did."""
+
+    model: str
+    version: str
+    previous: str | None
+    variant: str
+    variant_reason: str
+    provider: str
+    changed: bool  # False when that version was already serving and active
+    pruned: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """A configured model that serves no version, and why."""
+
+    model: str
+    version: str | None
+    reason: str
+
+
+@dataclass
+class _ModelState:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    variant: str = ""
+    variant_reason: str = ""
+
+
+def variant_order(preferred: Sequence[str], available: Sequence[str]) -> list[tuple[str, str]]:
+    """The variants to try, in order, each with the reason it is at that place. Pure."""
+    ordered: list[tuple[str, str]] = []
+    for rank, variant in enumerate(v for v in preferred if v in available):
+        ordered.append((variant, f"{'first' if rank == 0 else 'next'} in the profile's preference order"))
+    ordered += [(v, "in the package, not in the profile's preference list")
+                for v in available if v not in preferred]
+    return ordered
+
+
+def _error_text(exc: BaseException) -> str:
+    text = exc.message if isinstance(exc, EdgertError) else f"{type(exc).__name__}: {exc}"
+    return text[:300]
+
+
+def health_check(model: Any, golden: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]] | None,
+                 max_latency_s: float) -> float:
+    """Run ``model`` on zero inputs (and golden inputs, if any); return the median warm run (s).
+
+    Raises BackendError when a run fails, an output is not finite, a golden output differs, or the
+    warm run is slower than ``max_latency_s``.
+    """
+    from edgert.engine.served import warm_up
+
+    seconds = warm_up(model, WARMUP_RUNS)
+    if seconds > max_latency_s:
+        raise BackendError(
+            f"{model.name} {model.version}: warm run took {seconds * 1000:.1f} ms, over the "
+            f"{max_latency_s * 1000:.0f} ms bound", hint="check the device profile and the model variant")
+    zeros = {s.name: np.zeros([1 if d is None else d for d in s.shape], dtype=np.dtype(s.dtype))
+             for s in model.inputs}
+    outputs = model.run(zeros)
+    for name, value in outputs.items():
+        if np.asarray(value).dtype.kind == "f" and not np.all(np.isfinite(value)):
+            raise BackendError(f"{model.name} {model.version}: output {name!r} is not finite on zero inputs")
+    if golden is not None:
+        inputs, expected = golden
+        got = model.run(dict(inputs))
+        for name, want in expected.items():
+            if name not in got or np.shape(got[name]) != np.shape(want) or not np.allclose(
+                    got[name], want, atol=GOLDEN_ATOL, rtol=GOLDEN_RTOL):
+                raise BackendError(f"{model.name} {model.version}: output {name!r} differs from the "
+                                   "package's golden output", hint="the build or the variant is broken")
+    return seconds
+
+
+class Deployer:
+    """Changes what serves; see the module docstring. Runs on the daemon's event loop."""
+
+    def __init__(
+        self,
+        *,
+        source: Any,
+        target: ServingTarget | None,
+        audit: Callable[..., None],
+        models: Callable[[], Sequence[ModelEntry]],
+        cascades: Callable[[], Sequence[CascadeEntry]] = tuple,
+        preferred_variants: Sequence[str] = (),
+        max_warm_latency_s: float = DEFAULT_MAX_WARM_LATENCY_S,
+    ) -> None:
+        self.source = source  # edgert.device.sources.ModelSource
+        self.target = target
+        self.audit = audit
+        self._models = models
+        self._cascades = cascades
+        self.preferred_variants = tuple(preferred_variants)
+        self.max_warm_latency_s = max_warm_latency_s
+        self.events: list[Callable[[dict[str, Any]], None]] = []
+        self.unavailable: dict[str, Unavailable] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._state: dict[str, _ModelState] = {}
+
+    # ---- lookups -----------------------------------------------------------------------------
+    def entry(self, name: str) -> ModelEntry:
+        """The config entry of ``name``; UnknownModelError if it is not configured."""
+        for m in self._models():
+            if m.name == name:
+                return m
+        allowed = ", ".join(m.name for m in self._models()) or "(none)"
+        raise UnknownModelError(f"model {name!r} is not in the daemon config (configured: {allowed})",
+                                hint="add a [[models]] entry to the daemon config and send SIGHUP")
+
+    def cascade(self, name: str) -> CascadeEntry | None:
+        """The config entry of cascade ``name``, if there is one."""
+        return next((c for c in self._cascades() if c.name == name), None)
+
+    def served_variant(self, name: str) -> tuple[str, str]:
+        """(variant, why) of the version serving under ``name`` ("", "") if unknown."""
+        st = self._state.get(name)
+        return (st.variant, st.variant_reason) if st else ("", "")
+
+    def _served(self, name: str) -> str | None:
+        if self.target is None:
+            return None
+        try:
+            return self.target.served_version(name)
+        except UnknownModelError:
+            return None
+
+    def _st(self, name: str) -> _ModelState:
+        st = self._state.get(name)
+        if st is None:
+            st = self._state[name] = _ModelState()
+        return st
+
+    # ---- the one path ------------------------------------------------------------------------
+    async def deploy(self, name: str, version: str | None = None, *, allow_downgrade: bool = False,
+                     origin: str = "api", reason: str = "activate", force_reload: bool = False) -> Deployment:
+        """Serve ``name`` at ``version`` (None: the store's active one); see the module docstring."""
+        entry = self.entry(name)
+        async with self._st(name).lock:
+            return await self._deploy_locked(entry, version, allow_downgrade=allow_downgrade, origin=origin,
+                                             reason=reason, force_reload=force_reload)
+
+    async def _deploy_locked(self, entry: ModelEntry, version: str | None, *, allow_downgrade: bool,
+                             origin: str, reason: str, force_reload: bool) -> Deployment:
+        name = entry.name
+        served = self._served(name)
+        stage = "floor"
+        try:
+            version = self.source.resolve_version(entry, version)
+            active = self.source.active_version(entry)
+            if served == version and active == version and not force_reload:
+                variant, why = self.served_variant(name)
+                return Deployment(name, version, served, variant, why, "", changed=False)
+            if entry.from_store:
+                self.source.check_activate(entry, version, allow_downgrade=allow_downgrade)
+            stage = "load"
+            model, variant, why = await self._load(entry, version)
+            stage = "health"
+            try:
+                await asyncio.to_thread(health_check, model, self.source.golden(entry, version),
+                                        self.max_warm_latency_s)
+                stage = "swap"
+                await self._swap(entry, model, served)
+            except BaseException:
+                if self.target is None or stage != "swap":
+                    await asyncio.to_thread(model.close)
+                raise
+            stage = "commit"
+            previous = active if active is not None else served
+            pruned = self.source.commit(entry, version, allow_downgrade=allow_downgrade)
+        except BaseException as exc:
+            self._failed(name, version, served, stage, exc, origin, reason)
+            raise
+        provider = str(getattr(model, "provider", ""))
+        if self.target is None:
+            await asyncio.to_thread(model.close)
+        st = self._st(name)
+        st.variant, st.variant_reason = variant, why
+        self.unavailable.pop(name, None)
+        done = Deployment(name, version, previous, variant, why, provider, changed=True, pruned=tuple(pruned))
+        self.audit("model_deployed", model=name, version=version, previous=previous, variant=variant,
+                   provider=provider, origin=origin, reason=reason, pruned=list(pruned))
+        self._event({"event": "model_deployed", "model": name, "version": version, "previous": previous,
+                     "variant": variant, "provider": provider, "origin": origin, "reason": reason})
+        log.info("model deployed", extra={"model": name, "version": version, "previous": previous,
+                                          "variant": variant, "origin": origin, "reason": reason})
+        return done
+
+    async def _load(self, entry: ModelEntry, version: str) -> tuple[Any, str, str]:
+        """Load the first variant, in the profile's order, that loads; (model, variant, why)."""
+        available = self.source.variants(entry, version)
+        tried: list[str] = []
+        for variant, why in variant_order(self.preferred_variants, available):
+            try:
+                model = await asyncio.to_thread(self.source.load, entry, version, variant)
+            except EdgertError as exc:
+                tried.append(f"{variant}: {exc.message[:120]}")
+                log.warning("variant did not load; trying the next", extra={
+                    "model": entry.name, "version": version, "variant": variant, "error": exc.message[:200]})
+                continue
+            if tried:
+                why = f"{why}; before it, {'; '.join(tried)}"
+            return model, variant, why
+        raise BackendError(f"no variant of {entry.name} {version} loads on this device ({'; '.join(tried)})",
+                           hint="'edgert doctor' shows the providers; ship a variant this profile runs")
+
+    async def _swap(self, entry: ModelEntry, model: Any, served: str | None) -> None:
+        if self.target is None:
+            return
+        if served is not None:
+            await self.target.swap(entry.name, model, warmup=WARMUP_RUNS)
+        else:
+            await asyncio.to_thread(self.target.add_model, model, entry.settings, warmup=WARMUP_RUNS)
+            self._restore_cascades(entry.name)
+
+    def _restore_cascades(self, member: str) -> None:
+        """Serve again the configured cascades whose members both serve (after a member came back)."""
+        if self.target is None:
+            return
+        for c in self._cascades():
+            if member in (c.small, c.large) and self._served(c.name) is None \
+                    and self._served(c.small) and self._served(c.large):
+                self.target.add_cascade(_cascade_config(c))
+
+    def _failed(self, name: str, version: str | None, kept: str | None, stage: str, exc: BaseException,
+                origin: str, reason: str) -> None:
+        error = _error_text(exc)
+        self.audit("model_deploy_failed", model=name, version=version or "(active)", kept=kept, stage=stage,
+                   origin=origin, reason=reason, error=error)
+        self._event({"event": "model_deploy_failed", "model": name, "version": version, "kept": kept,
+                     "stage": stage, "origin": origin, "error": error})
+        log.error("deployment failed; nothing changed", extra={
+            "model": name, "version": version, "kept": kept, "stage": stage, "error": error})
+
+    def _event(self, doc: dict[str, Any]) -> None:
+        for sink in self.events:
+            try:
+                sink(doc)
+            except Exception:  # an event sink must never fail a deployment
+                log.exception("event sink failed", extra={"event": doc.get("event")})
+
+    # ---- operations built on deploy ------------------------------------------------------------
+    async def rollback(self, name: str, *, origin: str = "api") -> Deployment:
+        """Serve the store's previous version (swap active and previous); anti-rollback is waived."""
+        entry = self.entry(name)
+        previous = self.source.previous_version(entry)
+        return await self.deploy(name, previous, allow_downgrade=True, origin=origin, reason="rollback")
+
+    async def load(self, name: str, version: str | None = None, *, allow_downgrade: bool = False,
+                   origin: str = "api") -> None:
+        """Repository load: a configured cascade is served again; a model is deployed."""
+        cascade = self.cascade(name)
+        if cascade is not None and self.target is not None:
+            for member in (cascade.small, cascade.large):
+                if self._served(member) is None:
+                    await self.deploy(member, origin=origin, reason="load")
+            if self._served(name) is None:
+                self.target.add_cascade(_cascade_config(cascade))
+                self.audit("model_load", model=name, kind="cascade", origin=origin)
+            return
+        await self.deploy(name, version, allow_downgrade=allow_downgrade, origin=origin, reason="load")
+
+    async def unload(self, name: str, *, origin: str = "api") -> None:
+        """Stop serving ``name`` (the store is unchanged: it still says what serves when loaded)."""
+        if self.target is None:
+            return
+        async with self._st(name).lock:
+            version = self.target.served_version(name)  # UnknownModelError when not served
+            self.target.remove(name)
+        self.audit("model_unload", model=name, version=version, origin=origin)
+        self._event({"event": "model_unload", "model": name, "version": version, "origin": origin})
+
+    async def restart(self, name: str, *, origin: str = "supervisor") -> Deployment:
+        """Load the serving version again and swap it in (a hung session)."""
+        version = self._served(name)
+        return await self.deploy(name, version, origin=origin, reason="hung", force_reload=True)
+
+    async def boot(self, entries: Sequence[ModelEntry], *, origin: str = "boot") -> dict[str, Unavailable]:
+        """Serve ``entries``; fall back to the previous version when the active one fails.
+
+        A model with no servable version is left unready and reported; the others serve. Configured
+        cascades whose members serve are (re-)added. Also used by SIGHUP reload for changed entries.
+        """
+        for entry in entries:
+            try:
+                await self.deploy(entry.name, entry.version or None, origin=origin, reason="start",
+                                  force_reload=origin != "boot")
+                continue
+            except EdgertError as exc:
+                first = exc
+            if self._served(entry.name) is not None:
+                continue  # a reload that failed: the serving version keeps serving (already audited)
+            failed = self._try_version(entry)
+            fallback = self.source.fallback_version(entry, failed) if entry.from_store else None
+            if failed and entry.from_store:
+                self.source.mark_failed(entry, failed, _error_text(first))
+            if fallback is not None:
+                try:
+                    done = await self.deploy(entry.name, fallback, allow_downgrade=True, origin=origin,
+                                             reason="fallback")
+                except EdgertError as exc:
+                    first = exc
+                else:
+                    self.audit("model_boot_fallback", model=entry.name, failed=failed, version=done.version,
+                               error=_error_text(first))
+                    self._event({"event": "model_boot_fallback", "model": entry.name, "failed": failed,
+                                 "version": done.version, "error": _error_text(first)})
+                    continue
+            self._mark_unavailable(entry, failed, first)
+        for c in self._cascades():
+            if self.target is not None and self._served(c.small) and self._served(c.large) \
+                    and self._served(c.name) is None:
+                self.target.add_cascade(_cascade_config(c))
+        return dict(self.unavailable)
+
+    def _try_version(self, entry: ModelEntry) -> str | None:
+        try:
+            return str(self.source.resolve_version(entry, entry.version or None))
+        except EdgertError:
+            return None
+
+    def _mark_unavailable(self, entry: ModelEntry, version: str | None, exc: BaseException) -> None:
+        item = Unavailable(entry.name, version, _error_text(exc))
+        self.unavailable[entry.name] = item
+        self.audit("model_unavailable", model=entry.name, version=version, error=item.reason)
+        self._event({"event": "model_unavailable", "model": entry.name, "version": version,
+                     "error": item.reason})
+        log.error("model has no servable version; it is not served",
+                  extra={"model": entry.name, "version": version, "error": item.reason})
+
+    # ---- other threads --------------------------------------------------------------------------
+    def run_threadsafe(self, coro: Coroutine[Any, Any, Any], timeout: float = DEPLOY_TIMEOUT_S) -> Any:
+        """Run a deployment coroutine on the daemon's loop from another thread; wait for its result."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            coro.close()
+            raise EdgertError("the daemon is not running", hint="start it, or retry once it is ready")
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+
+def _cascade_config(c: CascadeEntry) -> Any:
+    from edgert.engine import CascadeConfig
+
+    return CascadeConfig(c.name, c.small, c.large, c.rule, c.threshold, c.output)
+
