@@ -22,7 +22,14 @@ import httptools
 import numpy as np
 
 from edgert.config import DEFAULT_SOCKET_PATH
-from edgert.errors import EdgertError, InputError, OverloadedError, ServeError, UnknownModelError
+from edgert.errors import (
+    EdgertError,
+    InputError,
+    OverloadedError,
+    RollbackError,
+    ServeError,
+    UnknownModelError,
+)
 from edgert.serve import uds_frames as fr
 from edgert.serve.oip_codec import DATATYPES, datatype_of, json_dumps, json_loads
 
@@ -41,6 +48,8 @@ DEFAULT_SPIN_US = 250
 def _error_for(status: int, message: str, retry_after: float | None = None) -> EdgertError:
     if status == 404:
         return UnknownModelError(message)
+    if status == 409:
+        return RollbackError(message)
     if status in (400, 413, 415, 431):
         return InputError(message)
     if status == 503 and retry_after is not None:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from edgert.config import ModelEntry
 from edgert.device.deployer import Deployer, Deployment
 from edgert.device.sources import ModelSource
-from edgert.errors import EdgertError, UnknownModelError
+from edgert.errors import EdgertError, ServeError
 
-__all__ = ["Outcome", "deploy_from_cli"]
+__all__ = ["DAEMON_DEPLOY_TIMEOUT_S", "Outcome", "deploy_from_cli"]
+
+#: How long the CLI waits for the daemon to load, health-check and swap a version.
+DAEMON_DEPLOY_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,27 @@ def _offline(store: Any, name: str, version: str | None, *, allow_downgrade: boo
                                        reason=reason))
 
 
+def _via_daemon(name: str, version: str | None, allow_downgrade: bool, socket_path: str | None) -> str | None:
+    """Ask the daemon on ``socket_path`` to serve ``name``; None when it did, else why it was not asked."""
+    from edgert.client import Client
+
+    if not socket_path:
+        return "the daemon socket is disabled"
+    try:
+        client = Client(f"unix://{socket_path}", timeout=DAEMON_DEPLOY_TIMEOUT_S)
+    except ServeError:
+        return f"no daemon listening on {socket_path}"
+    with client:
+        if name not in client.status().get("models", {}):
+            return f"the daemon at {socket_path} does not serve {name}"
+        try:
+            client.load(name, version, allow_downgrade=allow_downgrade)
+        except EdgertError as exc:
+            raise type(exc)(f"the daemon at {socket_path} kept serving the previous version of {name}; "
+                            f"nothing changed: {exc.message}", hint=exc.hint) from None
+    return None
+
+
 def deploy_from_cli(store: Any, name: str, version: str | None, *, allow_downgrade: bool = False,
                     reason: str = "activate", socket_path: str | None, profile: str = "auto",
                     audit: Any = None) -> Outcome:
@@ -59,8 +82,6 @@ def deploy_from_cli(store: Any, name: str, version: str | None, *, allow_downgra
     ``reason="rollback"`` serves the store's previous version. Raises the Deployer's error (nothing
     changed) when the version does not load, fails its health check or is below the floor.
     """
-    from edgert.client import notify_daemon_activate
-
     audit = audit or (lambda *a, **k: None)
     if reason == "rollback":
         version = store.entry(name).previous
@@ -70,21 +91,10 @@ def deploy_from_cli(store: Any, name: str, version: str | None, *, allow_downgra
             raise StoreError(f"model {name!r} has no previous version to roll back to",
                              hint="'edgert models list' shows installed versions")
         allow_downgrade = True
-    if socket_path and Path(socket_path).exists():
-        try:
-            reached = notify_daemon_activate(name, version, socket_path, allow_downgrade=allow_downgrade)
-        except UnknownModelError:
-            reached = None  # the daemon does not serve this name: the store alone decides
-        except EdgertError as exc:
-            raise type(exc)(f"the daemon at {socket_path} kept serving the previous version of {name}; "
-                            f"nothing changed: {exc.message}", hint=exc.hint) from None
-        if reached:
-            served = store.entry(name).active
-            return Outcome(name, str(served), True, f"the daemon at {socket_path} now serves {name} {served}")
-        note = (f"the daemon at {socket_path} does not serve {name}" if reached is None
-                else f"no daemon listening on {socket_path}")
-    else:
-        note = f"no daemon listening on {socket_path}" if socket_path else "the daemon socket is disabled"
+    note = _via_daemon(name, version, allow_downgrade, socket_path)
+    if note is None:
+        served = store.entry(name).active
+        return Outcome(name, str(served), True, f"the daemon at {socket_path} now serves {name} {served}")
     if reason != "rollback" and version is not None and store.entry(name).active == version:
         return Outcome(name, version, False, f"{note}; {name} {version} is already active")
     done = _offline(store, name, version, allow_downgrade=allow_downgrade, reason=reason, profile=profile,

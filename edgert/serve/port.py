@@ -18,6 +18,7 @@ from edgert.errors import (
     InputError,
     ModelError,
     OverloadedError,
+    RollbackError,
     SecurityError,
     ServeError,
     StoreError,
@@ -108,6 +109,7 @@ class ServingPort(Protocol):
 #: Exception class -> HTTP status, most specific first.
 _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (UnknownModelError, 404),
+    (RollbackError, 409),  # below the anti-rollback floor: a conflict with what was installed
     (InputError, 400),
     (OverloadedError, 503),
     (SecurityError, 400),
@@ -121,8 +123,6 @@ _STATUS: tuple[tuple[type[BaseException], int], ...] = (
 
 def status_for(exc: BaseException) -> int:
     """The HTTP status code for an exception raised while serving a request."""
-    if isinstance(exc, KeyError) and isinstance(exc, ServeError):  # the engine's unknown-model error
-        return 404
     for cls, code in _STATUS:
         if isinstance(exc, cls):
             return code

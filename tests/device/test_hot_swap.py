@@ -10,6 +10,7 @@ import pytest
 
 from edgert.client import Client, notify_daemon_activate
 from edgert.config import parse_config
+from edgert.errors import RollbackError, UnknownModelError
 from edgert.security.loader import import_model, open_keystore, open_store
 from tests.serve.daemon_harness import start_daemon
 
@@ -39,8 +40,8 @@ name = "digits"
     try:
         sock = running.socket
         x = np.load(MODELS / "digits_test.npz")["x"][:16]
-        # version 2 arrives in the store (activated there) while version 1 serves
-        import_model(store, MODELS / "digits_large_int8.onnx", name="digits", version="2")
+        # version 2 arrives in the store (installed, not active) while version 1 serves
+        import_model(store, MODELS / "digits_large_int8.onnx", name="digits", version="2", activate=False)
         stop = threading.Event()
         failures: list[BaseException] = []
         versions: set[str] = set()
@@ -64,19 +65,25 @@ name = "digits"
         assert notify_daemon_activate("digits", "2", socket=sock)
         with Client("unix://" + sock) as c:
             assert c.metadata("digits")["versions"] == ["2"]
-            # a version that does not exist: the daemon refuses, version 2 keeps serving
-            with pytest.raises(Exception, match="7"):
+            # a version that is not installed: the daemon refuses with the store's reason, 2 keeps serving
+            with pytest.raises(UnknownModelError, match="model 'digits' has no installed version '7'"):
                 c.load("digits", "7")
             assert c.metadata("digits")["versions"] == ["2"]
-            # back to 1 over HTTP (Triton's repository extension)
+        # back to 1 over HTTP (Triton's repository extension) is below the anti-rollback floor: refused
         with Client(running.http_url) as c:
-            c.load("digits", "1")
+            with pytest.raises(RollbackError, match="refusing to activate digits 1: 2 was installed"):
+                c.load("digits", "1")
             versions.add(c.metadata("digits")["versions"][0])
+        # an explicit, audited downgrade over the socket (what `edgert models rollback` sends) is served
+        with Client("unix://" + sock) as c:
+            c.load("digits", "1", allow_downgrade=True)
+            versions.add(c.metadata("digits")["versions"][0])
+        assert store.entry("digits").active == "1"
         stop.set()
         for t in threads:
             t.join(30)
         assert not failures, repr(failures[0])
-        assert counts[0] > 0 and versions == {"1"}
+        assert counts[0] > 0 and versions == {"2", "1"}
         assert notify_daemon_activate("digits", "1", socket=str(tmp_path / "missing.sock")) is False
     finally:
         running.stop()
