@@ -218,7 +218,8 @@ def test_every_entry_point_goes_through_the_deployer(device: Device) -> None:
 
     # a version that loads but fails every run: installed, never active; the daemon keeps 3
     broken = fails_at_run(device.tmp / "digits_broken.onnx")
-    r = cli("models", "import", str(broken), "--name", "digits", "--version", "4", "--config", str(device.config))
+    r = cli("models", "import", str(broken), "--name", "digits", "--version", "4",
+            "--config", str(device.config))
     assert r.returncode != 0
     assert "kept serving the previous version of digits; nothing changed" in r.stderr
     assert "warm-up" in r.stderr and "hint:" in r.stderr
