@@ -61,19 +61,19 @@ def test_activate_and_rollback_reach_the_daemon_and_are_audited(tmp_path: Path) 
         r = cli("models", "activate", "digits", "2", "--state-dir", str(state), "--socket", str(sock))
         assert r.returncode == 0, r.stderr
         assert _served(sock, "digits") == "2"
-        # version 1's package is damaged on disk: the store switches, the daemon refuses and keeps 2
+        # version 1's package is damaged on disk: the daemon refuses it and nothing changes, store included
         _flip_payload_byte(state / "models" / "packages" / "digits" / "1.edgepkg")
         r = cli("models", "rollback", "digits", "--config", str(config))
         assert r.returncode != 0
-        assert "the store now has digits 1 active, but the running daemon could not load it" in r.stderr
+        assert "kept serving the previous version of digits; nothing changed" in r.stderr
         assert "integrity check failed" in r.stderr and "hint:" in r.stderr
-        assert _served(sock, "digits") == "2"
+        assert _served(sock, "digits") == "2" and store.entry("digits").active == "2"
         with Client(f"unix://{sock}") as c:
             assert c.infer("digits", {"pixels": x})["logits"].shape == (4, 10)
-        # no daemon on this socket: the store change stands and the CLI says so
+        # no daemon on this socket: the offline Deployer refuses the damaged version too
         r = cli("models", "rollback", "digits", "--state-dir", str(state), "--socket", str(tmp_path / "none"))
-        assert r.returncode == 0, r.stderr
-        assert "no daemon listening" in r.stdout
+        assert r.returncode != 0 and "integrity check failed" in r.stderr
+        assert store.entry("digits").active == "2"
         # SIGHUP is audited as a config reload
         proc.send_signal(signal.SIGHUP)
         _wait_for_event(state / "audit", "config_reload")
@@ -82,16 +82,18 @@ def test_activate_and_rollback_reach_the_daemon_and_are_audited(tmp_path: Path) 
     assert code == 0, err[-2000:]
     records = list(read_records(state / "audit"))
     events = [r["event"] for r in records]
-    for expected in ("daemon_start", "model_load", "model_swap", "model_swap_failed", "model_rollback",
-                     "model_activate", "config_reload", "daemon_stop"):
+    for expected in ("daemon_start", "model_deployed", "model_deploy_failed", "model_activate",
+                     "config_reload", "daemon_stop"):
         assert expected in events, (expected, events)
     # order: the daemon starts before it swaps and stops last (then the close checkpoint)
-    assert events.index("daemon_start") < events.index("model_swap") < events.index("daemon_stop")
+    assert events.index("daemon_start") < events.index("model_deployed") < events.index("daemon_stop")
     assert events[-2:] == ["daemon_stop", "checkpoint"]
-    swaps = [r["data"] for r in records if r["event"] == "model_swap"]
+    swaps = [r["data"] for r in records
+             if r["event"] == "model_deployed" and r["data"]["origin"] == "repository"]
     assert {"model": "digits", "version": "1", "previous": "2"}.items() <= swaps[0].items()
-    failed = next(r["data"] for r in records if r["event"] == "model_swap_failed")
+    failed = next(r["data"] for r in records if r["event"] == "model_deploy_failed")
     assert failed["model"] == "digits" and failed["kept"] == "2" and failed["version"] == "1"
+    assert failed["stage"] == "load"
     report = verify_dir(state / "audit", keys.sign_public)
     assert report.ok and report.unsigned_tail == 0, report
     # the check can fail: an edited daemon record breaks the chain
