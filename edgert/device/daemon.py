@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from edgert.config import DaemonConfig, ModelEntry, load_config, parse_listen
+from edgert.config import DaemonConfig, ModelEntry, is_loopback, load_config, parse_listen
 from edgert.device.compliance import CaptureSink, DaemonAudit, open_capture_sink, open_daemon_audit
 from edgert.device.deployer import Deployer
 from edgert.device.sdnotify import Notifier
@@ -72,6 +72,30 @@ def read_token(path: str) -> str:
             f"token file {p} holds fewer than 16 characters", hint="use e.g. `openssl rand -hex 32`"
         )
     return token
+
+
+#: How to move each listener elsewhere (command-line option and config key).
+_OTHER_PORT_HINT = {
+    "http.listen": "pick another with --http HOST:PORT (or [http] listen)",
+    "metrics.listen": "pick another with --metrics HOST:PORT on `edgert demo`, or [metrics] listen "
+                      '(listen = "" turns it off)',
+}
+
+
+def check_http_exposure(listen: str, token_file: str, source: str) -> None:
+    """Refuse to serve a non-loopback address without a bearer token, whoever set the address.
+
+    The config parser applies the same rule to the file; this catches ``--http`` overrides
+    (``edgert daemon --http``, ``edgert demo --http``) just before the listener binds.
+    """
+    host, _ = parse_listen(listen)
+    if not token_file and not is_loopback(host):
+        raise ConfigError(
+            f"{source}: refusing to serve HTTP on the non-loopback address {listen!r} without a bearer "
+            "token: anyone on the network could call (and load or unload) the models",
+            hint="bind 127.0.0.1 (e.g. --http 127.0.0.1:8000), or run `edgert daemon` with "
+                 "http.auth_token_file set to a 0600 file holding a token",
+        )
 
 
 class Daemon:
@@ -148,6 +172,8 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         t0 = time.monotonic()
+        if self.config.http.listen:  # before any work: a refused address must not load models first
+            check_http_exposure(self.config.http.listen, self.config.http.auth_token_file, self.config.source)
         if self.runtime is None:
             self.runtime = self._build_runtime()
         self.audit = open_daemon_audit(self._state_root())
@@ -248,7 +274,7 @@ class Daemon:
         except OSError as exc:
             raise ConfigError(
                 f"{self.config.source}: {key} = {listen!r}: cannot listen: {exc.strerror or exc}",
-                hint="is another process using the port? pick another with --http HOST:PORT",
+                hint=f"is another process using the port? {_OTHER_PORT_HINT.get(key, 'pick another port')}",
             ) from None
         return f"{bound_host}:{bound_port}"
 

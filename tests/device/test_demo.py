@@ -156,3 +156,36 @@ def test_demo_serves_encrypted_models_and_exits_clean(tmp_path: Path):
     assert not list(tmpdir.glob("edgert-demo-*")), "the temporary store should be removed on exit"
     assert not files_containing(tmp_path, plaintext_probes()), "plaintext model bytes left on disk"
     assert b"Traceback" not in err
+
+
+def test_demo_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
+    """`edgert demo --http 0.0.0.0:PORT` used to serve the world with no token and no warning."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "edgert.cli.main", "demo", "--http", "0.0.0.0:0", "--socket",
+         str(tmp_path / "demo.sock"), "--metrics", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "refusing to serve HTTP on the non-loopback address '0.0.0.0:0' without a bearer token" in r.stderr
+    assert "--http 127.0.0.1:8000" in r.stderr
+    assert not (tmp_path / "demo.sock").exists()
+
+
+def test_busy_metrics_port_names_the_metrics_option(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "edgert.cli.main", "demo", "--http", "127.0.0.1:0", "--socket",
+             str(tmp_path / "demo.sock"), "--metrics", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "metrics.listen" in r.stderr and "--metrics HOST:PORT" in r.stderr
+    assert "--http" not in r.stderr.split("hint:", 1)[1]
