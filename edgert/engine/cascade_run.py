@@ -97,7 +97,16 @@ def _inputs(
 ) -> dict[str, Any]:
     """Check the requested version, then validate the inputs against the small model."""
     engine.get(cfg.name, version)  # raises for a wrong version
-    return engine.served_model(cfg.small).validate(inputs)
+    small = engine.served_model(cfg.small)
+    expected = {s.name for s in small.inputs}
+    if isinstance(inputs, Mapping) and inputs.keys() != expected:
+        # Name the cascade the caller asked for, not its internal member model.
+        got = sorted(map(str, inputs.keys()))
+        raise InputError(
+            f"model {cfg.name!r} expects inputs {sorted(expected)}, got {got}",
+            hint=f"GET /v2/models/{cfg.name} lists its inputs",
+        )
+    return small.validate(inputs)
 
 
 def _split(cfg: CascadeConfig, small: InferResult) -> np.ndarray:

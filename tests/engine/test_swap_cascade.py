@@ -11,7 +11,7 @@ import pytest
 from edgert import ModelOptions
 from edgert.engine import DIGITS_DEFAULT_RULE, DIGITS_DEFAULT_THRESHOLD, CascadeConfig, Engine, ModelConfig
 from edgert.engine.cascade import escalate_mask, evaluate
-from edgert.errors import BackendError, ConfigError
+from edgert.errors import BackendError, ConfigError, InputError
 
 from .conftest import MODELS, Instrumented, aio
 
@@ -106,6 +106,15 @@ async def test_cascade_escalates_only_uncertain_rows(engine: Engine, load, digit
     assert cascade["rows"] == len(x) and cascade["escalated"] == int(mask.sum())
     # The large model only ever saw the escalated rows, in one run.
     assert engine.metrics.stats_copy("large")["mean_batch_size"] == mask.sum()
+
+
+@aio
+async def test_cascade_input_errors_name_the_cascade_not_its_member(engine: Engine, load, digits) -> None:
+    x, _ = digits
+    small, _ = _cascade_engine(engine, load)
+    with pytest.raises(InputError, match=r"model 'digits' expects inputs \['pixels'\], got \['image'\]") as info:
+        await engine.infer("digits", {"image": x[:1]})
+    assert small.name not in str(info.value) and "/v2/models/digits" in (info.value.hint or "")
 
 
 def test_cascade_sync_and_batched_members(engine: Engine, load, digits) -> None:
