@@ -59,7 +59,11 @@ class ServingTarget(Protocol):
     """Where deployed models serve: the daemon's engine."""
 
     def served_version(self, name: str) -> str:
-        """The version serving under ``name``; raises UnknownModelError."""
+        """The version of the model serving under ``name``; raises UnknownModelError."""
+        ...
+
+    def get(self, name: str) -> Any:
+        """Describe the model or cascade served under ``name``; raises UnknownModelError."""
         ...
 
     def add_model(self, model: Any, config: Any, *, warmup: int = ...) -> None:
@@ -208,6 +212,16 @@ class Deployer:
         except UnknownModelError:
             return None
 
+    def _is_served(self, name: str) -> bool:
+        """True when a model or cascade serves under ``name``."""
+        if self.target is None:
+            return False
+        try:
+            self.target.get(name)
+        except UnknownModelError:
+            return False
+        return True
+
     def _st(self, name: str) -> _ModelState:
         st = self._state.get(name)
         if st is None:
@@ -301,7 +315,7 @@ class Deployer:
         if self.target is None:
             return
         for c in self._cascades():
-            if member in (c.small, c.large) and self._served(c.name) is None \
+            if member in (c.small, c.large) and not self._is_served(c.name) \
                     and self._served(c.small) and self._served(c.large):
                 self.target.add_cascade(_cascade_config(c))
 
@@ -337,7 +351,7 @@ class Deployer:
             for member in (cascade.small, cascade.large):
                 if self._served(member) is None:
                     await self.deploy(member, origin=origin, reason="load")
-            if self._served(name) is None:
+            if not self._is_served(name):
                 self.target.add_cascade(_cascade_config(cascade))
                 self.audit("model_load", model=name, kind="cascade", origin=origin)
             return
@@ -348,8 +362,9 @@ class Deployer:
         if self.target is None:
             return
         async with self._st(name).lock:
-            version = self.target.served_version(name)  # UnknownModelError when not served
-            self.target.remove(name)
+            cascade = self.cascade(name)
+            version = self.target.get(name).versions[0] if cascade else self.target.served_version(name)
+            self.target.remove(name)  # UnknownModelError when not served
         self.audit("model_unload", model=name, version=version, origin=origin)
         self._event({"event": "model_unload", "model": name, "version": version, "origin": origin})
 
@@ -392,7 +407,7 @@ class Deployer:
             self._mark_unavailable(entry, failed, first)
         for c in self._cascades():
             if self.target is not None and self._served(c.small) and self._served(c.large) \
-                    and self._served(c.name) is None:
+                    and not self._is_served(c.name):
                 self.target.add_cascade(_cascade_config(c))
         return dict(self.unavailable)
 
