@@ -112,7 +112,8 @@ async def test_cascade_escalates_only_uncertain_rows(engine: Engine, load, digit
 async def test_cascade_input_errors_name_the_cascade_not_its_member(engine: Engine, load, digits) -> None:
     x, _ = digits
     small, _ = _cascade_engine(engine, load)
-    with pytest.raises(InputError, match=r"model 'digits' expects inputs \['pixels'\], got \['image'\]") as info:
+    wanted = r"model 'digits' expects inputs \['pixels'\], got \['image'\]"
+    with pytest.raises(InputError, match=wanted) as info:
         await engine.infer("digits", {"image": x[:1]})
     assert small.name not in str(info.value) and "/v2/models/digits" in (info.value.hint or "")
 
