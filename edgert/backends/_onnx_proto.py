@@ -23,10 +23,13 @@ Buffer = bytes | bytearray | memoryview
 # wire types
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
-#: ModelProto fields and their wire types (onnx.proto, up to onnx 1.19): used to recognise a model.
+#: ModelProto fields and their wire types (onnx.proto as of onnx 1.23): used to recognise a model.
 MODEL_FIELDS = {1: _VARINT, 2: _LEN, 3: _LEN, 4: _LEN, 5: _VARINT, 6: _LEN, 7: _LEN, 8: _LEN, 14: _LEN,
                 20: _LEN, 25: _LEN, 26: _LEN}
 _GRAPH = 7
+#: Sniffing stops after this many top-level fields (a real ModelProto has a few dozen), so a
+#: crafted file of millions of tiny fields cannot stall it; such a file counts as ambiguous.
+MAX_SNIFF_FIELDS = 10_000
 
 
 class MalformedProto(ValueError):
@@ -181,6 +184,8 @@ def looks_like_model(data: bytes | bytearray | memoryview) -> bool | None:
                 return None
             seen_graph = seen_graph or f == _GRAPH
             count += 1
+            if count >= MAX_SNIFF_FIELDS:
+                return None
     except MalformedProto:
         return None if count else False
     return True if seen_graph else (None if count else False)

@@ -21,6 +21,7 @@ import numpy as np
 from edgert.backends import _onnx_proto, _tflite_schema
 from edgert.backends.base import Quantization, TensorSpec
 from edgert.errors import ModelError
+from edgert.profiles import VARIANTS  # the one list of variants (profiles order them)
 
 __all__ = [
     "EDGETPU_CUSTOM_OP",
@@ -38,7 +39,6 @@ __all__ = [
 Buffer = bytes | bytearray | memoryview
 
 FORMATS = ("onnx", "tflite")
-VARIANTS = ("int8", "fp16", "fp32", "edgetpu")
 #: The custom operator the Edge TPU compiler puts in place of the subgraph it compiled
 #: (``edgetpu::kCustomOp`` in libedgetpu's edgetpu.h).
 EDGETPU_CUSTOM_OP = "edgetpu-custom-op"

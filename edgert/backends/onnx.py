@@ -202,7 +202,11 @@ def create_session(
         selection = Selection(
             effective=label, attempted=tuple(tried), skipped=tuple(skipped_all), fell_back=fell_back
         )
-        return OnnxSession(session, selection, onnx_unknown_rank_names(model))
+        # onnxruntime shows both a scalar and a shapeless (any-rank) tensor as []; only then is
+        # the model itself read to tell them apart (a few ms on a large graph, so not always).
+        nodes = [*session.get_inputs(), *session.get_outputs()]
+        ambiguous = any(not n.shape for n in nodes)
+        return OnnxSession(session, selection, onnx_unknown_rank_names(model) if ambiguous else frozenset())
     raise ModelError(f"onnxruntime could not load the model: {last_error}")  # pragma: no cover
 
 

@@ -230,3 +230,13 @@ def test_describe_is_pure() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_model_fields_match_onnx_proto() -> None:
+    """Sniffing trusts a list of ModelProto fields: pin it to the onnx package's own schema."""
+    import onnx
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    wire = {F.TYPE_INT64: 0, F.TYPE_STRING: 2, F.TYPE_MESSAGE: 2}
+    fields = {f.number: wire[f.type] for f in onnx.ModelProto.DESCRIPTOR.fields}
+    assert fields == _onnx_proto.MODEL_FIELDS
