@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from edgert.backends.base import BackendSession, Selection, TensorSpec, sniff_format
+from edgert.backends.base import BackendSession, Selection, TensorSpec
+from edgert.backends.describe import sniff_format
 from edgert.errors import ConfigError, InputError, ModelError
 from edgert.profiles import Profile, available_profiles, load_profile
 
@@ -59,7 +60,7 @@ class _InputCheck:
         self.spec = spec
         self.name = spec.name
         self.dtype = np.dtype(spec.dtype)
-        self.rank = len(spec.shape)
+        self.rank = spec.rank  # None: declared without a shape, any rank is accepted
         self.static = tuple((i, d) for i, d in enumerate(spec.shape) if d is not None)
         self.is_float = self.dtype.kind == "f"
 
@@ -126,7 +127,7 @@ class Model:
         for check in self._checks:
             arr = self._coerce(check, inputs[check.name])
             shape = arr.shape
-            if len(shape) != check.rank:
+            if check.rank is not None and len(shape) != check.rank:
                 raise InputError(
                     f"input {check.name!r}: expected rank {check.rank} "
                     f"({check.spec.describe()}), got shape {list(shape)}",
@@ -264,6 +265,7 @@ class Runtime:
     ) -> Model:
         """Load an ONNX or TFLite model from a path or from bytes."""
         options = options or ModelOptions()
+        filename: str | None = None
         if isinstance(source, (bytes, bytearray, memoryview)):
             data = source
             default_name = "model"
@@ -271,14 +273,8 @@ class Runtime:
             path = Path(source)
             data = _read_model_file(path)
             default_name = path.stem
-        fmt = format or sniff_format(data)
-        if fmt is None:
-            where = "" if isinstance(source, (bytes, bytearray, memoryview)) else f" {source}"
-            raise ModelError(
-                f"model{where} is neither ONNX nor TFLite (unrecognised header)",
-                hint="edgert loads .onnx and .tflite files; encrypted .edgepkg packages go "
-                "through 'edgert models import' or the model store",
-            )
+            filename = str(path)
+        fmt = format or sniff_format(data, filename)
         threads = options.threads if options.threads is not None else self.profile.threads
         start = time.perf_counter()
         session: BackendSession

@@ -8,29 +8,63 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["BackendSession", "Selection", "TensorSpec", "sniff_format"]
+__all__ = ["BackendSession", "Quantization", "Selection", "TensorSpec"]
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a quantized tensor is stored in the model: ``real = (q - zero_point) * scale``."""
+
+    dtype: np.dtype
+    scale: float
+    zero_point: int
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-able form: ``{"dtype": "int8", "scale": 0.0627, "zero_point": -128}``."""
+        return {"dtype": np.dtype(self.dtype).name, "scale": self.scale, "zero_point": self.zero_point}
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Name, dtype and shape of a model input or output; ``None`` marks a dynamic dimension."""
+    """Name, dtype and shape of a model input or output; ``None`` marks a dynamic dimension.
+
+    ``rank_known=False`` marks a tensor declared without any shape (unknown rank), which accepts
+    arrays of any rank; its ``shape`` is then ``()`` and must not be read as a scalar. ``dtype``
+    is what callers pass and receive; ``quantization`` says how the model really stores it when
+    the backend converts (LiteRT int8/uint8 inputs and outputs).
+    """
 
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...]
+    rank_known: bool = True
+    quantization: Quantization | None = None
+
+    @property
+    def rank(self) -> int | None:
+        """Number of dimensions, or None when the model does not declare it."""
+        return len(self.shape) if self.rank_known else None
 
     def describe(self) -> str:
         """``name: float32[?, 64]`` style text for messages and the CLI."""
-        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name}: {np.dtype(self.dtype).name}[{dims}]"
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape) if self.rank_known else "any rank"
+        text = f"{self.name}: {np.dtype(self.dtype).name}[{dims}]"
+        q = self.quantization
+        if q is not None:
+            stored = np.dtype(q.dtype).name
+            text += f" ({stored} in the model, scale {q.scale:.8g}, zero point {q.zero_point})"
+        return text
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-able form (``-1`` for dynamic dimensions, as OIP metadata does)."""
-        return {
+        """JSON-able form (``-1`` for dynamic dimensions, as OIP metadata does; null for unknown rank)."""
+        doc: dict[str, object] = {
             "name": self.name,
             "dtype": np.dtype(self.dtype).name,
-            "shape": [-1 if d is None else d for d in self.shape],
+            "shape": [-1 if d is None else d for d in self.shape] if self.rank_known else None,
         }
+        if self.quantization is not None:
+            doc["quantization"] = self.quantization.to_dict()
+        return doc
 
 
 @dataclass(frozen=True)
@@ -61,14 +95,3 @@ class BackendSession(Protocol):
         """Release the session."""
         ...
 
-
-def sniff_format(data: bytes | bytearray | memoryview) -> str | None:
-    """``"tflite"``, ``"onnx"`` or None, from the first bytes of a model."""
-    head = bytes(data[:16])
-    if len(head) >= 8 and head[4:8] == b"TFL3":
-        return "tflite"
-    # An ONNX ModelProto starts with a protobuf field tag; ir_version (field 1, varint) comes
-    # first in files written by onnx/torch, other writers may start with another field.
-    if head[:1] in (b"\x08", b"\x12", b"\x1a", b"\x22", b"\x2a", b"\x3a", b"\x42"):
-        return "onnx"
-    return None

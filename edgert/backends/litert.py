@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from edgert.backends.base import Selection, TensorSpec
+from edgert.backends.base import Selection
+from edgert.backends.describe import EDGETPU_CUSTOM_OP, fixed_batch_of_one, tflite_tensor_spec
 from edgert.errors import BackendError, ModelError
 from edgert.profiles import DelegateSpec
 
@@ -80,8 +81,8 @@ def create_interpreter(
         module, errors = interpreter_module()
         if module is None:
             raise BackendError(
-                "no LiteRT runtime can be imported: " + "; ".join(errors),
-                hint="pip install 'edgert[litert]' (ai-edge-litert)",
+                "cannot load a TFLite model: LiteRT is not installed (" + "; ".join(errors) + ")",
+                hint="pip install 'edgert[litert]'",
             )
     if loader is None:
         assert module is not None
@@ -118,36 +119,51 @@ def create_interpreter(
         interp = factory(model, [], threads)
         interp.allocate_tensors()
     except Exception as exc:
-        raise ModelError(
-            f"LiteRT could not load the model: {str(exc).strip().splitlines()[0][:300] if str(exc) else exc}",
-            hint="the file may be truncated or corrupt; check it with 'edgert models inspect FILE'",
-        ) from None
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"LiteRT could not load the model: {first}", hint=_load_hint(first)) from None
     if delegates:
         log.warning("no LiteRT delegate loaded; running on the CPU")
     return LiteRTSession(interp, Selection("litert:cpu", tuple(tried), tuple(skipped), bool(delegates)))
 
 
+def _signature(detail: Mapping[str, Any]) -> list[int]:
+    sig = detail.get("shape_signature")
+    return [] if sig is None else [int(d) for d in sig]
+
+
+def _load_hint(error: str) -> str:
+    """What to do about a model LiteRT refused, from its first error line."""
+    if EDGETPU_CUSTOM_OP in error:
+        return (
+            "the model is compiled for the Edge TPU and runs only through its delegate: use the "
+            "coral-edgetpu profile on a device with libedgetpu, or load the plain int8 variant"
+        )
+    if "custom op" in error:
+        return "the model needs a custom operator this LiteRT build lacks; convert it with builtin ops only"
+    return "the file may be truncated or corrupt; check it with 'edgert models inspect FILE'"
+
+
 class _Tensor:
     """Binding of one signature tensor: index, quantization and the spec callers see."""
 
-    def __init__(self, name: str, detail: Mapping[str, Any], fixed_batch_one: bool) -> None:
+    def __init__(self, name: str, detail: Mapping[str, Any], batch_of_one: bool) -> None:
         self.name = name
         self.index = int(detail["index"])
         self.raw_dtype = np.dtype(detail["dtype"])
         qp = detail.get("quantization_parameters") or {}
-        scales = np.asarray(qp.get("scales", []), dtype=np.float32)
-        zeros = np.asarray(qp.get("zero_points", []), dtype=np.int64)
-        self.quantized = self.raw_dtype.kind in "iu" and scales.size > 0 and bool(np.all(scales != 0))
-        self.scale = float(scales[0]) if self.quantized else 1.0
-        self.zero = int(zeros[0]) if self.quantized and zeros.size else 0
-        sig = detail.get("shape_signature")
-        dims = list(sig if sig is not None and len(sig) else detail["shape"])
-        self.fixed_batch_one = fixed_batch_one and bool(dims) and dims[0] == 1
-        shape: list[int | None] = [None if d < 0 else int(d) for d in dims]
-        if self.fixed_batch_one:
-            shape[0] = None
-        dtype = np.dtype(np.float32) if self.quantized else self.raw_dtype
-        self.spec = TensorSpec(name, dtype, tuple(shape))
+        self.spec = tflite_tensor_spec(
+            name,
+            self.raw_dtype,
+            [int(d) for d in detail["shape"]],
+            _signature(detail),
+            [float(x) for x in qp.get("scales", [])],
+            [int(x) for x in qp.get("zero_points", [])],
+            batch_of_one,
+        )
+        q = self.spec.quantization
+        self.quantized = q is not None
+        self.scale = q.scale if q is not None else 1.0
+        self.zero = q.zero_point if q is not None else 0
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
         if not self.quantized:
@@ -172,16 +188,7 @@ class LiteRTSession:
         self.selection = selection
         self._lock = threading.Lock()
         in_details, out_details = self._details()
-        batch_one = all(
-            (
-                d.get("shape_signature") is None
-                or len(d.get("shape_signature")) == 0
-                or d["shape_signature"][0] == 1
-            )
-            and len(d["shape"]) > 0
-            and d["shape"][0] == 1
-            for d in in_details.values()
-        )
+        batch_one = fixed_batch_of_one([(list(d["shape"]), _signature(d)) for d in in_details.values()])
         self._in = [_Tensor(n, d, batch_one) for n, d in in_details.items()]
         self._out = [_Tensor(n, d, batch_one) for n, d in out_details.items()]
         self._by_name = {t.name: t for t in self._out}
@@ -220,7 +227,8 @@ class LiteRTSession:
                 interp.resize_tensor_input(t.index, list(arr.shape))
                 interp.allocate_tensors()
                 self._shapes[t.index] = arr.shape
-            interp.set_tensor(t.index, np.ascontiguousarray(arr))
+            # not np.ascontiguousarray: it turns a 0-d array (a scalar input) into a 1-d one
+            interp.set_tensor(t.index, arr if arr.flags.c_contiguous else np.array(arr, order="C"))
         interp.invoke()
         return {t.name: t.dequantize(interp.get_tensor(t.index).copy()) for t in self._out}
 
@@ -231,6 +239,8 @@ class LiteRTSession:
         names = list(outputs) if outputs else [t.name for t in self._out]
         try:
             with self._lock:
+                if self._is_empty_batch(inputs):
+                    return self._empty_outputs(inputs, names)
                 if self._per_row:
                     n = len(next(iter(inputs.values())))
                     rows = [self._invoke({k: v[i : i + 1] for k, v in inputs.items()}) for i in range(n)]
@@ -240,6 +250,40 @@ class LiteRTSession:
         except Exception as exc:
             raise BackendError(f"LiteRT failed while running: {str(exc).strip()[:300]}") from None
         return {k: result[k] for k in names}
+
+    def _is_empty_batch(self, inputs: Mapping[str, np.ndarray]) -> bool:
+        """True when a dynamic batch dimension is 0 (validated inputs agree on the batch)."""
+        return any(
+            t.spec.rank_known and t.spec.shape[:1] == (None,) and np.shape(inputs[t.name])[:1] == (0,)
+            for t in self._in
+        )
+
+    def _empty_outputs(self, inputs: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Outputs for a batch of zero rows, without asking XNNPACK to reshape to zero (it refuses).
+
+        Shapes come from the output specs; when a non-batch dimension is dynamic, one row of
+        zeros is run to learn it.
+        """
+        out: dict[str, np.ndarray] = {}
+        probe: dict[str, np.ndarray] | None = None
+        for t in self._out:
+            if t.name not in names:
+                continue
+            shape = t.spec.shape
+            rest = [d for d in shape[1:] if d is not None]
+            if t.spec.rank_known and shape[:1] == (None,) and len(rest) == len(shape) - 1:
+                out[t.name] = np.empty((0, *rest), dtype=t.spec.dtype)
+                continue
+            if probe is None:
+                row = {
+                    i.name: np.zeros((1, *np.shape(inputs[i.name])[1:]), dtype=i.spec.dtype)
+                    if i.spec.rank_known and i.spec.shape[:1] == (None,)
+                    else inputs[i.name]
+                    for i in self._in
+                }
+                probe = self._invoke(row)
+            out[t.name] = np.empty((0, *probe[t.name].shape[1:]), dtype=probe[t.name].dtype)
+        return out
 
     def close(self) -> None:
         """Drop the interpreter."""

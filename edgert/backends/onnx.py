@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgert.backends.base import Selection, TensorSpec
+from edgert.backends.describe import onnx_unknown_rank_names
 from edgert.errors import BackendError, ModelError
 from edgert.profiles import ProviderSpec
 
@@ -201,11 +202,15 @@ def create_session(
         selection = Selection(
             effective=label, attempted=tuple(tried), skipped=tuple(skipped_all), fell_back=fell_back
         )
-        return OnnxSession(session, selection)
+        # onnxruntime shows both a scalar and a shapeless (any-rank) tensor as []; only then is
+        # the model itself read to tell them apart (a few ms on a large graph, so not always).
+        nodes = [*session.get_inputs(), *session.get_outputs()]
+        ambiguous = any(not n.shape for n in nodes)
+        return OnnxSession(session, selection, onnx_unknown_rank_names(model) if ambiguous else frozenset())
     raise ModelError(f"onnxruntime could not load the model: {last_error}")  # pragma: no cover
 
 
-def _spec(node: Any) -> TensorSpec:
+def _spec(node: Any, unknown_rank: frozenset[str] = frozenset()) -> TensorSpec:
     dtype = _ORT_TYPES.get(node.type)
     if dtype is None:
         raise ModelError(
@@ -213,6 +218,10 @@ def _spec(node: Any) -> TensorSpec:
             hint="edgert serves numeric tensors (float, int, uint, bool)",
         )
     shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (node.shape or []))
+    if not shape and node.name in unknown_rank:
+        # onnxruntime reports [] both for a scalar and for an input declared without a shape;
+        # only the model tells them apart, and the latter accepts any rank.
+        return TensorSpec(node.name, np.dtype(dtype), (), rank_known=False)
     return TensorSpec(node.name, np.dtype(dtype), shape)
 
 
@@ -221,11 +230,13 @@ class OnnxSession:
 
     format = "onnx"
 
-    def __init__(self, session: Any, selection: Selection) -> None:
+    def __init__(
+        self, session: Any, selection: Selection, unknown_rank: frozenset[str] = frozenset()
+    ) -> None:
         self._session = session
         self.selection = selection
-        self.inputs = [_spec(n) for n in session.get_inputs()]
-        self.outputs = [_spec(n) for n in session.get_outputs()]
+        self.inputs = [_spec(n, unknown_rank) for n in session.get_inputs()]
+        self.outputs = [_spec(n, unknown_rank) for n in session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
 
     def run(

@@ -29,20 +29,23 @@ def models() -> None:
 @profile_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(file: Path, profile: str, as_json: bool) -> None:
-    """Show a model's format, size, hash, inputs, outputs and the provider it would run on."""
-    from edgert.errors import ModelError
+    """Show a model's format, variant, size, hash, inputs, outputs and the provider it would run on.
+
+    Quantized TFLite inputs and outputs are listed with the type the model stores them in and
+    their scale and zero point (callers pass and receive float32; edgert converts).
+    """
+    from edgert.backends.describe import detect_variant, sniff_format
     from edgert.runtime import Runtime, _read_model_file
 
     data = _read_model_file(file)
-    if data[:8] == b"EDGEPKG\0" or file.suffix == ".edgepkg":
-        raise ModelError(
-            f"{file} is an encrypted edgert package", hint=f"use 'edgert package inspect {file}'"
-        )
-    model = Runtime(profile).load(data, name=file.stem)
+    fmt = sniff_format(data, str(file))
+    variant = detect_variant(data, fmt)
+    model = Runtime(profile).load(data, name=file.stem, format=fmt)
     doc = model.describe()
     doc.update(
         {
             "file": str(file),
+            "variant": variant,
             "size_bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
             "load_ms": round(model.load_seconds * 1000, 2),
@@ -55,6 +58,7 @@ def inspect(file: Path, profile: str, as_json: bool) -> None:
         return
     click.echo(f"file:     {file}")
     click.echo(f"format:   {doc['format']}")
+    click.echo(f"variant:  {variant}")
     click.echo(f"size:     {len(data):,} bytes")
     click.echo(f"sha256:   {doc['sha256']}")
     click.echo(f"provider: {doc['provider']} (profile {doc['profile']}, loaded in {doc['load_ms']} ms)")

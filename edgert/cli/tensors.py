@@ -29,6 +29,11 @@ def concrete_shape(spec: TensorSpec, batch: int, shapes: dict[str, tuple[int, ..
     """The shape to generate: ``--shape`` if given, else batch for dim 0 and 1 for other dynamic dims."""
     if spec.name in shapes:
         return shapes[spec.name]
+    if not spec.rank_known:
+        raise InputError(
+            f"input {spec.name!r} is declared without a shape, so random data needs one",
+            hint=f"give it with --shape {spec.name}=D1,D2,... e.g. --shape {spec.name}={batch},64",
+        )
     return tuple((batch if i == 0 else 1) if d is None else d for i, d in enumerate(spec.shape))
 
 
@@ -56,6 +61,36 @@ def random_inputs(
     return out
 
 
+#: First bytes of the files ``--input`` reads (the .npy format header; a .npz is a zip archive).
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _check_magic(path: Path) -> None:
+    """Refuse anything that is not a .npy or .npz before numpy reads it.
+
+    np.load falls back to unpickling unknown content, so a text or CSV file named .npy would
+    otherwise fail with numpy's advice to allow pickles, which must never be followed here.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+    except FileNotFoundError:
+        raise InputError(f"input file {path} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"input file {path} is a directory, not a .npy/.npz file") from None
+    except OSError as exc:
+        raise InputError(f"cannot read input file {path}: {exc.strerror}") from None
+    if head.startswith(NPY_MAGIC) or head.startswith(ZIP_MAGIC):
+        return
+    looks = "text" if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "something else"
+    raise InputError(
+        f"input file {path} is not a NumPy .npy/.npz file (it has no NumPy header; it looks like {looks})",
+        hint="save arrays with numpy.save('x.npy', array) or numpy.savez('inputs.npz', name=array); "
+        "convert text first: numpy.save('x.npy', numpy.loadtxt('x.csv', delimiter=',', dtype='float32'))",
+    )
+
+
 def load_inputs(paths: Sequence[str], specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
     """Read ``--input`` values: ``file.npy`` (single-input model), ``name=file.npy`` or ``file.npz``."""
     out: dict[str, np.ndarray] = {}
@@ -64,6 +99,7 @@ def load_inputs(paths: Sequence[str], specs: Sequence[TensorSpec]) -> dict[str, 
         if not sep:
             name, file = "", item
         path = Path(file)
+        _check_magic(path)
         try:
             if path.suffix == ".npz":
                 with np.load(path, allow_pickle=False) as npz:
@@ -73,6 +109,11 @@ def load_inputs(paths: Sequence[str], specs: Sequence[TensorSpec]) -> dict[str, 
         except FileNotFoundError:
             raise InputError(f"input file {path} does not exist") from None
         except (ValueError, OSError) as exc:
+            if "allow_pickle" in str(exc):  # an object array: never unpickle untrusted input
+                raise InputError(
+                    f"input file {path} holds Python objects (dtype=object), not numbers",
+                    hint="save a numeric array, e.g. numpy.save('x.npy', numpy.asarray(x, dtype='float32'))",
+                ) from None
             raise InputError(f"input file {path} is not a readable .npy/.npz file: {exc}") from None
         if not name:
             if len(specs) != 1:
