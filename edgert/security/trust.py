@@ -130,12 +130,17 @@ class TrustedPublishers:
                 raise KeyFileError(f"pinned publisher key {path} holds key {fp}, not the one its name says",
                                    hint="remove the file and trust the key again with 'edgert keys trust'")
             keys[fp], sources[fp] = public, SOURCE_PINNED
-        for text in extra:
-            public = parse_publisher_key(text)
-            fp = fingerprint(public)
-            keys.setdefault(fp, public)
-            sources.setdefault(fp, SOURCE_CONFIG)
+        extra_set = cls.from_keys(extra)
+        for fp, public in extra_set.keys.items():
+            if fp not in keys:
+                keys[fp], sources[fp] = public, SOURCE_CONFIG
         return cls(keys, sources)
+
+    @classmethod
+    def from_keys(cls, texts: Iterable[str], source: str = SOURCE_CONFIG) -> TrustedPublishers:
+        """A set of ``ed25519:...`` key texts (no files read)."""
+        keys = {fingerprint(k): k for k in (parse_publisher_key(t) for t in texts)}
+        return cls(keys, {fp: source for fp in keys})
 
     def __contains__(self, fp: object) -> bool:
         return fp in self.keys
