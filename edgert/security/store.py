@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgert.errors import (
+    IntegrityError,
     ModelError,
     RollbackError,
     SecurityError,
@@ -41,6 +42,7 @@ from edgert.errors import (
 )
 from edgert.security import package as pkg
 from edgert.security.atomic import TMP_SUFFIX, FileSystem, ensure_private_dir
+from edgert.security.envelope import INTEGRITY_MESSAGE
 from edgert.security.keys import DeviceKeys
 from edgert.security.membuf import PlaintextBuffer, wipe
 from edgert.security.trust import Origin, TrustedPublishers, check_origin
@@ -271,6 +273,8 @@ class ModelStore:
             with open(path, "rb") as f:
                 header = pkg.read_header(f, path.name)
                 spec = self._select(header.manifest, variant)
+                if os.fstat(f.fileno()).st_size != header.payload_offset + header.manifest.payload_size:
+                    raise IntegrityError(INTEGRITY_MESSAGE)  # truncated, or bytes appended
                 key = header.key_for(self.keys.wrap, self.keys.wrap_fingerprint)
                 start = header.payload_offset + spec.payload_offset
                 buf = alloc(spec.plaintext_size)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ ORIGIN_PUBLISHER = "publisher"
 ORIGIN_LOCAL = "local"
 SOURCE_PINNED = "pinned"
 SOURCE_CONFIG = "config"
+_FP_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 class _Audit(Protocol):
@@ -177,8 +179,10 @@ def untrust_publisher(state_dir: Path, fp: str, *, audit: _Audit | None = None,
 
     Packages already installed stay installed: trust is checked when a package is installed.
     """
+    if not _FP_RE.match(fp):
+        return False
     path = trust_dir(state_dir) / f"{fp}{PUB_SUFFIX}"
-    if "/" in fp or not path.is_file():
+    if not path.is_file():
         return False
     (fs or FileSystem()).remove(path, step="untrust")
     if audit is not None:

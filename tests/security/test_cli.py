@@ -94,3 +94,34 @@ def test_loose_key_permissions_give_a_clear_error(tmp_path: Path) -> None:
     r = run_edgert("keys", "show", env=env)
     assert r.returncode == 7
     assert "too open" in r.stderr and "hint: run: chmod 600" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_package_inspect_tells_what_is_wrong(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from edgert.cli.package import package
+    from edgert.errors import exit_code_for
+    from edgert.security.keys import DeviceKeys, fingerprint, format_public_key
+    from tests.security.kit import PUBLISHER, make_package
+
+    runner = CliRunner()
+    res = runner.invoke(package, ["inspect", str(SMALL_ONNX)])  # issue 9 F19: a model, not a package
+    assert res.exit_code != 0 and exit_code_for(res.exception) == 3
+    assert str(res.exception).startswith(f"{SMALL_ONNX} is not an edgert package (no EDGEPKG header)")
+    device = DeviceKeys.generate()
+    pkg = tmp_path / "p.edgepkg"
+    pkg.write_bytes(make_package(SMALL_ONNX, [device]))
+    fp = fingerprint(PUBLISHER.public_key())
+    doc = json.loads(runner.invoke(package, ["inspect", str(pkg), "--json", "--trust",
+                                             format_public_key(PUBLISHER.public_key())]).output)
+    assert doc["signature"] == {"present": True, "signer": fp, "verifies": True, "trusted": True}
+    other = format_public_key(ed25519.Ed25519PrivateKey.generate().public_key())
+    text = runner.invoke(package, ["inspect", str(pkg), "--trust", other]).output
+    assert f"signer: {fp}; signature verifies; signer is NOT among the given keys" in text
+    assert "variant int8: onnx" in text and f"recipient {device.wrap_fingerprint}" in text
+    damaged = bytearray(pkg.read_bytes())
+    damaged[30] ^= 0x01  # inside the header
+    pkg.write_bytes(bytes(damaged))
+    res = runner.invoke(package, ["inspect", str(pkg)])
+    assert exit_code_for(res.exception) == 6 and "integrity check failed" in str(res.exception)
