@@ -16,7 +16,9 @@ Tree::
     ├── SecurityError
     │   ├── IntegrityError     decryption or verification failed (opaque on purpose)
     │   ├── KeyFileError       missing key, loose permissions, wrong key type
-    │   └── RollbackError      install of a version lower than the highest installed
+    │   ├── RollbackError      install of a version lower than the highest installed
+    │   └── SignatureError     package unsigned or its origin signature does not verify
+    │       └── UntrustedSignerError  valid signature by a publisher this device does not trust
     ├── StoreError             model store state problems (unknown model/version, disk full)
     ├── ServeError
     │   └── OverloadedError    admission control refused the request (retry later)
@@ -40,9 +42,11 @@ __all__ = [
     "RollbackError",
     "SecurityError",
     "ServeError",
+    "SignatureError",
     "StoreError",
     "SyncError",
     "UnknownModelError",
+    "UntrustedSignerError",
     "exit_code_for",
 ]
 
@@ -97,6 +101,14 @@ class RollbackError(SecurityError):
     """Refused to install a version lower than the highest one installed."""
 
 
+class SignatureError(SecurityError):
+    """A package is unsigned, or its origin signature does not verify."""
+
+
+class UntrustedSignerError(SignatureError):
+    """A package's signature verifies, but its signer is not a publisher this device trusts."""
+
+
 class StoreError(EdgertError):
     """The model store cannot complete an operation (unknown model, disk full, ...)."""
 
@@ -134,6 +146,8 @@ EXIT_CODES: tuple[tuple[type[EdgertError], int], ...] = (
     (IntegrityError, 6),
     (KeyFileError, 7),
     (RollbackError, 8),
+    (UntrustedSignerError, 17),
+    (SignatureError, 16),
     (SecurityError, 9),
     (StoreError, 10),
     (OverloadedError, 11),

@@ -75,9 +75,8 @@ def bench_big(mb: int) -> None:
     out_path = tmp / "random.edgepkg"
     t0 = time.perf_counter()
     with open(out_path, "wb") as out:
-        pkg.create_package(src, out, name="random", version="1", variant="fp32",
-                           recipients=[keys.wrap_public], now=datetime.now(timezone.utc), fmt="onnx",
-                           io_desc=IO)
+        pkg.create_package([pkg.VariantSource(src, "fp32", "onnx", *IO)], out, name="random", version="1",
+                           recipients=[keys.wrap_public], signer=keys.sign, now=datetime.now(timezone.utc))
     enc_s = time.perf_counter() - t0
     src.unlink()
     kdir = tmp / "keys"
@@ -108,12 +107,13 @@ def decrypt_child(package_path: str, keys_dir: str) -> None:
     # The path a model load takes: straight into one uninitialised bytes object.
     with open(package_path, "rb") as f:
         header = pkg.read_header(f)
-        buf = PlaintextBuffer(header.manifest.plaintext_size)
-        pkg.decrypt_payload(f, header, header.key_for(keys.wrap), out=buf.view)
+        variant = header.manifest.variants[0]
+        buf = PlaintextBuffer(variant.plaintext_size)
+        pkg.decrypt_payload(f, header, header.key_for(keys.wrap), variant=variant, out=buf.view)
         out = buf.take()
     dt = time.perf_counter() - t0
     peak = _status_mb("VmHWM")
-    assert len(out) == header.manifest.plaintext_size
+    assert len(out) == variant.plaintext_size
     print(dt, base, peak)
 
 

@@ -1,4 +1,4 @@
-"""``edgert package create|inspect``: build encrypted .edgepkg packages (fleet side) and read manifests."""
+"""``edgert package keygen|create|inspect``: signed, encrypted .edgepkg packages (fleet side)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import click
 
-from edgert.errors import ConfigError
+from edgert.errors import ConfigError, EdgertError, ModelError
 from edgert.security.atomic import TMP_SUFFIX
 
 
@@ -27,16 +28,72 @@ def _read_recipients(values: tuple[str, ...], recipients_file: Path | None) -> l
     return texts
 
 
+def _describe_source(path: Path) -> tuple[str, str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Format, guessed variant, inputs and outputs of a plaintext model file (loads it once)."""
+    # The one place the CLI describes models; it will point at a backends helper later.
+    from edgert.security.loader import guess_variant
+    from edgert.security.modelinfo import describe_model, sniff_format
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {path}: {exc.strerror}") from exc
+    fmt = sniff_format(data[:8], path.name)
+    inputs, outputs = describe_model(data, fmt)
+    return fmt, guess_variant(path.name), inputs, outputs
+
+
+def _split_model_arg(arg: str) -> tuple[Path, str | None]:
+    """``PATH`` or ``PATH:VARIANT`` (a path that exists as given wins over the split)."""
+    path, sep, variant = arg.rpartition(":")
+    if not sep or Path(arg).exists():
+        return Path(arg), None
+    return Path(path), variant
+
+
+def _sources(models: tuple[str, ...]) -> list[Any]:
+    """Variant sources for MODEL arguments; clashing guessed variants get the format as a suffix."""
+    from edgert.security.package import VariantSource
+
+    out: list[VariantSource] = []
+    for arg in models:
+        path, variant = _split_model_arg(arg)
+        if not path.is_file():
+            raise ModelError(f"model file {path} does not exist", hint="give PATH or PATH:VARIANT")
+        fmt, guessed, inputs, outputs = _describe_source(path)
+        if variant is None:
+            variant = guessed
+            if any(s.variant == variant for s in out):
+                variant = f"{guessed}-{fmt}"
+        out.append(VariantSource(path, variant, fmt, inputs, outputs))
+    return out
+
+
 @click.group()
 def package() -> None:
-    """Create and inspect encrypted model packages (.edgepkg)."""
+    """Create, sign and inspect encrypted model packages (.edgepkg)."""
+
+
+@package.command("keygen")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the publisher's private key (0600 PKCS#8 PEM; never overwritten).")
+def keygen_cmd(output: Path) -> None:
+    """Create a publisher signing key; print its public key for devices to trust."""
+    from edgert.security.package import format_key
+    from edgert.security.trust import generate_publisher_key, publisher_fingerprint
+
+    public = generate_publisher_key(output)
+    click.echo(format_key(public))
+    click.echo(f"fingerprint {publisher_fingerprint(public)}; keep {output} secret. On each device: "
+               f"edgert keys trust {format_key(public)}", err=True)
 
 
 @package.command("create")
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("models", nargs=-1, required=True, metavar="MODEL[:VARIANT]...")
 @click.option("--name", required=True, help="Model name on the device.")
 @click.option("--version", "version", required=True, help="Dotted integers, e.g. 3 or 1.2.0.")
-@click.option("--variant", type=click.Choice(["int8", "fp16", "fp32", "edgetpu"]), required=True)
+@click.option("--publisher-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="The publisher's Ed25519 signing key ('edgert package keygen').")
 @click.option("--recipient", "recipients", multiple=True, metavar="PUBKEY",
               help="Device X25519 key (x25519:... or a file holding it); repeatable.")
 @click.option("--recipients-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -44,38 +101,87 @@ def package() -> None:
 @click.option("--min-edgert", default="0.1.0", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output path (default: NAME-VERSION.edgepkg).")
-def create_cmd(model: Path, name: str, version: str, variant: str, recipients: tuple[str, ...],
-               recipients_file: Path | None, min_edgert: str, output: Path | None) -> None:
-    """Encrypt MODEL for one or many devices."""
+def create_cmd(models: tuple[str, ...], name: str, version: str, publisher_key: Path,
+               recipients: tuple[str, ...], recipients_file: Path | None, min_edgert: str,
+               output: Path | None) -> None:
+    """Encrypt one or more variants of a model (MODEL or MODEL:VARIANT, e.g. m.tflite:edgetpu) and sign it.
+
+    VARIANT is int8, fp16, fp32 or edgetpu, optionally with a suffix (int8-tflite); without it the
+    variant is guessed from the file name.
+    """
     from edgert.security.keys import parse_public_key
     from edgert.security.package import create_package
+    from edgert.security.trust import load_publisher_key
 
+    signer = load_publisher_key(publisher_key)
     keys = [parse_public_key(t) for t in _read_recipients(recipients, recipients_file)]
+    sources = _sources(models)
     output = output or Path(f"{name}-{version}.edgepkg")
     tmp = output.with_name(output.name + TMP_SUFFIX)
     try:
         with open(tmp, "w+b") as out:
-            manifest = create_package(model, out, name=name, version=version, variant=variant,
-                                      recipients=keys, now=datetime.now(timezone.utc), min_edgert=min_edgert)
+            manifest = create_package(sources, out, name=name, version=version, recipients=keys,
+                                      signer=signer, now=datetime.now(timezone.utc), min_edgert=min_edgert)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, output)
     finally:
         if tmp.exists():
             tmp.unlink()
-    click.echo(f"wrote {output}: {manifest.name} {manifest.version} ({manifest.variant}, {manifest.format}) "
-               f"for {len(keys)} recipient(s); payload sha256 {manifest.payload_sha256}")
+    described = ", ".join(f"{v.variant} ({v.format})" for v in manifest.variants)
+    click.echo(f"wrote {output}: {manifest.name} {manifest.version}, variants {described}, for "
+               f"{len(keys)} recipient(s); signed; manifest sha256 {manifest.digest}")
+
+
+def inspect_package(path: Path, trusted_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What ``package inspect`` shows: manifest, signer and whether it verifies, recipients, variants."""
+    from edgert.security.package import read_header
+    from edgert.security.trust import TrustedPublishers
+
+    with open(path, "rb") as f:
+        header = read_header(f, str(path))
+    m = header.manifest
+    signature: dict[str, Any] = {"signer": header.signer_fingerprint, "present": header.signature is not None}
+    try:
+        header.verify_signature()
+        signature["verifies"] = True
+    except EdgertError as exc:
+        signature["verifies"], signature["error"] = False, exc.message
+    if trusted_keys:
+        trusted = TrustedPublishers.from_keys(trusted_keys)
+        signature["trusted"] = bool(signature["verifies"]) and header.signer_fingerprint in trusted
+    return {
+        "manifest": m.raw,
+        "manifest_sha256": m.digest,
+        "signature": signature,
+        "recipients": [{"recipient": r.get("recipient"), "suite": r.get("suite")} for r in header.recipients],
+        "variants": [{"variant": v.variant, "format": v.format, "plaintext_size": v.plaintext_size,
+                      "plaintext_sha256": v.plaintext_sha256, "inputs": v.inputs, "outputs": v.outputs}
+                     for v in m.variants],
+    }
 
 
 @package.command("inspect")
 @click.argument("pkg", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def inspect_cmd(pkg: Path) -> None:
-    """Print the manifest and recipients without decrypting."""
-    from edgert.security.package import read_header
-
-    with open(pkg, "rb") as f:
-        header = read_header(f)
-    doc = {"manifest": header.manifest.raw,
-           "recipients": [{"recipient": r.get("recipient"), "suite": r.get("suite")}
-                          for r in header.recipients]}
-    click.echo(json.dumps(doc, indent=2, sort_keys=True))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--trust", "trust_keys", multiple=True, metavar="ed25519:...",
+              help="Also say whether the signer is this publisher key; repeatable.")
+def inspect_cmd(pkg: Path, as_json: bool, trust_keys: tuple[str, ...]) -> None:
+    """Show the manifest, signer, signature check, recipients and variants, without decrypting."""
+    doc = inspect_package(pkg, trust_keys)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+        return
+    m, sig = doc["manifest"], doc["signature"]
+    click.echo(f"{pkg}: {m['name']} {m['version']} (created {m['created']}, "
+               f"needs edgert >= {m['min_edgert']})")
+    verdict = "verifies" if sig["verifies"] else f"DOES NOT VERIFY: {sig.get('error')}"
+    if "trusted" in sig:
+        verdict += "; signer is trusted" if sig["trusted"] else "; signer is NOT among the given keys"
+    click.echo(f"signer: {sig['signer'] or '(unsigned)'}; signature {verdict}")
+    click.echo(f"manifest sha256: {doc['manifest_sha256']}")
+    for v in doc["variants"]:
+        ins = ", ".join(f"{i['name']}:{i['dtype']}{i['shape']}" for i in v["inputs"])
+        click.echo(f"variant {v['variant']}: {v['format']}, {v['plaintext_size']} bytes, inputs {ins}")
+    for r in doc["recipients"]:
+        click.echo(f"recipient {r['recipient']} ({r['suite']})")

@@ -18,7 +18,7 @@ import re
 import sys
 import tempfile
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,15 @@ from edgert.errors import ModelError
 from edgert.security.audit import AuditLog
 from edgert.security.keys import DeviceKeys, init_keystore, load_keystore
 from edgert.security.membuf import wipe
-from edgert.security.package import Manifest, create_package
+from edgert.security.package import Manifest, VariantManifest, VariantSource, create_package
 from edgert.security.store import ModelStore
+from edgert.security.trust import TrustedPublishers
 
-__all__ = ["guess_variant", "import_files", "import_model", "load_from_store", "open_audit",
-           "open_keystore", "open_store", "shred"]
+#: ``describe(path) -> (format, inputs, outputs)``: how a plaintext model is described for its manifest.
+Describer = Callable[[Path], tuple[str, list[dict[str, Any]], list[dict[str, Any]]]]
+
+__all__ = ["Describer", "describe_model_file", "guess_variant", "import_files", "import_model",
+           "load_from_store", "open_audit", "open_keystore", "open_store", "shred"]
 
 SHRED_BLOCK = 1 << 20
 
@@ -53,9 +57,11 @@ def open_audit(root: Path, keys: DeviceKeys | None) -> AuditLog:
     return AuditLog(paths.audit_dir(Path(root)), keys.sign if keys else None)
 
 
-def open_store(root: Path, keys: DeviceKeys, audit: AuditLog | None = None) -> ModelStore:
-    """The device model store under ``root``."""
-    return ModelStore(paths.store_dir(Path(root)), keys, audit=audit)
+def open_store(root: Path, keys: DeviceKeys, audit: AuditLog | None = None, *,
+               extra_publishers: Iterable[str] = ()) -> ModelStore:
+    """The device model store under ``root``, trusting the publishers pinned there (plus config ones)."""
+    trusted = TrustedPublishers.load(Path(root), extra_publishers)
+    return ModelStore(paths.store_dir(Path(root)), keys, audit=audit, trusted=trusted)
 
 
 def guess_variant(filename: str) -> str:
@@ -85,28 +91,48 @@ def shred(path: Path) -> None:
     path.unlink()
 
 
+def describe_model_file(path: Path) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Default :data:`Describer`: sniff the format and read inputs/outputs (loads the model once)."""
+    # Lazy, and the one place security/ reaches a model loader: to be replaced by a backends helper.
+    from edgert.security.modelinfo import describe_model, sniff_format
+
+    data = Path(path).read_bytes()
+    fmt = sniff_format(data[:8], Path(path).name)
+    inputs, outputs = describe_model(data, fmt)
+    return fmt, inputs, outputs
+
+
 def import_model(store: ModelStore, source: Path, *, name: str | None = None, version: str = "1",
                  variant: str | None = None, shred_source: bool = False, allow_downgrade: bool = False,
-                 now: datetime | None = None) -> Manifest:
-    """Encrypt a plaintext model file to this device's own key and install it in ``store``."""
+                 activate: bool = True, now: datetime | None = None,
+                 describe: Describer | None = None) -> Manifest:
+    """Encrypt a plaintext model file to this device's own key, sign it with its own key, install it.
+
+    The store accepts the device's own signing key as the signer (origin "local"). ``describe``
+    gives the model's format, inputs and outputs (default :func:`describe_model_file`).
+    """
     source = Path(source)
     if not source.is_file():
         raise ModelError(f"model file {source} does not exist", hint="check the path")
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", source.stem)
+    try:
+        fmt, inputs, outputs = (describe or describe_model_file)(source)
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {source}: {exc.strerror}") from exc
+    src = VariantSource(source, variant or guess_variant(source.name), fmt, inputs, outputs)
     # The encrypted package goes to a temp file inside the store's directory (ciphertext only).
     fd, tmp_name = tempfile.mkstemp(prefix=".import-", suffix=".edgepkg.tmp", dir=store.root)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w+b") as out:
-            create_package(source, out, name=name, version=version,
-                           variant=variant or guess_variant(source.name),
-                           recipients=[store.keys.wrap_public], now=now or datetime.now(timezone.utc))
-        manifest = store.install(tmp, allow_downgrade=allow_downgrade)
+            create_package([src], out, name=name, version=version, recipients=[store.keys.wrap_public],
+                           signer=store.keys.sign, now=now or datetime.now(timezone.utc))
+        manifest = store.install(tmp, activate=activate, allow_downgrade=allow_downgrade)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    store._emit("model_import", model=manifest.name, version=manifest.version, source=source.name,
-                shredded=shred_source)
+    store.audit_event("model_import", model=manifest.name, version=manifest.version, source=source.name,
+                      shredded=shred_source, origin="local")
     if shred_source:
         shred(source)
     return manifest
@@ -132,19 +158,25 @@ def import_files(root: Path, files: Iterable[str | os.PathLike[str]], *, keys: D
         return out
 
 
-def load_from_store(runtime: Any, store: ModelStore, name: str, version: str | None = None,
-                    **load_kwargs: Any) -> Any:
-    """Decrypt a stored model into memory and load it with ``runtime.load`` (no plaintext on disk).
+def load_from_store(runtime: Any, store: ModelStore, name: str, version: str | None = None, *,
+                    variant: str | None = None,
+                    on_manifest: Callable[[VariantManifest], None] | None = None, **load_kwargs: Any) -> Any:
+    """Decrypt one variant (None: the first) of a stored model into memory and load it with ``runtime.load``.
 
-    The plaintext is one ``bytes`` object handed to the backend without further copies. When the
-    backend keeps no reference to it, it is wiped at once; otherwise (onnxruntime's Python wrapper
-    keeps it to re-create the session on an execution-provider fallback, LiteRT reads the model in
-    place) it is wiped when the model is closed and collected, if nobody else holds it by then.
+    No plaintext touches the disk. The returned model's ``variant`` attribute names the variant
+    loaded, and ``on_manifest`` (if given) receives its :class:`VariantManifest` (format, inputs,
+    outputs) before the backend sees the bytes. The plaintext is one ``bytes`` object handed to
+    the backend without further copies. When the backend keeps no reference to it, it is wiped at
+    once; otherwise (onnxruntime's Python wrapper keeps it to re-create the session on an
+    execution-provider fallback, LiteRT reads the model in place) it is wiped when the model is
+    closed and collected, if nobody else holds it by then.
     """
-    manifest, plaintext = store.read_model_bytes(name, version)
+    manifest, plaintext = store.read_model_bytes(name, version, variant=variant)
     # References before the backend sees it; measured, not assumed, as CPython versions differ.
     own_refs = sys.getrefcount(plaintext)
     try:
+        if on_manifest is not None:
+            on_manifest(manifest)
         model = runtime.load(plaintext, name=manifest.name, version=manifest.version,
                              format=manifest.format, **load_kwargs)
     except BaseException:
@@ -156,6 +188,8 @@ def load_from_store(runtime: Any, store: ModelStore, name: str, version: str | N
     else:
         # A probe held exactly like the plaintext tells the finalizer how many references are its own.
         weakref.finalize(model, _wipe_when_unused, plaintext, object())
+    with contextlib.suppress(AttributeError):  # objects with __slots__ cannot carry it
+        model.variant = manifest.variant
     return model
 
 

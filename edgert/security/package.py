@@ -1,16 +1,25 @@
-"""The ``.edgepkg`` model package: canonical-JSON manifest, wrapped keys, encrypted payload.
+"""The ``.edgepkg`` model package (format 2): signed manifest, wrapped keys, encrypted variants.
 
 Layout::
 
     b"EDGEPKG\\0" | u32 big-endian header length | header (canonical JSON) | payload
 
-The header is ``{"manifest": {...}, "recipients": [wrapped-key records]}``. The manifest names
-the model (name, version, format, variant, inputs/outputs), the sha256 and size of the plaintext
-and of the payload, the creation time and the minimum edgert version. Everything in the manifest
-except the ``payload`` hashes is bound into every AEAD chunk and every wrapped key (the
-*binding*), so a payload spliced under another manifest fails. The payload sha256 lets a TUF
-target or any signature cover the package without decrypting it. Recipients sit outside the
-manifest so a package can be re-wrapped for new devices without changing what was signed.
+The header is ``{"manifest": {...}, "signature": {...}, "recipients": [wrapped-key records]}``.
+The manifest names the model (name, version, created, min_edgert) and lists its *variants* (an
+int8 ONNX, an fp16 one, an Edge TPU .tflite, ...), each with its format, inputs/outputs, the
+sha256 and size of its plaintext and where its encrypted payload sits (offset, size, sha256).
+
+* **Origin.** ``signature`` is an Ed25519 signature by the publisher key over
+  ``SIGN_LABEL || canonical(manifest)``: every variant's payload hash is covered. Who may sign is
+  the device's decision (:mod:`edgert.security.trust`); this module only says whether it verifies.
+* **Recipients** sit outside the signature, so a package can be re-wrapped for new devices
+  (:func:`rewrap`) without the publisher signing again.
+* **One package key per package**, wrapped once per recipient; each variant is encrypted with its
+  own key derived from it (HKDF over the manifest binding and the variant index) and every chunk
+  carries ``binding || index`` as associated data. So a variant's payload cannot be moved into
+  another variant's slot, nor into another package, and N devices cost N wrapped keys, not N x V.
+* The **binding** is sha256 over the manifest without the payload sha256s (they are only known
+  after encryption); it is the AEAD associated data and the key-wrap context.
 
 Versions are dotted non-negative integers ("3", "1.2", "2.0.10"), compared numerically part
 by part with missing parts as 0, so "1.10" > "1.9" and "2" == "2.0".
@@ -32,9 +41,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from cryptography.hazmat.primitives.asymmetric import x25519
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from edgert.errors import IntegrityError, KeyFileError, ModelError
+from edgert.errors import IntegrityError, KeyFileError, ModelError, SignatureError
 from edgert.security import envelope
 
 __all__ = [
@@ -43,23 +55,44 @@ __all__ = [
     "VARIANTS",
     "Manifest",
     "PackageHeader",
+    "Variant",
+    "VariantManifest",
+    "VariantSource",
     "canonical_json",
     "compare_versions",
     "create_package",
     "decrypt_payload",
     "parse_version",
     "read_header",
+    "rewrap",
+    "variant_kind",
+    "verify_package",
 ]
 
 MAGIC = b"EDGEPKG\0"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 MAX_HEADER_SIZE = 1 << 20
+#: Most variants one package may hold.
+MAX_VARIANTS = 8
+#: Variant kinds (precision / target); a variant id is a kind plus an optional suffix ("int8-tflite").
 VARIANTS = ("int8", "fp16", "fp32", "edgetpu")
+FORMATS = ("onnx", "tflite")
 AEAD_NAME = "AES-256-GCM-STREAM"
+KDF_NAME = "HKDF-SHA256"
+SIGNATURE_ALG = "ed25519"
+ED25519_PREFIX = "ed25519:"
 _VERSION_RE = re.compile(r"^\d{1,9}(\.\d{1,9}){0,3}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_BINDING_LABEL = b"edgert-pkg-v1\0"
-IoDesc = tuple[list[dict[str, Any]], list[dict[str, Any]]]
+_VARIANT_RE = re.compile(r"^(int8|fp16|fp32|edgetpu)(-[a-z0-9]{1,16})?$")
+_BINDING_LABEL = b"edgert-pkg-v2\0"
+_SIGN_LABEL = b"edgert-pkg-signature-v2\0"
+_VARIANT_KEY_LABEL = b"edgert-pkg-variant-key-v2\0"
+_HEADER_KEYS = {"manifest", "recipients", "signature"}
+V1_MESSAGE = "package format 1 is no longer supported: re-create it with `edgert package create`"
+
+
+def _fail() -> IntegrityError:
+    return IntegrityError(envelope.INTEGRITY_MESSAGE)
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -92,64 +125,150 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_variant(variant: str) -> str:
+    """Validate a variant id: a kind (int8, fp16, fp32, edgetpu) and an optional ``-suffix``."""
+    if not isinstance(variant, str) or not _VARIANT_RE.match(variant):
+        raise ModelError(f"unknown variant {variant!r}",
+                         hint=f"use one of {', '.join(VARIANTS)}, optionally with a suffix such as "
+                              "int8-tflite (lowercase letters and digits)")
+    return variant
+
+
+def variant_kind(variant: str) -> str:
+    """The kind of a variant id: ``"int8-tflite"`` -> ``"int8"`` (what device profiles rank)."""
+    return check_variant(variant).split("-", 1)[0]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One variant of a model in a package, and where its encrypted payload sits."""
+
+    index: int
+    variant: str
+    format: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    plaintext_sha256: str
+    plaintext_size: int
+    chunk_size: int
+    nonce_prefix: bytes
+    payload_offset: int
+    payload_size: int
+    payload_sha256: str
+
+    @property
+    def kind(self) -> str:
+        """int8, fp16, fp32 or edgetpu."""
+        return self.variant.split("-", 1)[0]
+
+
+def _parse_variant(index: int, doc: Any) -> Variant:
+    if not isinstance(doc, dict):
+        raise _fail()
+    payload = doc["payload"]
+    v = Variant(
+        index=index, variant=check_variant(doc["variant"]), format=str(doc["format"]),
+        inputs=list(doc["inputs"]), outputs=list(doc["outputs"]),
+        plaintext_sha256=str(doc["plaintext_sha256"]), plaintext_size=int(doc["plaintext_size"]),
+        chunk_size=int(doc["chunk_size"]), nonce_prefix=base64.b64decode(doc["nonce_prefix"], validate=True),
+        payload_offset=int(payload["offset"]), payload_size=int(payload["size"]),
+        payload_sha256=str(payload["sha256"]))
+    if (v.format not in FORMATS or len(v.nonce_prefix) != envelope.NONCE_PREFIX_SIZE
+            or not 0 < v.chunk_size <= envelope.MAX_CHUNK_SIZE or v.plaintext_size < 0
+            or v.payload_size != envelope.ciphertext_size(v.plaintext_size, v.chunk_size)):
+        raise _fail()
+    return v
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What a package holds; parsed and validated from the header."""
 
     name: str
     version: str
-    format: str
-    variant: str
-    inputs: list[dict[str, Any]]
-    outputs: list[dict[str, Any]]
-    plaintext_sha256: str
-    plaintext_size: int
     created: str
     min_edgert: str
-    chunk_size: int
-    nonce_prefix: bytes
-    payload_sha256: str
-    payload_size: int
+    variants: tuple[Variant, ...]
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @classmethod
     def from_dict(cls, doc: Any) -> Manifest:
-        """Validate a manifest document (unknown manifest versions are refused clearly)."""
+        """Validate a manifest document (format 1 and unknown formats are refused clearly)."""
         if not isinstance(doc, dict):
-            raise IntegrityError(envelope.INTEGRITY_MESSAGE)
+            raise _fail()
         mv = doc.get("manifest_version")
+        if mv == 1:
+            raise ModelError(V1_MESSAGE, hint="packages are now signed by a publisher key and may hold "
+                                              "several variants; see docs/security.md")
         if mv != MANIFEST_VERSION:
             raise ModelError(f"package manifest version {mv!r} is not supported (this edgert reads "
                              f"version {MANIFEST_VERSION})", hint="upgrade edgert, or rebuild the package")
         try:
-            enc, payload = doc["encryption"], doc["payload"]
-            if enc["aead"] != AEAD_NAME:
-                raise ModelError(f"unsupported payload encryption {enc['aead']!r}", hint="upgrade edgert")
-            manifest = cls(
-                name=check_name(doc["name"]), version=doc["version"], format=doc["format"],
-                variant=doc["variant"], inputs=list(doc["inputs"]), outputs=list(doc["outputs"]),
-                plaintext_sha256=str(doc["plaintext_sha256"]), plaintext_size=int(doc["plaintext_size"]),
-                created=str(doc["created"]), min_edgert=str(doc["min_edgert"]),
-                chunk_size=int(enc["chunk_size"]),
-                nonce_prefix=base64.b64decode(enc["nonce_prefix"], validate=True),
-                payload_sha256=str(payload["sha256"]), payload_size=int(payload["size"]), raw=doc)
-        except ModelError:
+            enc = doc["encryption"]
+            if enc["aead"] != AEAD_NAME or enc["kdf"] != KDF_NAME:
+                raise ModelError(f"unsupported payload encryption {enc['aead']!r}/{enc['kdf']!r}",
+                                 hint="upgrade edgert")
+            docs = doc["variants"]
+            if not isinstance(docs, list) or not 0 < len(docs) <= MAX_VARIANTS:
+                raise _fail()
+            manifest = cls(name=check_name(doc["name"]), version=str(doc["version"]),
+                           created=str(doc["created"]), min_edgert=str(doc["min_edgert"]),
+                           variants=tuple(_parse_variant(i, d) for i, d in enumerate(docs)), raw=doc)
+        except (ModelError, IntegrityError):
             raise
         except (KeyError, TypeError, ValueError, binascii.Error):
-            raise IntegrityError(envelope.INTEGRITY_MESSAGE) from None
+            raise _fail() from None
         parse_version(manifest.version)
-        bad_prefix = len(manifest.nonce_prefix) != envelope.NONCE_PREFIX_SIZE
-        if manifest.format not in ("onnx", "tflite") or bad_prefix:
-            raise IntegrityError(envelope.INTEGRITY_MESSAGE)
-        if manifest.payload_size != envelope.ciphertext_size(manifest.plaintext_size, manifest.chunk_size):
-            raise IntegrityError(envelope.INTEGRITY_MESSAGE)
+        offset = 0
+        for v in manifest.variants:  # payloads are back to back, in manifest order
+            if v.payload_offset != offset:
+                raise _fail()
+            offset += v.payload_size
+        if len(set(manifest.variant_names)) != len(manifest.variants):
+            raise _fail()
         return manifest
+
+    @property
+    def variant_names(self) -> list[str]:
+        """Variant ids in package order (the first is the default)."""
+        return [v.variant for v in self.variants]
+
+    @property
+    def variant(self) -> str:
+        """The default (first) variant's id (kept for callers of format 1)."""
+        return self.variants[0].variant
+
+    @property
+    def format(self) -> str:
+        """The default (first) variant's format."""
+        return self.variants[0].format
+
+    @property
+    def payload_size(self) -> int:
+        """Total encrypted payload size (every variant)."""
+        return sum(v.payload_size for v in self.variants)
+
+    def find(self, variant: str | None) -> Variant | None:
+        """The variant with this id (None: the first), or None if the package has no such variant."""
+        if variant is None:
+            return self.variants[0]
+        return next((v for v in self.variants if v.variant == variant), None)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """sha256 of the canonical manifest (what the signature covers; identifies a build)."""
+        return hashlib.sha256(canonical_json(self.raw)).hexdigest()
 
     @functools.cached_property
     def binding(self) -> bytes:
-        """Digest of the manifest minus payload hashes: the AEAD associated data and wrap context."""
-        # Cached: it is needed for the key unwrap and again for the payload (a manifest is immutable).
+        """Digest of the manifest minus payload hashes: the key-wrap context and AEAD data base."""
+        # Cached: needed for the key unwrap and again for the payload (a manifest is immutable).
         return binding_of(self.raw)
+
+    @functools.cached_property
+    def signed_bytes(self) -> bytes:
+        """Exactly what the publisher signs: a domain label and the canonical manifest."""
+        return _SIGN_LABEL + canonical_json(self.raw)
 
     def check_compatible(self, edgert_version: str) -> None:
         """Refuse a package that needs a newer edgert."""
@@ -158,22 +277,114 @@ class Manifest:
                              f"(this is {edgert_version})", hint="upgrade edgert on this device")
 
 
+@dataclass(frozen=True)
+class VariantManifest:
+    """One variant of an installed package: what :meth:`ModelStore.read_model_bytes` decrypted."""
+
+    manifest: Manifest
+    spec: Variant
+
+    @property
+    def name(self) -> str:
+        """Model name."""
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        """Model version."""
+        return self.manifest.version
+
+    @property
+    def variant(self) -> str:
+        """Variant id."""
+        return self.spec.variant
+
+    @property
+    def format(self) -> str:
+        """onnx or tflite."""
+        return self.spec.format
+
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        """Input specs."""
+        return self.spec.inputs
+
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        """Output specs."""
+        return self.spec.outputs
+
+    @property
+    def plaintext_size(self) -> int:
+        """Plaintext size in bytes."""
+        return self.spec.plaintext_size
+
+    @property
+    def plaintext_sha256(self) -> str:
+        """Plaintext sha256."""
+        return self.spec.plaintext_sha256
+
+
 def binding_of(manifest_doc: dict[str, Any]) -> bytes:
-    """sha256 over the canonical manifest without its ``payload`` member."""
-    core = {k: v for k, v in manifest_doc.items() if k != "payload"}
+    """sha256 over the canonical manifest without the variants' payload sha256s."""
+    core = dict(manifest_doc)
+    core["variants"] = [{**v, "payload": {k: x for k, x in v["payload"].items() if k != "sha256"}}
+                        for v in manifest_doc["variants"]]
     return hashlib.sha256(_BINDING_LABEL + canonical_json(core)).digest()
+
+
+def _variant_key(package_key: bytes, binding: bytes, index: int) -> bytes:
+    info = _VARIANT_KEY_LABEL + binding + struct.pack(">I", index)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(package_key)
+
+
+def _variant_aad(binding: bytes, index: int) -> bytes:
+    return binding + struct.pack(">I", index)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 @dataclass(frozen=True)
 class PackageHeader:
-    """A parsed header: the manifest, the wrapped keys and where the payload starts."""
+    """A parsed header: the manifest, its signature, the wrapped keys and where the payload starts."""
 
     manifest: Manifest
     recipients: list[dict[str, str]]
     payload_offset: int
+    signature: dict[str, str] | None = None
+
+    @property
+    def signer_fingerprint(self) -> str | None:
+        """The fingerprint the signature claims (checked by :meth:`verify_signature`)."""
+        return self.signature.get("signer") if isinstance(self.signature, dict) else None
+
+    def verify_signature(self) -> ed25519.Ed25519PublicKey:
+        """The signer's public key if the signature verifies; SignatureError if absent or bad."""
+        from edgert.security.keys import fingerprint
+
+        m, sig = self.manifest, self.signature
+        if sig is None:
+            raise SignatureError(f"package {m.name} {m.version} is not signed",
+                                 hint="re-create it with 'edgert package create --publisher-key FILE'")
+        try:
+            text = str(sig["public_key"])
+            if sig["alg"] != SIGNATURE_ALG or not text.startswith(ED25519_PREFIX):
+                raise ValueError("unsupported signature algorithm")
+            public = ed25519.Ed25519PublicKey.from_public_bytes(
+                base64.b64decode(text[len(ED25519_PREFIX):], validate=True))
+            if fingerprint(public) != sig["signer"]:
+                raise ValueError("fingerprint mismatch")
+            public.verify(base64.b64decode(sig["sig"], validate=True), m.signed_bytes)
+        except (KeyError, TypeError, ValueError, binascii.Error, InvalidSignature):
+            raise SignatureError(f"package {m.name} {m.version} has a bad signature (claimed signer "
+                                 f"{self.signer_fingerprint}): it was changed after signing",
+                                 hint="get an intact copy from the publisher") from None
+        return public
 
     def key_for(self, private: x25519.X25519PrivateKey, fp: str | None = None) -> bytes:
-        """Unwrap the payload key for this device's X25519 key (``fp``: its fingerprint, if known)."""
+        """Unwrap the package key for this device's X25519 key (``fp``: its fingerprint, if known)."""
         from edgert.security.keys import fingerprint
 
         fp = fp or fingerprint(private.public_key())
@@ -185,44 +396,108 @@ class PackageHeader:
                            hint="ask the fleet operator to wrap it for this device's public key "
                                 "('edgert keys show')")
 
+    def to_bytes(self) -> bytes:
+        """The header exactly as it is written in a package file."""
+        doc: dict[str, Any] = {"manifest": self.manifest.raw, "recipients": self.recipients}
+        if self.signature is not None:
+            doc["signature"] = self.signature
+        body = canonical_json(doc)
+        return MAGIC + struct.pack(">I", len(body)) + body
 
-def read_header(reader: BinaryIO) -> PackageHeader:
-    """Parse the header from the start of a package (does not decrypt)."""
+
+def read_header(reader: BinaryIO, what: str = "the file") -> PackageHeader:
+    """Parse the header from the start of a package (does not decrypt or check the signature)."""
     head = reader.read(len(MAGIC) + 4)
-    if len(head) != len(MAGIC) + 4 or head[: len(MAGIC)] != MAGIC:
-        raise IntegrityError(envelope.INTEGRITY_MESSAGE)
+    magic = head[: len(MAGIC)]
+    if magic != MAGIC[: len(magic)]:  # a short read that matches is a damaged package, not another file
+        raise ModelError(f"{what} is not an edgert package (no EDGEPKG header)",
+                         hint="packages are made with 'edgert package create'; plaintext models are "
+                              "imported with 'edgert models import'")
+    if len(head) != len(MAGIC) + 4:
+        raise _fail()
     (length,) = struct.unpack(">I", head[len(MAGIC):])
     if length > MAX_HEADER_SIZE:
-        raise IntegrityError(envelope.INTEGRITY_MESSAGE)
+        raise _fail()
     raw = reader.read(length)
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise IntegrityError(envelope.INTEGRITY_MESSAGE) from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _fail() from None
     if len(raw) != length or not isinstance(doc, dict) or not isinstance(doc.get("recipients"), list):
-        raise IntegrityError(envelope.INTEGRITY_MESSAGE)
+        raise _fail()
     if raw != canonical_json(doc):  # one byte sequence per header: no malleable re-encodings
-        raise IntegrityError(envelope.INTEGRITY_MESSAGE)
-    return PackageHeader(Manifest.from_dict(doc.get("manifest")), doc["recipients"], len(MAGIC) + 4 + length)
+        raise _fail()
+    signature = doc.get("signature")
+    if not set(doc) <= _HEADER_KEYS or (signature is not None and not isinstance(signature, dict)):
+        raise _fail()
+    return PackageHeader(Manifest.from_dict(doc.get("manifest")), doc["recipients"],
+                         len(MAGIC) + 4 + length, signature)
+
+
+class _Window:
+    """A reader limited to the next ``size`` bytes of ``reader`` (one variant's payload)."""
+
+    def __init__(self, reader: BinaryIO, size: int) -> None:
+        self.reader, self.left = reader, size
+
+    def readinto(self, buf: memoryview) -> int:
+        """Read into ``buf`` without passing the window's end."""
+        view = memoryview(buf)[: self.left]
+        n = self.reader.readinto(view) or 0  # type: ignore[attr-defined]
+        self.left -= n
+        return n
+
+    def read(self, n: int = -1) -> bytes:
+        """Read at most ``n`` bytes of the window."""
+        data = self.reader.read(self.left if n < 0 else min(n, self.left))
+        self.left -= len(data)
+        return data
 
 
 def decrypt_payload(reader: BinaryIO | memoryview, header: PackageHeader, key: bytes, *,
-                    out: bytearray | memoryview | None, check_hashes: bool = False) -> None:
-    """Decrypt (into ``out``) or just verify (``out=None``) the payload that follows the header.
+                    variant: Variant | None = None, out: bytearray | memoryview | None,
+                    check_hashes: bool = False) -> None:
+    """Decrypt one variant (None: the first) into ``out``, or just verify it (``out=None``).
 
-    ``reader`` must be positioned at ``header.payload_offset``. With ``check_hashes`` the payload
-    and plaintext sha256 in the manifest are checked too (done once, at install).
+    ``reader`` is either a file positioned at the start of that variant's payload
+    (``header.payload_offset + variant.payload_offset``) or a memoryview of exactly that payload.
+    With ``check_hashes`` the payload and plaintext sha256 in the manifest are checked too.
     """
     m = header.manifest
+    v = variant or m.variants[0]
     payload_hash = hashlib.sha256() if check_hashes else None
     plain_hash = hashlib.sha256() if check_hashes else None
+    source: Any = reader if isinstance(reader, memoryview) else _Window(reader, v.payload_size)
     envelope.decrypt_stream(
-        key, m.nonce_prefix, reader, m.binding, plaintext_size=m.plaintext_size, chunk_size=m.chunk_size,
-        out=out, on_ciphertext=payload_hash.update if payload_hash else None,
+        _variant_key(key, m.binding, v.index), v.nonce_prefix, source, _variant_aad(m.binding, v.index),
+        plaintext_size=v.plaintext_size, chunk_size=v.chunk_size, out=out,
+        on_ciphertext=payload_hash.update if payload_hash else None,
         on_plaintext=plain_hash.update if plain_hash else None)
     if payload_hash is not None and plain_hash is not None and (
-            payload_hash.hexdigest() != m.payload_sha256 or plain_hash.hexdigest() != m.plaintext_sha256):
-        raise IntegrityError(envelope.INTEGRITY_MESSAGE)
+            payload_hash.hexdigest() != v.payload_sha256 or plain_hash.hexdigest() != v.plaintext_sha256):
+        raise _fail()
+
+
+def verify_package(reader: BinaryIO, header: PackageHeader, key: bytes) -> None:
+    """Decrypt every variant to nowhere and check every hash and that nothing follows (O(chunk) memory).
+
+    ``reader`` must be positioned at ``header.payload_offset``.
+    """
+    for v in header.manifest.variants:
+        decrypt_payload(reader, header, key, variant=v, out=None, check_hashes=True)
+    if reader.read(1):
+        raise _fail()
+
+
+@dataclass(frozen=True)
+class VariantSource:
+    """A model file to package, already described by the caller (security/ loads no models)."""
+
+    path: Path
+    variant: str
+    format: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
 
 
 def _hash_file(path: Path) -> tuple[str, int]:
@@ -234,64 +509,97 @@ def _hash_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def build_manifest(*, name: str, version: str, fmt: str, variant: str, inputs: list[dict[str, Any]],
-                   outputs: list[dict[str, Any]], plaintext_sha256: str, plaintext_size: int, now: datetime,
-                   min_edgert: str, chunk_size: int, nonce_prefix: bytes) -> dict[str, Any]:
-    """A manifest document with a placeholder payload hash (filled in after encryption)."""
+def build_manifest(sources: Sequence[VariantSource], *, name: str, version: str, now: datetime,
+                   min_edgert: str, chunk_size: int) -> dict[str, Any]:
+    """A manifest document with placeholder payload hashes (filled in after encryption)."""
     check_name(name)
     parse_version(version)
     parse_version(min_edgert)
-    if variant not in VARIANTS:
-        raise ModelError(f"unknown variant {variant!r}", hint=f"use one of {', '.join(VARIANTS)}")
+    if not 0 < len(sources) <= MAX_VARIANTS:
+        raise ModelError(f"a package holds 1 to {MAX_VARIANTS} variants, not {len(sources)}")
+    variants, offset, seen = [], 0, set()
+    for src in sources:
+        check_variant(src.variant)
+        if src.variant in seen:
+            raise ModelError(f"variant {src.variant!r} is given twice",
+                             hint="name one of them apart, e.g. MODEL.tflite:int8-tflite")
+        if src.format not in FORMATS:
+            raise ModelError(f"unsupported model format {src.format!r} for {src.path}",
+                             hint=f"use one of {', '.join(FORMATS)}")
+        seen.add(src.variant)
+        try:
+            plain_sha, plain_size = _hash_file(Path(src.path))
+        except OSError as exc:
+            raise ModelError(f"cannot read model file {src.path}: {exc.strerror}") from exc
+        size = envelope.ciphertext_size(plain_size, chunk_size)
+        variants.append({
+            "variant": src.variant, "format": src.format, "inputs": list(src.inputs),
+            "outputs": list(src.outputs), "plaintext_sha256": plain_sha, "plaintext_size": plain_size,
+            "chunk_size": chunk_size, "nonce_prefix": _b64(envelope.new_nonce_prefix()),
+            "payload": {"offset": offset, "size": size, "sha256": "0" * 64}})
+        offset += size
     return {
-        "manifest_version": MANIFEST_VERSION, "name": name, "version": version, "format": fmt,
-        "variant": variant, "inputs": inputs, "outputs": outputs,
-        "plaintext_sha256": plaintext_sha256, "plaintext_size": plaintext_size,
+        "manifest_version": MANIFEST_VERSION, "name": name, "version": version,
         "created": now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "min_edgert": min_edgert,
-        "encryption": {"aead": AEAD_NAME, "chunk_size": chunk_size,
-                       "nonce_prefix": base64.b64encode(nonce_prefix).decode("ascii")},
-        "payload": {"sha256": "0" * 64, "size": envelope.ciphertext_size(plaintext_size, chunk_size)},
+        "encryption": {"aead": AEAD_NAME, "kdf": KDF_NAME}, "variants": variants,
     }
 
 
-def create_package(model_path: Path, out: BinaryIO, *, name: str, version: str, variant: str,
-                   recipients: Sequence[x25519.X25519PublicKey], now: datetime,
-                   fmt: str | None = None, io_desc: IoDesc | None = None,
-                   suite: str | None = None, min_edgert: str = "0.1.0",
+def sign_manifest(manifest_doc: dict[str, Any], signer: ed25519.Ed25519PrivateKey) -> dict[str, str]:
+    """The header's ``signature`` record for a (complete) manifest document."""
+    from edgert.security.keys import fingerprint, format_public_key
+
+    public = signer.public_key()
+    sig = signer.sign(_SIGN_LABEL + canonical_json(manifest_doc))
+    return {"alg": SIGNATURE_ALG, "public_key": format_public_key(public), "signer": fingerprint(public),
+            "sig": _b64(sig)}
+
+
+def create_package(sources: Sequence[VariantSource], out: BinaryIO, *, name: str, version: str,
+                   recipients: Sequence[x25519.X25519PublicKey], signer: ed25519.Ed25519PrivateKey,
+                   now: datetime, suite: str | None = None, min_edgert: str = "0.1.0",
                    chunk_size: int = envelope.CHUNK_SIZE) -> Manifest:
-    """Encrypt ``model_path`` into ``out`` (a seekable file) for ``recipients``; return the manifest.
+    """Encrypt every variant of ``sources`` into ``out`` (seekable), sign and wrap it; return the manifest.
 
-    The plaintext is streamed, one chunk in memory at a time, unless ``io_desc`` is None, in which
-    case the model is loaded once to read its inputs and outputs.
+    Plaintext is streamed, one chunk in memory at a time. ``signer`` is the publisher's Ed25519
+    key (or, for a local import, the device's own signing key).
     """
-    from edgert.security.modelinfo import describe_model, sniff_format
-
     if not recipients:
         raise KeyFileError("a package needs at least one recipient public key",
                            hint="pass --recipient x25519:... or --recipients-file")
-    model_path = Path(model_path)
-    try:
-        with open(model_path, "rb") as f:
-            head = f.read(8)
-        fmt = fmt or sniff_format(head, model_path.name)
-        if io_desc is None:
-            io_desc = describe_model(model_path.read_bytes(), fmt)
-        plain_sha, plain_size = _hash_file(model_path)
-    except OSError as exc:
-        raise ModelError(f"cannot read model file {model_path}: {exc.strerror}") from exc
-    key, prefix = envelope.new_key(), envelope.new_nonce_prefix()
-    doc = build_manifest(name=name, version=version, fmt=fmt, variant=variant, inputs=io_desc[0],
-                         outputs=io_desc[1], plaintext_sha256=plain_sha, plaintext_size=plain_size, now=now,
-                         min_edgert=min_edgert, chunk_size=chunk_size, nonce_prefix=prefix)
-    binding = binding_of(doc)
+    doc = build_manifest(sources, name=name, version=version, now=now, min_edgert=min_edgert,
+                         chunk_size=chunk_size)
+    key, binding = envelope.new_key(), binding_of(doc)
     wrapped = [envelope.wrap_key(key, r, binding, suite) for r in recipients]
+    placeholder = {"alg": SIGNATURE_ALG, "public_key": format_key(signer.public_key()),
+                   "signer": "0" * 32, "sig": _b64(bytes(64))}
 
-    def header_bytes() -> bytes:
-        body = canonical_json({"manifest": doc, "recipients": wrapped})
+    def header_bytes(signature: dict[str, str]) -> bytes:
+        body = canonical_json({"manifest": doc, "recipients": wrapped, "signature": signature})
         return MAGIC + struct.pack(">I", len(body)) + body
 
     start = out.tell()
-    out.write(header_bytes())  # placeholder payload hash; same length as the real one
+    out.write(header_bytes(placeholder))  # same length as the real header: only hashes/sig change
+    for index, (src, vdoc) in enumerate(zip(sources, doc["variants"], strict=True)):
+        vdoc["payload"]["sha256"] = _encrypt_into(
+            out, Path(src.path), _variant_key(key, binding, index), base64.b64decode(vdoc["nonce_prefix"]),
+            _variant_aad(binding, index), chunk_size)
+    end = out.tell()
+    out.seek(start)
+    out.write(header_bytes(sign_manifest(doc, signer)))
+    out.seek(end)
+    return Manifest.from_dict(doc)
+
+
+def format_key(public: ed25519.Ed25519PublicKey) -> str:
+    """``ed25519:<base64>`` text form of a publisher public key."""
+    from edgert.security.keys import format_public_key
+
+    return format_public_key(public)
+
+
+def _encrypt_into(out: BinaryIO, path: Path, key: bytes, prefix: bytes, aad: bytes, chunk_size: int) -> str:
+    """Stream-encrypt ``path`` to ``out``; return the ciphertext sha256."""
     digest = hashlib.sha256()
 
     def sink(chunk: bytes) -> None:
@@ -300,17 +608,34 @@ def create_package(model_path: Path, out: BinaryIO, *, name: str, version: str, 
 
     # Hashing and writing release the GIL, so a second thread overlaps them with the next chunk's
     # read and encryption; one chunk in flight keeps the order and bounds memory.
-    with open(model_path, "rb") as f, ThreadPoolExecutor(1, thread_name_prefix="edgert-pkg") as pool:
-        pending: Future[None] | None = None
-        for chunk in envelope.encrypt_stream(key, prefix, f, binding, chunk_size):
+    try:
+        with open(path, "rb") as f, ThreadPoolExecutor(1, thread_name_prefix="edgert-pkg") as pool:
+            pending: Future[None] | None = None
+            for chunk in envelope.encrypt_stream(key, prefix, f, aad, chunk_size):
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(sink, chunk)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(sink, chunk)
-        if pending is not None:
-            pending.result()
-    doc["payload"]["sha256"] = digest.hexdigest()
-    end = out.tell()
-    out.seek(start)
-    out.write(header_bytes())
-    out.seek(end)
-    return Manifest.from_dict(doc)
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {path}: {exc.strerror}") from exc
+    return digest.hexdigest()
+
+
+def rewrap(reader: BinaryIO, out: BinaryIO, *, private: x25519.X25519PrivateKey,
+           recipients: Sequence[x25519.X25519PublicKey], suite: str | None = None) -> PackageHeader:
+    """Copy a package to ``out`` wrapped for ``recipients`` instead (``private`` must unwrap it now).
+
+    The manifest, the payload and so the publisher's signature are unchanged.
+    """
+    if not recipients:
+        raise KeyFileError("a package needs at least one recipient public key")
+    header = read_header(reader)
+    key = header.key_for(private)
+    wrapped = [envelope.wrap_key(key, r, header.manifest.binding, suite) for r in recipients]
+    new = PackageHeader(header.manifest, wrapped, 0, header.signature)
+    out.write(new.to_bytes())
+    reader.seek(header.payload_offset)
+    while block := reader.read(1 << 20):
+        out.write(block)
+    return new

@@ -2,7 +2,8 @@
 
 Layout under ``<state>/models``::
 
-    state.json                    {"models": {name: {active, previous, installed}}, "highest": {name: v}}
+    state.json   {"models": {name: {active, previous, installed, variants: {v: [ids]}, failed: {v: why}}},
+                  "highest": {name: v}}
     packages/<name>/<version>.edgepkg
 
 ``state.json`` is the single commit point: every change writes a temp file, fsyncs it,
@@ -10,6 +11,9 @@ Layout under ``<state>/models``::
 Package files are written (and verified) before the state that refers to them; files the state
 does not mention are garbage from an interrupted operation and are removed when the store opens.
 ``highest`` survives ``remove``, so removing a model cannot be used to install an older version.
+A package installs only if its origin signature verifies and its signer is a trusted publisher
+or this device itself (:mod:`edgert.security.trust`). Nothing is ever pruned implicitly:
+:meth:`ModelStore.prune` removes old versions when asked.
 Plaintext is only ever produced in memory (:meth:`ModelStore.read_model`).
 """
 
@@ -23,15 +27,25 @@ import json
 import mmap
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from edgert.errors import EdgertError, ModelError, RollbackError, SecurityError, StoreError
+from edgert.errors import (
+    IntegrityError,
+    ModelError,
+    RollbackError,
+    SecurityError,
+    SignatureError,
+    StoreError,
+    UntrustedSignerError,
+)
 from edgert.security import package as pkg
 from edgert.security.atomic import TMP_SUFFIX, FileSystem, ensure_private_dir
+from edgert.security.envelope import INTEGRITY_MESSAGE
 from edgert.security.keys import DeviceKeys
 from edgert.security.membuf import PlaintextBuffer, wipe
+from edgert.security.trust import Origin, TrustedPublishers, check_origin
 
 __all__ = ["AuditSink", "ModelEntry", "ModelStore"]
 
@@ -40,6 +54,10 @@ PACKAGES_DIR = "packages"
 LOCK_FILE = ".lock"
 PKG_SUFFIX = ".edgepkg"
 COPY_BLOCK = 1 << 20
+#: Versions :meth:`ModelStore.prune` keeps by default (active and previous always among them).
+DEFAULT_KEEP_VERSIONS = 3
+#: Longest failure reason kept by :meth:`ModelStore.mark_failed`.
+MAX_FAILURE_REASON = 500
 #: Payloads at least this large are decrypted from an mmap (below it the map costs more than it saves).
 MMAP_MIN_PAYLOAD = 1 << 20
 
@@ -60,6 +78,8 @@ class ModelEntry:
     previous: str | None
     installed: list[str]
     highest: str | None
+    failed: dict[str, str] = field(default_factory=dict)
+    variants: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _empty_state() -> dict[str, Any]:
@@ -91,7 +111,8 @@ class ModelStore:
     """Encrypted packages on disk, decrypted into memory only."""
 
     def __init__(self, root: Path, keys: DeviceKeys, *, fs: FileSystem | None = None,
-                 audit: AuditSink | None = None, edgert_version: str | None = None) -> None:
+                 audit: AuditSink | None = None, edgert_version: str | None = None,
+                 trusted: TrustedPublishers | None = None) -> None:
         from edgert import __version__
 
         self.root = Path(root)
@@ -99,6 +120,8 @@ class ModelStore:
         self.fs = fs or FileSystem()
         self.audit = audit
         self.edgert_version = edgert_version or __version__
+        #: Publishers whose packages install; this device's own signing key is always accepted.
+        self.trusted = trusted if trusted is not None else TrustedPublishers()
         self._state_cache: tuple[tuple[int, int, int], dict[str, Any]] | None = None
         ensure_private_dir(self.root)
         ensure_private_dir(self.root / PACKAGES_DIR)
@@ -169,10 +192,16 @@ class ModelStore:
                     version = f.name[: -len(PKG_SUFFIX)] if f.name.endswith(PKG_SUFFIX) else None
                     if f.name.endswith(TMP_SUFFIX) or version not in keep:
                         self.fs.remove(f, step="gc")
+                if not keep:
+                    self._drop_empty_dir(model_dir)
 
     def _emit(self, event: str, **fields: Any) -> None:
         if self.audit is not None:
             self.audit.append(event, **fields)
+
+    def audit_event(self, event: str, **fields: Any) -> None:
+        """Append an event to the store's audit log, if it has one (for callers such as import)."""
+        self._emit(event, **fields)
 
     # ---- queries -----------------------------------------------------------------------------
     def entries(self) -> list[ModelEntry]:
@@ -184,7 +213,8 @@ class ModelStore:
             m = state["models"].get(name, {})
             out.append(ModelEntry(name, m.get("active"), m.get("previous"),
                                   sorted(m.get("installed", []), key=pkg.parse_version),
-                                  state["highest"].get(name)))
+                                  state["highest"].get(name), dict(m.get("failed") or {}),
+                                  {v: list(x) for v, x in (m.get("variants") or {}).items()}))
         return out
 
     def entry(self, name: str) -> ModelEntry:
@@ -198,7 +228,27 @@ class ModelStore:
         """Parsed (not decrypted) header of an installed package; version None means active."""
         path = self._resolve(name, version)
         with open(path, "rb") as f:
-            return pkg.read_header(f)
+            return pkg.read_header(f, path.name)
+
+    def variants(self, name: str, version: str | None = None) -> list[str]:
+        """Variant ids of an installed version (None: the active one), in package order."""
+        m = self._peek_state()["models"].get(name) or {}
+        listed = (m.get("variants") or {}).get(version or m.get("active"))
+        return list(listed) if listed else self.header(name, version).manifest.variant_names
+
+    def variant_manifest(self, name: str, version: str | None = None,
+                         variant: str | None = None) -> pkg.VariantManifest:
+        """What one variant of an installed version is (format, inputs, outputs), without decrypting."""
+        manifest = self.header(name, version).manifest
+        return pkg.VariantManifest(manifest, self._select(manifest, variant))
+
+    @staticmethod
+    def _select(manifest: pkg.Manifest, variant: str | None) -> pkg.Variant:
+        spec = manifest.find(variant)
+        if spec is None:
+            raise StoreError(f"{manifest.name} {manifest.version} has no variant {variant!r}",
+                             hint=f"its variants: {', '.join(manifest.variant_names)}")
+        return spec
 
     def _resolve(self, name: str, version: str | None) -> Path:
         # One state read and a direct lookup: this sits on the cold-load path of every model.
@@ -215,69 +265,80 @@ class ModelStore:
                              hint=f"installed: {', '.join(sorted(installed, key=pkg.parse_version))}")
         return self._package_path(name, version)
 
-    def _decrypt(self, name: str, version: str | None,
-                 alloc: Callable[[int], Any]) -> tuple[pkg.Manifest, Any]:
-        """Decrypt a package into ``alloc(plaintext_size)`` (whose ``.view`` is written)."""
+    def _decrypt(self, name: str, version: str | None, variant: str | None,
+                 alloc: Callable[[int], Any]) -> tuple[pkg.VariantManifest, Any]:
+        """Decrypt one variant of a package into ``alloc(plaintext_size)`` (whose ``.view`` is written)."""
         path = self._resolve(name, version)
         try:
             with open(path, "rb") as f:
-                header = pkg.read_header(f)
+                header = pkg.read_header(f, path.name)
+                spec = self._select(header.manifest, variant)
+                if os.fstat(f.fileno()).st_size != header.payload_offset + header.manifest.payload_size:
+                    raise IntegrityError(INTEGRITY_MESSAGE)  # truncated, or bytes appended
                 key = header.key_for(self.keys.wrap, self.keys.wrap_fingerprint)
-                buf = alloc(header.manifest.plaintext_size)
+                start = header.payload_offset + spec.payload_offset
+                buf = alloc(spec.plaintext_size)
                 try:
-                    if header.manifest.payload_size >= MMAP_MIN_PAYLOAD:
+                    if spec.payload_size >= MMAP_MIN_PAYLOAD:
                         # Decrypt from a read-only map of the (encrypted) file: no read copies.
                         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                            view = memoryview(mapped)[header.payload_offset:]
+                            view = memoryview(mapped)[start: start + spec.payload_size]
                             try:
-                                pkg.decrypt_payload(view, header, key, out=buf.view)
+                                pkg.decrypt_payload(view, header, key, variant=spec, out=buf.view)
                             finally:
                                 view.release()
                     else:
-                        pkg.decrypt_payload(f, header, key, out=buf.view)
+                        f.seek(start)
+                        pkg.decrypt_payload(f, header, key, variant=spec, out=buf.view)
                 except BaseException:
                     buf.discard()
                     raise
         except OSError as exc:
             raise StoreError(f"cannot read package {path}: {exc.strerror}") from exc
-        return header.manifest, buf
+        return pkg.VariantManifest(header.manifest, spec), buf
 
-    def read_model(self, name: str, version: str | None = None) -> tuple[pkg.Manifest, bytearray]:
-        """Decrypt an installed package into a ``bytearray`` (the active version unless given)."""
-        manifest, buf = self._decrypt(name, version, _ArrayBuffer)
+    def read_model(self, name: str, version: str | None = None, *,
+                   variant: str | None = None) -> tuple[pkg.VariantManifest, bytearray]:
+        """Decrypt one variant (None: the first) of a version (None: active) into a ``bytearray``."""
+        manifest, buf = self._decrypt(name, version, variant, _ArrayBuffer)
         buf.view.release()
         return manifest, buf.array
 
-    def read_model_bytes(self, name: str, version: str | None = None) -> tuple[pkg.Manifest, bytes]:
-        """Decrypt an installed package straight into one ``bytes`` object, ready for a backend.
+    def read_model_bytes(self, name: str, version: str | None = None, *,
+                         variant: str | None = None) -> tuple[pkg.VariantManifest, bytes]:
+        """Decrypt just one variant (None: the first) straight into one ``bytes`` object for a backend.
 
         No zero-fill and no second copy (see :mod:`edgert.security.membuf`); the caller owns the
         only reference and should :func:`~edgert.security.membuf.wipe` it once no backend uses it.
         """
-        manifest, buf = self._decrypt(name, version, PlaintextBuffer)
+        manifest, buf = self._decrypt(name, version, variant, PlaintextBuffer)
         return manifest, buf.take()
 
     # ---- changes -----------------------------------------------------------------------------
     def install(self, source: Path, *, activate: bool = True, allow_downgrade: bool = False) -> pkg.Manifest:
-        """Copy a package into the store, verify it fully, then commit (and activate) it."""
+        """Check a package's origin, copy it into the store, verify it fully, then commit (and activate) it.
+
+        Never removes other versions (see :meth:`prune`).
+        """
         source = Path(source)
         with self._locked():
             state = self._load_state()
             try:
                 with open(source, "rb") as f:
-                    header = pkg.read_header(f)
+                    header = pkg.read_header(f, source.name)
             except OSError as exc:
                 raise ModelError(f"cannot read package {source}: {exc.strerror}") from exc
             except SecurityError:
                 self._emit("package_verify_failed", source=source.name)
                 raise
             m = header.manifest
+            origin = self._check_origin(header)
             m.check_compatible(self.edgert_version)
             self._check_rollback(state, m, allow_downgrade)
             installed = state["models"].get(m.name, {}).get("installed", [])
             final = self._package_path(m.name, m.version)
             if m.version in installed:
-                if self.header(m.name, m.version).manifest.payload_sha256 != m.payload_sha256:
+                if self.header(m.name, m.version).manifest.digest != m.digest:
                     raise StoreError(f"{m.name} {m.version} is already installed with different content",
                                      hint="give the new build a higher version")
                 # Same version again: keep the stored copy, but never report a damaged or
@@ -285,8 +346,19 @@ class ModelStore:
                 self._verify_source(source, header)
             else:
                 self._stage(source, final, header)
-            self._commit_install(state, m, activate)
+            self._commit_install(state, m, activate, origin)
         return m
+
+    def _check_origin(self, header: pkg.PackageHeader) -> Origin:
+        """Trusted publisher or this device's own key; otherwise audit ``package_refused`` and raise."""
+        try:
+            return check_origin(header, self.trusted, self.keys.sign_public)
+        except SignatureError as exc:
+            reason = ("untrusted_signer" if isinstance(exc, UntrustedSignerError)
+                      else "unsigned" if header.signature is None else "bad_signature")
+            self._emit("package_refused", model=header.manifest.name, version=header.manifest.version,
+                       reason=reason, signer=header.signer_fingerprint)
+            raise
 
     def _check_rollback(self, state: dict[str, Any], m: pkg.Manifest, allow_downgrade: bool) -> None:
         highest = state["highest"].get(m.name)
@@ -300,13 +372,18 @@ class ModelStore:
                                 hint="pass --allow-downgrade to install an older version on purpose")
         self._emit("model_downgrade_allowed", model=m.name, version=m.version, highest=highest)
 
+    def _verify_file(self, path: Path, header: pkg.PackageHeader) -> None:
+        """Decrypt every variant of ``path`` to nowhere; it must hold exactly ``header``."""
+        with open(path, "rb") as f:
+            found = pkg.read_header(f, path.name)
+            if found.manifest.raw != header.manifest.raw or found.signature != header.signature:
+                raise SecurityError("package changed while it was being installed")
+            pkg.verify_package(f, found, found.key_for(self.keys.wrap, self.keys.wrap_fingerprint))
+
     def _verify_source(self, source: Path, header: pkg.PackageHeader) -> None:
-        """Fully verify a package file in place (decrypt to nowhere); audit and raise on failure."""
+        """Fully verify a package file in place; audit and raise on failure."""
         try:
-            with open(source, "rb") as f:
-                pkg.read_header(f)
-                key = header.key_for(self.keys.wrap)
-                pkg.decrypt_payload(f, header, key, out=None, check_hashes=True)
+            self._verify_file(source, header)
         except SecurityError as exc:
             self._emit("package_verify_failed", model=header.manifest.name,
                        version=header.manifest.version, error=type(exc).__name__)
@@ -317,91 +394,155 @@ class ModelStore:
     def _stage(self, source: Path, final: Path, header: pkg.PackageHeader) -> None:
         """Copy ``source`` next to ``final``, verify the copy, then rename it into place."""
         ensure_private_dir(final.parent)
+        tmp: Path | None = None
         try:
             with open(source, "rb") as f:
                 tmp = self.fs.write_temp(final, iter(lambda: f.read(COPY_BLOCK), b""), step="package")
-        except OSError as exc:
-            raise _disk_error(exc, f"installing {header.manifest.name} {header.manifest.version}") from exc
-        try:
-            with open(tmp, "rb") as f:
-                staged = pkg.read_header(f)
-                if staged.manifest.raw != header.manifest.raw:
-                    raise SecurityError("package changed while it was being installed")
-                key = staged.key_for(self.keys.wrap)
-                pkg.decrypt_payload(f, staged, key, out=None, check_hashes=True)
+            self._verify_file(tmp, header)
             self.fs.commit(tmp, final, step="package")
-        except EdgertError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        except BaseException as exc:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            self._drop_empty_dir(final.parent)  # a refused package leaves no trace (issue 9 D10)
             if isinstance(exc, SecurityError):
                 self._emit("package_verify_failed", model=header.manifest.name,
                            version=header.manifest.version, error=type(exc).__name__)
+            if isinstance(exc, OSError):
+                what = f"installing {header.manifest.name} {header.manifest.version}"
+                raise _disk_error(exc, what) from exc
             raise
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise _disk_error(exc, f"installing {header.manifest.name}") from exc
 
-    def _commit_install(self, state: dict[str, Any], m: pkg.Manifest, activate: bool) -> None:
-        entry = state["models"].setdefault(m.name, {"active": None, "previous": None, "installed": []})
+    @staticmethod
+    def _drop_empty_dir(directory: Path) -> None:
+        with contextlib.suppress(OSError):  # not empty (other versions) or already gone: keep it
+            directory.rmdir()
+
+    def _commit_install(self, state: dict[str, Any], m: pkg.Manifest, activate: bool, origin: Origin) -> None:
+        entry = _entry_doc(state, m.name, create=True)
         if m.version not in entry["installed"]:
             entry["installed"].append(m.version)
+        entry["variants"][m.version] = m.variant_names
         highest = state["highest"].get(m.name)
         if highest is None or pkg.compare_versions(m.version, highest) > 0:
             state["highest"][m.name] = m.version
-        if activate and entry["active"] != m.version:
+        changed = activate and entry["active"] != m.version
+        if changed:
             entry["previous"], entry["active"] = entry["active"], m.version
-        pruned = self._prune(entry) if activate else []
-        self._save_state(state, f"installing {m.name} {m.version}")
-        self._emit("model_install", model=m.name, version=m.version, variant=m.variant,
-                   payload_sha256=m.payload_sha256)
         if activate:
+            entry["failed"].pop(m.version, None)
+        self._save_state(state, f"installing {m.name} {m.version}")
+        self._emit("model_install", model=m.name, version=m.version, variants=m.variant_names,
+                   manifest_sha256=m.digest, origin=origin.kind, signer=origin.signer)
+        if changed:
             self._emit("model_activate", model=m.name, version=m.version, previous=entry["previous"])
-        self._unlink_versions(m.name, pruned)
-
-    def _prune(self, entry: dict[str, Any]) -> list[str]:
-        """Keep only the active and previous versions once a new one is active."""
-        keep = {entry["active"], entry["previous"]}
-        pruned = [v for v in entry["installed"] if v not in keep]
-        entry["installed"] = [v for v in entry["installed"] if v in keep]
-        return pruned
 
     def _unlink_versions(self, name: str, versions: list[str]) -> None:
         for v in versions:
             with contextlib.suppress(OSError):  # leftovers are collected when the store next opens
                 self.fs.remove(self._package_path(name, v), step="prune")
 
-    def activate(self, name: str, version: str, *, allow_downgrade: bool = False) -> None:
-        """Make an installed version active (the current one becomes previous)."""
+    def prune(self, name: str, keep: int = DEFAULT_KEEP_VERSIONS) -> list[str]:
+        """Remove old versions so that ``keep`` remain; return the removed ones (oldest first).
+
+        The active and previous versions are never removed (they count towards ``keep``); the
+        rest are kept highest version first. Each removed version is audited (``model_prune``).
+        """
+        if keep < 1:
+            raise StoreError(f"cannot keep {keep} versions", hint="keep at least 1")
         with self._locked():
             state = self._load_state()
-            entry = state["models"].get(name)
-            if not entry or version not in entry["installed"]:
-                raise StoreError(f"model {name!r} has no installed version {version!r}",
-                                 hint="'edgert models list' shows installed versions")
-            highest = state["highest"].get(name)
-            if highest and pkg.compare_versions(version, highest) < 0 and not allow_downgrade:
-                self._emit("model_activate_refused", model=name, version=version, highest=highest)
-                raise RollbackError(f"refusing to activate {name} {version}: {highest} was installed "
-                                    "(anti-rollback)",
-                                    hint="use 'edgert models rollback' or --allow-downgrade")
+            entry = _entry_doc(state, name)
+            kept = {v for v in (entry["active"], entry["previous"]) if v}
+            for v in sorted(entry["installed"], key=pkg.parse_version, reverse=True):
+                if len(kept) >= keep:
+                    break
+                kept.add(v)
+            pruned = sorted((v for v in entry["installed"] if v not in kept), key=pkg.parse_version)
+            if not pruned:
+                return []
+            _forget(entry, pruned)
+            self._save_state(state, f"pruning {name}")
+            for v in pruned:
+                self._emit("model_prune", model=name, version=v, keep=keep)
+            self._unlink_versions(name, pruned)
+            return pruned
+
+    def _activation_check(self, state: dict[str, Any], name: str, version: str,
+                          allow_downgrade: bool) -> dict[str, Any]:
+        """The model's state entry if ``version`` may become active; raise (and audit) if not."""
+        entry = state["models"].get(name)
+        if not entry or version not in entry["installed"]:
+            raise StoreError(f"model {name!r} has no installed version {version!r}",
+                             hint="'edgert models list' shows installed versions")
+        highest = state["highest"].get(name)
+        if (highest and entry["active"] != version and pkg.compare_versions(version, highest) < 0
+                and not allow_downgrade):
+            self._emit("model_activate_refused", model=name, version=version, highest=highest)
+            raise RollbackError(f"refusing to activate {name} {version}: {highest} was installed "
+                                "(anti-rollback)",
+                                hint="use 'edgert models rollback' or --allow-downgrade")
+        return _normalise(entry)
+
+    def check_activate(self, name: str, version: str, *, allow_downgrade: bool = False) -> None:
+        """Raise exactly what :meth:`activate` would (unknown version, anti-rollback), changing nothing."""
+        self._activation_check(self._load_state(), name, version, allow_downgrade)
+
+    def activate(self, name: str, version: str, *, allow_downgrade: bool = False) -> bool:
+        """Make an installed version active (the current one becomes previous); True if that changed.
+
+        Activating the version already active is a no-op (False), never an anti-rollback refusal;
+        either way a failure mark on that version (:meth:`mark_failed`) is cleared.
+        """
+        with self._locked():
+            state = self._load_state()
+            entry = self._activation_check(state, name, version, allow_downgrade)
             if entry["active"] == version:
-                return
+                if entry["failed"].pop(version, None) is not None:
+                    self._save_state(state, f"clearing the failure mark of {name} {version}")
+                    self._emit("model_failed_cleared", model=name, version=version)
+                return False
             entry["previous"], entry["active"] = entry["active"], version
+            entry["failed"].pop(version, None)
             self._save_state(state, f"activating {name} {version}")
             self._emit("model_activate", model=name, version=version, previous=entry["previous"])
+            return True
 
-    def rollback(self, name: str) -> str:
-        """Swap active and previous (an explicit, audited operator action); return the new active."""
+    def rollback(self, name: str, *, expect: str | None = None) -> str:
+        """Swap active and previous (audited); return the new active version.
+
+        A second rollback swaps back: after A, B, C were activated, rollback gives B (previous C)
+        and rollback again gives C (previous B). With ``expect``, refuse unless the previous
+        version is ``expect`` (someone else changed the store meanwhile). The anti-rollback floor
+        does not apply: this is an explicit operator action.
+        """
         with self._locked():
             state = self._load_state()
             entry = state["models"].get(name)
             if not entry or not entry.get("previous"):
                 raise StoreError(f"model {name!r} has no previous version to roll back to")
+            entry = _normalise(entry)
+            if expect is not None and entry["previous"] != expect:
+                raise StoreError(f"refusing to roll back {name} to {expect}: its previous version is now "
+                                 f"{entry['previous']} (the store changed meanwhile)",
+                                 hint="check 'edgert models list' and retry")
             entry["active"], entry["previous"] = entry["previous"], entry["active"]
+            entry["failed"].pop(entry["active"], None)
             self._save_state(state, f"rolling back {name}")
             self._emit("model_rollback", model=name, version=entry["active"], from_version=entry["previous"])
             return str(entry["active"])
+
+    def mark_failed(self, name: str, version: str, reason: str) -> None:
+        """Record that ``version`` failed to serve (shown by ``models list``; cleared on activation)."""
+        reason = str(reason)[:MAX_FAILURE_REASON]
+        with self._locked():
+            state = self._load_state()
+            entry = _entry_doc(state, name)
+            if version not in entry["installed"]:
+                raise StoreError(f"model {name!r} has no installed version {version!r}")
+            entry["failed"][version] = reason
+            self._save_state(state, f"marking {name} {version} failed")
+            self._emit("model_failed", model=name, version=version, reason=reason)
 
     def remove(self, name: str, version: str | None = None, *, force: bool = False) -> list[str]:
         """Remove one version, or every version with ``version=None``; return what was removed."""
@@ -410,11 +551,12 @@ class ModelStore:
             entry = state["models"].get(name)
             if not entry or (version is not None and version not in entry["installed"]):
                 raise StoreError(f"model {name!r} version {version or '(any)'} is not installed")
+            entry = _normalise(entry)
             targets = list(entry["installed"]) if version is None else [version]
             if entry["active"] in targets and not force:
                 raise StoreError(f"{name} {entry['active']} is active",
                                  hint="pass --force to remove it anyway")
-            entry["installed"] = [v for v in entry["installed"] if v not in targets]
+            _forget(entry, targets)
             for role in ("active", "previous"):
                 if entry[role] in targets:
                     entry[role] = None
@@ -423,4 +565,34 @@ class ModelStore:
             self._save_state(state, f"removing {name}")
             self._emit("model_remove", model=name, versions=targets)
             self._unlink_versions(name, targets)
+            if not entry["installed"]:
+                self._drop_empty_dir(self.root / PACKAGES_DIR / name)
             return targets
+
+
+def _normalise(entry: dict[str, Any]) -> dict[str, Any]:
+    """Fill in members that state files written by older edgert lack."""
+    entry.setdefault("active", None)
+    entry.setdefault("previous", None)
+    entry.setdefault("installed", [])
+    entry.setdefault("failed", {})
+    entry.setdefault("variants", {})
+    return entry
+
+
+def _entry_doc(state: dict[str, Any], name: str, *, create: bool = False) -> dict[str, Any]:
+    """A model's state entry (created if ``create``), or StoreError if it is not installed."""
+    entry = state["models"].get(name)
+    if entry is None:
+        if not create:
+            raise StoreError(f"model {name!r} is not installed", hint="'edgert models list' shows what is")
+        entry = state["models"][name] = {}
+    return _normalise(entry)
+
+
+def _forget(entry: dict[str, Any], versions: list[str]) -> None:
+    """Drop ``versions`` from an entry's installed list and per-version records."""
+    entry["installed"] = [v for v in entry["installed"] if v not in versions]
+    for v in versions:
+        entry["variants"].pop(v, None)
+        entry["failed"].pop(v, None)

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from edgert.errors import EdgertError, IntegrityError, KeyFileError, ModelError, SecurityError
+from edgert.errors import EdgertError, IntegrityError, KeyFileError, ModelError, SecurityError, SignatureError
 from edgert.security import envelope
 from edgert.security.keys import DeviceKeys
 from edgert.security.package import (
@@ -19,15 +19,22 @@ from edgert.security.package import (
     decrypt_payload,
     parse_version,
     read_header,
+    verify_package,
 )
-from tests.security.kit import IO_DESC, NOW, SMALL_ONNX, make_package
+from tests.security.kit import IO_DESC, NOW, PUBLISHER, SMALL_ONNX, make_package, source
 
 
-def _open(data: bytes, keys: DeviceKeys) -> bytes:
+def _open(data: bytes, keys: DeviceKeys, variant: int = 0, *, signature: bool = True) -> bytes:
     f = io.BytesIO(data)
     header = read_header(f)
-    out = bytearray(header.manifest.plaintext_size)
-    decrypt_payload(f, header, header.key_for(keys.wrap), out=out, check_hashes=True)
+    if signature:
+        header.verify_signature()
+    v = header.manifest.variants[variant]
+    key = header.key_for(keys.wrap)
+    verify_package(f, header, key)
+    f.seek(header.payload_offset + v.payload_offset)
+    out = bytearray(v.plaintext_size)
+    decrypt_payload(f, header, key, variant=v, out=out, check_hashes=True)
     return bytes(out)
 
 
@@ -45,18 +52,10 @@ def test_round_trip_and_manifest(device_keys: DeviceKeys) -> None:
     data = make_package(SMALL_ONNX, [device_keys], version="1.2")
     header = read_header(io.BytesIO(data))
     m = header.manifest
-    assert (m.name, m.version, m.format, m.variant) == ("digits", "1.2", "onnx", "int8")
-    assert m.created == "2025-01-02T03:04:05Z" and m.inputs == IO_DESC[0]
+    assert (m.name, m.version, m.format, m.variant_names) == ("digits", "1.2", "onnx", ["int8"])
+    assert m.created == "2025-01-02T03:04:05Z" and m.variants[0].inputs == IO_DESC[0]
     assert header.recipients[0]["suite"] == envelope.SUITE_HPKE
     assert _open(data, device_keys) == SMALL_ONNX.read_bytes()
-
-
-def test_io_description_comes_from_loading_the_model(device_keys: DeviceKeys) -> None:
-    out = io.BytesIO()
-    m = create_package(SMALL_ONNX, out, name="d", version="1", variant="int8",
-                       recipients=[device_keys.wrap_public], now=NOW)
-    assert [i["name"] for i in m.inputs] == ["pixels"] and m.inputs[0]["shape"] == [None, 64]
-    assert [o["name"] for o in m.outputs] == ["logits"]
 
 
 def test_many_recipients_and_fallback_suite(device_keys: DeviceKeys) -> None:
@@ -105,12 +104,14 @@ def test_payload_spliced_into_another_manifest_is_refused(device_keys: DeviceKey
     doc_b, payload_b = _split(make_package(SMALL_ONNX, [device_keys], name="a", version="2"))
     # Even with the payload hash in A's manifest updated to match B's payload, the AEAD and the
     # wrapped key are bound to the manifest, so the result does not decrypt.
-    doc_a["manifest"]["payload"] = doc_b["manifest"]["payload"]
-    with pytest.raises(IntegrityError):
+    doc_a["manifest"]["variants"][0]["payload"] = doc_b["manifest"]["variants"][0]["payload"]
+    with pytest.raises(SignatureError, match="bad signature"):  # the origin signature catches it first
         _open(_join(doc_a, payload_b), device_keys)
+    with pytest.raises(IntegrityError):  # and without it, the encryption binding still does
+        _open(_join(doc_a, payload_b), device_keys, signature=False)
     doc_a["recipients"] = doc_b["recipients"]
     with pytest.raises(IntegrityError):
-        _open(_join(doc_a, payload_b), device_keys)
+        _open(_join(doc_a, payload_b), device_keys, signature=False)
 
 
 def test_package_for_another_device_is_refused(device_keys: DeviceKeys) -> None:
@@ -122,16 +123,16 @@ def test_package_for_another_device_is_refused(device_keys: DeviceKeys) -> None:
 
 def test_unknown_manifest_version_is_refused_clearly(device_keys: DeviceKeys) -> None:
     doc, payload = _split(make_package(SMALL_ONNX, [device_keys]))
-    doc["manifest"]["manifest_version"] = 2
-    with pytest.raises(ModelError, match="manifest version 2 is not supported") as exc:
+    doc["manifest"]["manifest_version"] = 3
+    with pytest.raises(ModelError, match="manifest version 3 is not supported") as exc:
         _open(_join(doc, payload), device_keys)
     assert exc.value.hint and "upgrade edgert" in exc.value.hint
 
 
 def test_min_edgert_is_enforced(device_keys: DeviceKeys) -> None:
     out = io.BytesIO()
-    m = create_package(SMALL_ONNX, out, name="d", version="1", variant="int8", min_edgert="99.0",
-                       recipients=[device_keys.wrap_public], now=NOW, io_desc=IO_DESC)
+    m = create_package([source(SMALL_ONNX)], out, name="d", version="1", min_edgert="99.0",
+                       recipients=[device_keys.wrap_public], signer=PUBLISHER, now=NOW)
     with pytest.raises(ModelError, match=r"needs edgert >= 99\.0"):
         m.check_compatible("0.1.0")
 
@@ -146,12 +147,18 @@ def test_version_ordering() -> None:
 
 
 def test_bad_inputs_to_create(device_keys: DeviceKeys) -> None:
+    def create(sources: list, recipients: list, name: str = "d") -> None:
+        create_package(sources, io.BytesIO(), name=name, version="1", recipients=recipients,
+                       signer=PUBLISHER, now=NOW)
+
     with pytest.raises(KeyFileError, match="at least one recipient"):
-        create_package(SMALL_ONNX, io.BytesIO(), name="d", version="1", variant="int8", recipients=[],
-                       now=NOW, io_desc=IO_DESC)
+        create([source(SMALL_ONNX)], [])
     with pytest.raises(ModelError, match="unknown variant"):
-        create_package(SMALL_ONNX, io.BytesIO(), name="d", version="1", variant="int4",
-                       recipients=[device_keys.wrap_public], now=NOW, io_desc=IO_DESC)
+        create([source(SMALL_ONNX, "int4")], [device_keys.wrap_public])
     with pytest.raises(ModelError, match="invalid model name"):
-        create_package(SMALL_ONNX, io.BytesIO(), name="../etc", version="1", variant="int8",
-                       recipients=[device_keys.wrap_public], now=NOW, io_desc=IO_DESC)
+        create([source(SMALL_ONNX)], [device_keys.wrap_public], name="../etc")
+    with pytest.raises(ModelError, match="variant 'int8' is given twice") as exc:
+        create([source(SMALL_ONNX), source(SMALL_ONNX)], [device_keys.wrap_public])
+    assert exc.value.hint and "int8-tflite" in exc.value.hint
+    with pytest.raises(ModelError, match="1 to 8 variants"):
+        create([], [device_keys.wrap_public])

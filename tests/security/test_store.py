@@ -16,7 +16,7 @@ from edgert.security.audit import AuditLog, read_records, verify_dir
 from edgert.security.keys import DeviceKeys
 from edgert.security.loader import import_files, import_model, load_from_store, open_keystore, open_store
 from edgert.security.store import ModelStore
-from tests.security.kit import MODELS, SMALL_ONNX, make_package
+from tests.security.kit import MODELS, SMALL_ONNX, make_package, trusted
 
 
 def _pkg(tmp_path: Path, keys: DeviceKeys, version: str, model: Path = SMALL_ONNX,
@@ -28,7 +28,7 @@ def _pkg(tmp_path: Path, keys: DeviceKeys, version: str, model: Path = SMALL_ONN
 
 def _store(state: Path, keys: DeviceKeys, fs: FileSystem | None = None) -> tuple[ModelStore, AuditLog]:
     audit = AuditLog(state / "audit", keys.sign)
-    return ModelStore(state / "models", keys, fs=fs, audit=audit), audit
+    return ModelStore(state / "models", keys, fs=fs, audit=audit, trusted=trusted()), audit
 
 
 def test_install_activate_rollback_remove(state: Path, device_keys: DeviceKeys, tmp_path: Path) -> None:
@@ -43,18 +43,22 @@ def test_install_activate_rollback_remove(state: Path, device_keys: DeviceKeys, 
     assert store.entry("digits").active == "1"
     store.activate("digits", "2")
     store.install(_pkg(tmp_path, device_keys, "3"))
-    assert store.entry("digits").installed == ["2", "3"]  # 1 pruned once 3 became active
+    assert store.entry("digits").installed == ["1", "2", "3"]  # installing never prunes
+    assert store.prune("digits", keep=2) == ["1"]
+    assert store.entry("digits").installed == ["2", "3"]
     assert not (state / "models" / "packages" / "digits" / "1.edgepkg").exists()
     with pytest.raises(StoreError, match="is active"):
         store.remove("digits", "3")
     assert store.remove("digits", "2") == ["2"]
     assert store.remove("digits", force=True) == ["3"]
     assert store.entries()[0].highest == "3" and store.entries()[0].installed == []
+    assert not (state / "models" / "packages" / "digits").exists()  # nothing left behind
     with pytest.raises(RollbackError):  # removal does not reset anti-rollback
         store.install(_pkg(tmp_path, device_keys, "2"))
     audit.close()
     events = [r["event"] for r in read_records(state / "audit")]
-    for ev in ("model_install", "model_activate", "model_rollback", "model_remove", "model_install_refused"):
+    for ev in ("model_install", "model_activate", "model_rollback", "model_remove", "model_install_refused",
+               "model_prune"):
         assert ev in events
     assert verify_dir(state / "audit", device_keys.sign_public).ok
 
@@ -69,6 +73,8 @@ def test_downgrade_refused_unless_allowed_and_audited(state: Path, device_keys: 
     assert store.entry("digits").active == "1.10"
     store.install(_pkg(tmp_path, device_keys, "1.9"), allow_downgrade=True)
     assert store.entry("digits").active == "1.9" and store.entry("digits").highest == "1.10"
+    assert store.activate("digits", "1.9") is False  # already active: a no-op, not a refusal
+    assert store.activate("digits", "1.10") is True
     with pytest.raises(RollbackError):
         store.activate("digits", "1.9")  # still below highest, even though installed
     audit.close()
@@ -150,7 +156,7 @@ def test_disk_full_keeps_old_model_active(state: Path, device_keys: DeviceKeys, 
     store.install(_pkg(tmp_path, device_keys, "1"))
     pkg2 = _pkg(tmp_path, device_keys, "2")
     full = _FullDisk(budget if budget < 10**9 else pkg2.stat().st_size)  # last: package fits, state does not
-    full_store = ModelStore(state / "models", device_keys, fs=full, audit=audit)
+    full_store = ModelStore(state / "models", device_keys, fs=full, audit=audit, trusted=trusted())
     with pytest.raises(StoreError, match="no space left") as exc:
         full_store.install(pkg2)
     assert "nothing was changed" in exc.value.message
