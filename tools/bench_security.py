@@ -24,9 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from edgert import Runtime  # noqa: E402
+from edgert.device.importing import import_plaintext  # noqa: E402
 from edgert.security import package as pkg  # noqa: E402
 from edgert.security.keys import DeviceKeys, init_keystore  # noqa: E402
-from edgert.security.loader import import_model, load_from_store, open_store  # noqa: E402
+from edgert.security.loader import load_from_store, open_store  # noqa: E402
 from edgert.security.membuf import PlaintextBuffer  # noqa: E402
 
 MODELS = ["digits_small_int8.onnx", "digits_large_int8.onnx", "digits_small_int8.tflite",
@@ -46,7 +47,7 @@ def bench_loads(rounds: int) -> None:
             print(f"{rel:34} (missing; make it with tools/make_models.py)")
             continue
         name = path.stem + ("_" + path.suffix[1:] if path.suffix != ".onnx" else "")
-        import_model(store, path, name=name)
+        import_plaintext(store, path, name=name)
         plain, enc = [], []
         loads = {"plain": lambda: rt.load(path).close(),  # noqa: B023 - used within this iteration
                  "enc": lambda: load_from_store(rt, store, name).close()}  # noqa: B023

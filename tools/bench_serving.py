@@ -215,7 +215,8 @@ def bench_mobilenet(args: argparse.Namespace, report: dict) -> None:
 
 def bench_cold_start(report: dict) -> None:
     """Popen to READY=1 with three encrypted models from the store."""
-    from edgert.security.loader import import_model, open_keystore, open_store
+    from edgert.device.importing import import_plaintext
+    from edgert.security.loader import open_keystore, open_store
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -227,7 +228,7 @@ def bench_cold_start(report: dict) -> None:
             "mobilenet": "mobilenetv2_int8.onnx",
         }
         for name, f in names.items():
-            import_model(store, MODELS / f, name=name)
+            import_plaintext(store, MODELS / f, name=name)
         models = "".join(f'[[models]]\nname = "{n}"\n' for n in names)
         ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         addr = f"edgert-bench-{os.getpid()}"

@@ -12,8 +12,9 @@ whole model (plaintext decrypted from the store must not be duplicated in memory
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ __all__ = [
     "EDGETPU_CUSTOM_OP",
     "FORMATS",
     "VARIANTS",
+    "describe_file",
     "describe_model",
     "detect_variant",
     "fixed_batch_of_one",
@@ -246,3 +248,19 @@ def detect_variant(data: Buffer, fmt: str) -> str:
     """
     parsed = _parse(data, fmt)
     return _onnx_variant(parsed) if fmt == "onnx" else _tflite_variant(parsed)
+
+
+IoDesc = list[dict[str, Any]]
+
+
+def describe_file(path: str | os.PathLike[str]) -> tuple[str, str, IoDesc, IoDesc]:
+    """(format, variant, inputs, outputs) of a model file, read once; what packaging and imports need."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {path}: {exc.strerror}",
+                         hint="check the path and that this user may read it") from exc
+    fmt = sniff_format(data, path.name)
+    inputs, outputs = describe_model(data, fmt)
+    return fmt, detect_variant(data, fmt), inputs, outputs

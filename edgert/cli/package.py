@@ -29,18 +29,10 @@ def _read_recipients(values: tuple[str, ...], recipients_file: Path | None) -> l
 
 
 def _describe_source(path: Path) -> tuple[str, str, list[dict[str, Any]], list[dict[str, Any]]]:
-    """Format, guessed variant, inputs and outputs of a plaintext model file (loads it once)."""
-    # The one place the CLI describes models; it will point at a backends helper later.
-    from edgert.security.loader import guess_variant
-    from edgert.security.modelinfo import describe_model, sniff_format
+    """Format, variant (detected from the model itself), inputs and outputs of a plaintext model file."""
+    from edgert.backends.describe import describe_file
 
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ModelError(f"cannot read model file {path}: {exc.strerror}") from exc
-    fmt = sniff_format(data[:8], path.name)
-    inputs, outputs = describe_model(data, fmt)
-    return fmt, guess_variant(path.name), inputs, outputs
+    return describe_file(path)
 
 
 def _split_model_arg(arg: str) -> tuple[Path, str | None]:

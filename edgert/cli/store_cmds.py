@@ -156,8 +156,8 @@ def import_cmd(files: tuple[Path, ...], name: str | None, version: str, variant:
     Each imported version is then served through the Deployer (the running daemon hot-swaps it, or,
     with no daemon, it is loaded and health-checked here before it becomes active).
     """
+    from edgert.device.importing import import_plaintext
     from edgert.errors import ConfigError
-    from edgert.security.loader import import_model
 
     if name and len(files) > 1:
         raise ConfigError("--name works with one file only")
@@ -167,8 +167,8 @@ def import_cmd(files: tuple[Path, ...], name: str | None, version: str, variant:
             if is_package or f.suffix == ".edgepkg":
                 m = store.install(f, activate=False, allow_downgrade=allow_downgrade)
             else:
-                m = import_model(store, f, name=name, version=version, variant=variant, shred_source=shred,
-                                 allow_downgrade=allow_downgrade, activate=False)
+                m = import_plaintext(store, f, name=name, version=version, variant=variant,
+                                     shred_source=shred, allow_downgrade=allow_downgrade, activate=False)
             click.echo(f"imported {m.name} {m.version} ({', '.join(_variants(m))})")
             if not no_activate:
                 _deploy(store, m.name, m.version, reason="import", allow_downgrade=allow_downgrade,

@@ -36,8 +36,9 @@ CASCADE_NAME = "digits"
 def install_demo_store(root: Path, models: Sequence[DemoModel], version: str = "1") -> None:
     """Create a fresh device key under ``root`` and import each sample model encrypted to it."""
     from edgert._resources import sample_model
+    from edgert.device.importing import import_plaintext
     from edgert.errors import ModelError
-    from edgert.security.loader import import_model, open_audit, open_keystore, open_store
+    from edgert.security.loader import open_audit, open_keystore, open_store
 
     keys = open_keystore(root, create=True)
     with open_audit(root, keys) as audit:
@@ -49,7 +50,7 @@ def install_demo_store(root: Path, models: Sequence[DemoModel], version: str = "
                     f"bundled sample model {m.filename} is missing (looked in {src.parent})",
                     hint="reinstall edgert, or run from a source checkout with models/",
                 )
-            import_model(store, src, name=m.name, version=version, variant=m.variant)
+            import_plaintext(store, src, name=m.name, version=version, variant=m.variant)
 
 
 def build_demo_config(

@@ -33,9 +33,10 @@ from edgert.security.store import ModelStore
 from edgert.security.trust import TrustedPublishers
 
 #: ``describe(path) -> (format, inputs, outputs)``: how a plaintext model is described for its manifest.
-Describer = Callable[[Path], tuple[str, list[dict[str, Any]], list[dict[str, Any]]]]
+#: (format, variant, inputs, outputs) of a model file: edgert.backends.describe.describe_file.
+Describer = Callable[[Path], tuple[str, str, list[dict[str, Any]], list[dict[str, Any]]]]
 
-__all__ = ["Describer", "describe_model_file", "guess_variant", "import_files", "import_model",
+__all__ = ["Describer", "import_model",
            "load_from_store", "open_audit", "open_keystore", "open_store", "shred"]
 
 SHRED_BLOCK = 1 << 20
@@ -64,15 +65,6 @@ def open_store(root: Path, keys: DeviceKeys, audit: AuditLog | None = None, *,
     return ModelStore(paths.store_dir(Path(root)), keys, audit=audit, trusted=trusted)
 
 
-def guess_variant(filename: str) -> str:
-    """Variant from a file name: int8, fp16, edgetpu, else fp32."""
-    lowered = filename.lower()
-    for variant in ("edgetpu", "int8", "fp16"):
-        if variant in lowered:
-            return variant
-    return "fp32"
-
-
 def shred(path: Path) -> None:
     """Overwrite a file with random bytes, fsync, then unlink it.
 
@@ -91,35 +83,25 @@ def shred(path: Path) -> None:
     path.unlink()
 
 
-def describe_model_file(path: Path) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
-    """Default :data:`Describer`: sniff the format and read inputs/outputs (loads the model once)."""
-    # Lazy, and the one place security/ reaches a model loader: to be replaced by a backends helper.
-    from edgert.security.modelinfo import describe_model, sniff_format
-
-    data = Path(path).read_bytes()
-    fmt = sniff_format(data[:8], Path(path).name)
-    inputs, outputs = describe_model(data, fmt)
-    return fmt, inputs, outputs
-
-
 def import_model(store: ModelStore, source: Path, *, name: str | None = None, version: str = "1",
                  variant: str | None = None, shred_source: bool = False, allow_downgrade: bool = False,
                  activate: bool = True, now: datetime | None = None,
-                 describe: Describer | None = None) -> Manifest:
+                 describe: Describer) -> Manifest:
     """Encrypt a plaintext model file to this device's own key, sign it with its own key, install it.
 
     The store accepts the device's own signing key as the signer (origin "local"). ``describe``
-    gives the model's format, inputs and outputs (default :func:`describe_model_file`).
+    gives the model's format, variant, inputs and outputs (``edgert.backends.describe.describe_file``;
+    passed in because security/ loads no models). ``variant`` overrides the detected one.
     """
     source = Path(source)
     if not source.is_file():
         raise ModelError(f"model file {source} does not exist", hint="check the path")
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", source.stem)
     try:
-        fmt, inputs, outputs = (describe or describe_model_file)(source)
+        fmt, detected, inputs, outputs = describe(source)
     except OSError as exc:
         raise ModelError(f"cannot read model file {source}: {exc.strerror}") from exc
-    src = VariantSource(source, variant or guess_variant(source.name), fmt, inputs, outputs)
+    src = VariantSource(source, variant or detected, fmt, inputs, outputs)
     # The encrypted package goes to a temp file inside the store's directory (ciphertext only).
     fd, tmp_name = tempfile.mkstemp(prefix=".import-", suffix=".edgepkg.tmp", dir=store.root)
     tmp = Path(tmp_name)
@@ -136,26 +118,6 @@ def import_model(store: ModelStore, source: Path, *, name: str | None = None, ve
     if shred_source:
         shred(source)
     return manifest
-
-
-def import_files(root: Path, files: Iterable[str | os.PathLike[str]], *, keys: DeviceKeys | None = None,
-                 version: str = "1") -> list[Manifest]:
-    """Import plaintext model files into the store under ``root``.
-
-    Names are the file stems; when two files share a stem (``x.onnx`` and ``x.tflite``) the
-    non-ONNX one is named ``<stem>_<suffix>``.
-    """
-    keys = keys or open_keystore(root, create=True)
-    paths_ = [Path(f) for f in files]
-    stems = [p.stem for p in paths_]
-    with open_audit(root, keys) as audit:
-        store = open_store(root, keys, audit)
-        out = []
-        for p in paths_:
-            suffix = p.suffix.lower().lstrip(".")
-            name = f"{p.stem}_{suffix}" if stems.count(p.stem) > 1 and suffix != "onnx" else p.stem
-            out.append(import_model(store, p, name=name, version=version))
-        return out
 
 
 def load_from_store(runtime: Any, store: ModelStore, name: str, version: str | None = None, *,

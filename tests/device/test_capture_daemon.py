@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from edgert.client import Client
-from edgert.security.loader import import_model, open_keystore, open_store
+from edgert.device.importing import import_plaintext
+from edgert.security.loader import open_keystore, open_store
 from tests.device.subproc import MODELS, cli, free_port, start_daemon, stop_daemon, write_store_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -19,8 +20,8 @@ N_REQUESTS = 12
 def test_daemon_captures_sampled_requests_sealed_to_the_fleet_key(tmp_path: Path) -> None:
     state = tmp_path / "state"
     store = open_store(state, open_keystore(state, create=True))
-    import_model(store, MODELS / "digits_small_int8.onnx", name="digits", version="1")
-    import_model(store, MODELS / "digits_large_int8.onnx", name="other", version="1")
+    import_plaintext(store, MODELS / "digits_small_int8.onnx", name="digits", version="1")
+    import_plaintext(store, MODELS / "digits_large_int8.onnx", name="other", version="1")
     fleet_key = tmp_path / "fleet" / "capture.pem"
     r = cli("capture", "keygen", str(fleet_key))
     assert r.returncode == 0, r.stderr

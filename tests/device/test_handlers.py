@@ -17,12 +17,13 @@ from edgert.config import ModelEntry
 from edgert.device.commands import CommandProcessor
 from edgert.device.deployer import Deployer
 from edgert.device.handlers import daemon_handlers
+from edgert.device.importing import import_plaintext
 from edgert.device.sources import ModelSource
 from edgert.engine import Engine
 from edgert.metrics import Metrics
 from edgert.mqtt.signing import sign_command
 from edgert.runtime import Runtime
-from edgert.security.loader import import_model, open_keystore, open_store
+from edgert.security.loader import open_keystore, open_store
 from tests.device.models_kit import MODELS, fails_at_run
 
 NOW = 1_800_000_000.0
@@ -35,10 +36,10 @@ class Rig:
     def __init__(self, tmp: Path) -> None:
         state = tmp / "state"
         self.store = open_store(state, open_keystore(state, create=True))
-        import_model(self.store, MODELS / "digits_small_int8.onnx", name="digits", version="1")
-        import_model(self.store, MODELS / "digits_large_int8.onnx", name="digits", version="2")
+        import_plaintext(self.store, MODELS / "digits_small_int8.onnx", name="digits", version="1")
+        import_plaintext(self.store, MODELS / "digits_large_int8.onnx", name="digits", version="2")
         for version, path in (("3", MODELS / "digits_small_fp32.onnx"), ("4", fails_at_run(tmp / "b.onnx"))):
-            import_model(self.store, path, name="digits", version=version, activate=False)
+            import_plaintext(self.store, path, name="digits", version=version, activate=False)
         self.engine = Engine(Metrics())
         self.audit: list[tuple[str, dict[str, Any]]] = []
         self.deployer = Deployer(

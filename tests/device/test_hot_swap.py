@@ -10,8 +10,9 @@ import pytest
 
 from edgert.client import Client, notify_daemon_activate
 from edgert.config import parse_config
+from edgert.device.importing import import_plaintext
 from edgert.errors import RollbackError, UnknownModelError
-from edgert.security.loader import import_model, open_keystore, open_store
+from edgert.security.loader import open_keystore, open_store
 from tests.serve.daemon_harness import start_daemon
 
 pytestmark = pytest.mark.integration
@@ -22,7 +23,7 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 def test_swap_under_load_and_failed_load(tmp_path):
     state = tmp_path / "state"
     store = open_store(state, open_keystore(state, create=True))
-    import_model(store, MODELS / "digits_small_int8.onnx", name="digits", version="1")
+    import_plaintext(store, MODELS / "digits_small_int8.onnx", name="digits", version="1")
     text = f"""
 [daemon]
 profile = "cpu-generic"
@@ -41,7 +42,7 @@ name = "digits"
         sock = running.socket
         x = np.load(MODELS / "digits_test.npz")["x"][:16]
         # version 2 arrives in the store (installed, not active) while version 1 serves
-        import_model(store, MODELS / "digits_large_int8.onnx", name="digits", version="2", activate=False)
+        import_plaintext(store, MODELS / "digits_large_int8.onnx", name="digits", version="2", activate=False)
         stop = threading.Event()
         failures: list[BaseException] = []
         versions: set[str] = set()

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from edgert.client import Client
+from edgert.device.importing import import_plaintext
 from edgert.security.audit import read_records, verify_dir
-from edgert.security.loader import import_model, open_keystore, open_store
+from edgert.security.loader import open_keystore, open_store
 from edgert.security.package import read_header
 from tests.device.subproc import MODELS, cli, start_daemon, stop_daemon, write_store_config
 
@@ -44,8 +45,8 @@ def test_activate_and_rollback_reach_the_daemon_and_are_audited(tmp_path: Path) 
     state = tmp_path / "state"
     keys = open_keystore(state, create=True)
     store = open_store(state, keys)
-    import_model(store, MODELS / "digits_small_int8.onnx", name="digits", version="1")
-    import_model(store, MODELS / "digits_large_int8.onnx", name="digits", version="2")
+    import_plaintext(store, MODELS / "digits_small_int8.onnx", name="digits", version="1")
+    import_plaintext(store, MODELS / "digits_large_int8.onnx", name="digits", version="2")
     config = write_store_config(tmp_path, state, ["digits"])
     sock = tmp_path / "edgert.sock"
     proc = start_daemon(config)

@@ -198,7 +198,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def device(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Device]:
     """PKI, an mTLS mosquitto with the ACL, a device keystore and store, and the running daemon."""
     require_mosquitto()
-    from edgert.security.loader import import_model, open_keystore, open_store
+    from edgert.device.importing import import_plaintext
+    from edgert.security.loader import open_keystore, open_store
 
     tmp = tmp_path_factory.mktemp("e2e")
     state, pki = tmp / "state", tmp / "pki"
@@ -211,8 +212,8 @@ def device(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Device]:
     device_cert = ca.sign_csr(pki, keys.tls_csr(DEVICE))
     device_key = state / "keys" / "tls-p256.pem"
     store = open_store(state, keys)
-    import_model(store, MODELS / "digits_small_int8.onnx", name="digits", version="1")
-    import_model(store, MODELS / "digits_large_int8.onnx", name="digits", version="2")
+    import_plaintext(store, MODELS / "digits_small_int8.onnx", name="digits", version="1")
+    import_plaintext(store, MODELS / "digits_large_int8.onnx", name="digits", version="2")
     server = ca.issue(pki, "localhost", server=True)
     fleet_cert, fleet_key = ca.issue(pki, "fleet")
     broker = Mosquitto(

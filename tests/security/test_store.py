@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgert.device.importing import import_plaintext
 from edgert.errors import IntegrityError, KeyFileError, RollbackError, StoreError
 from edgert.security.atomic import FileSystem
 from edgert.security.audit import AuditLog, read_records, verify_dir
 from edgert.security.keys import DeviceKeys
-from edgert.security.loader import import_files, import_model, load_from_store, open_keystore, open_store
+from edgert.security.loader import import_files, load_from_store, open_keystore, open_store
 from edgert.security.store import ModelStore
 from tests.security.kit import MODELS, SMALL_ONNX, make_package, trusted
 
@@ -222,9 +223,9 @@ def test_state_cache_sees_changes_from_another_process(tmp_path: Path) -> None:
     keys = open_keystore(root, create=True)
     daemon_view = open_store(root, keys)
     cli_view = open_store(root, keys)
-    import_model(cli_view, SMALL_ONNX, name="digits", version="1")
+    import_plaintext(cli_view, SMALL_ONNX, name="digits", version="1")
     assert daemon_view.read_model_bytes("digits")[0].version == "1"
-    import_model(cli_view, SMALL_ONNX, name="digits", version="2")
+    import_plaintext(cli_view, SMALL_ONNX, name="digits", version="2")
     assert daemon_view.read_model_bytes("digits")[0].version == "2"
     cli_view.rollback("digits")
     assert daemon_view.read_model_bytes("digits")[0].version == "1"
