@@ -183,12 +183,11 @@ class Daemon:
 
         from edgert.device.handlers import daemon_handlers
         from edgert.device.sync import SyncService
-        from edgert.mqtt.config import MqttConfig
         from edgert.security.loader import open_audit, open_keystore
         from edgert.security.loader import open_store as open_model_store
 
-        assert self.config.mqtt is not None
-        cfg = MqttConfig.from_dict(self.config.mqtt, self.config.source)
+        cfg = self.config.mqtt  # parsed once, by load_config
+        assert cfg is not None
         root = self._state_root()
 
         @contextmanager
