@@ -24,6 +24,7 @@ __all__ = ["ConfigProblems", "Problems", "Table", "parse_listen"]
 
 T = TypeVar("T")
 
+_PLURALS = {int: "integers", float: "numbers", str: "strings", bool: "booleans", dict: "tables"}
 _KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
                list: "a list", dict: "a table"}
 
@@ -189,8 +190,12 @@ class Table:
         self, key: str, kind: type, default: tuple[Any, ...] = (), *, what: str = ""
     ) -> tuple[Any, ...]:
         """A list whose items all have type ``kind``; each bad item is reported with its index."""
-        raw = self.value(key, list, None)
-        if raw is None:
+        self.used.add(key)
+        raw = self.data.get(key)
+        if key not in self.data:
+            return tuple(default)
+        if not isinstance(raw, list):
+            self.fail(key, f"must be a list of {_PLURALS.get(kind, kind.__name__)}, got {_describe(raw)}")
             return tuple(default)
         out: list[Any] = []
         for i, item in enumerate(raw):
