@@ -150,7 +150,8 @@ def _options(table: Table, key: str) -> dict[str, str | int | float | bool]:
         if isinstance(val, _SCALAR):
             out[opt] = val
         else:
-            table.problems.add(f"{table.where(key)}.{opt}", "option values must be strings, numbers or booleans")
+            where = f"{table.where(key)}.{opt}"
+            table.problems.add(where, "option values must be strings, numbers or booleans")
     return out
 
 
