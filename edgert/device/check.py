@@ -57,10 +57,12 @@ def check_file(
             cfg = adjust(cfg)
     except ConfigProblems as exc:
         findings = [Finding("config", ERROR, p, exc.hint or "") for p in exc.problems]
-        return findings + [Finding("rest", SKIPPED, "the config does not parse; fix it first")]
+        return [*findings, Finding("rest", SKIPPED, "the config does not parse; fix it first")]
     except ConfigError as exc:
-        return [Finding("config", ERROR, exc.message, exc.hint or ""),
-                Finding("rest", SKIPPED, "the config does not parse; fix it first")]
+        return [
+            Finding("config", ERROR, exc.message, exc.hint or ""),
+            Finding("rest", SKIPPED, "the config does not parse; fix it first"),
+        ]
     detail = f"{cfg.source}: {len(cfg.models)} models, {len(cfg.cascades)} cascades"
     return [Finding("config", OK, detail), *check_config(cfg)]
 
@@ -135,29 +137,47 @@ def _open_keys(root: Path, *, needed: bool) -> tuple[Finding, Any]:
     try:
         keys = open_keystore(root)
     except PermissionError as exc:
-        return Finding("keys", SKIPPED, f"cannot read {exc.filename or root} as uid {os.getuid()}",
-                       "run the check as the daemon's user (e.g. sudo -u edgert)"), None
+        return Finding(
+            "keys",
+            SKIPPED,
+            f"cannot read {exc.filename or root} as uid {os.getuid()}",
+            "run the check as the daemon's user (e.g. sudo -u edgert)",
+        ), None
     except EdgertError as exc:
         return Finding("keys", ERROR, exc.message, exc.hint or ""), None
     return Finding("keys", OK, f"device keys in {keys_dir(root)}"), keys
 
 
-def _check_store_model(store: Any, installed: dict[str, Any], name: str, version: str, root: Path) -> Finding:
+def _check_store_model(
+    store: Any, installed: dict[str, Any], name: str, version: str, root: Path
+) -> Finding:
     from edgert.security.membuf import wipe
 
     what = f"model {name}"
     entry = installed.get(name)
     if entry is None or not entry.installed:
         have = ", ".join(sorted(n for n, e in installed.items() if e.installed)) or "none"
-        return Finding(what, ERROR, f"{name!r} is not installed in the store at {root} (installed: {have})",
-                       f"run `edgert models import FILE --name {name} --state-dir {root}`")
+        return Finding(
+            what,
+            ERROR,
+            f"{name!r} is not installed in the store at {root} (installed: {have})",
+            f"run `edgert models import FILE --name {name} --state-dir {root}`",
+        )
     wanted = version or entry.active
     if wanted is None:
-        return Finding(what, ERROR, f"{name!r} has no active version (installed: {', '.join(entry.installed)})",
-                       f"run `edgert models activate {name} VERSION`")
+        return Finding(
+            what,
+            ERROR,
+            f"{name!r} has no active version (installed: {', '.join(entry.installed)})",
+            f"run `edgert models activate {name} VERSION`",
+        )
     if wanted not in entry.installed:
-        return Finding(what, ERROR, f"version {wanted} of {name!r} is not installed "
-                       f"(installed: {', '.join(entry.installed)})", "fix models.version or import that version")
+        return Finding(
+            what,
+            ERROR,
+            f"version {wanted} of {name!r} is not installed (installed: {', '.join(entry.installed)})",
+            "fix models.version or import that version",
+        )
     try:
         manifest, data = store.read_model_bytes(name, wanted)
     except EdgertError as exc:
@@ -173,8 +193,12 @@ def _check_plaintext(name: str, path: str) -> Finding:
         with open(path, "rb") as f:
             f.read(1)
     except OSError as exc:
-        return Finding(f"model {name}", ERROR, f"cannot read plaintext model {path}: {exc.strerror}",
-                       "fix models.path")
+        return Finding(
+            f"model {name}",
+            ERROR,
+            f"cannot read plaintext model {path}: {exc.strerror}",
+            "fix models.path",
+        )
     return Finding(f"model {name}", OK, f"plaintext file {path} is readable")
 
 
@@ -185,16 +209,23 @@ def check_cascades(cfg: DaemonConfig) -> list[Finding]:
     for c in cfg.cascades:
         missing = [n for n in (c.small, c.large) if n not in served]
         if missing:
-            out.append(Finding(f"cascade {c.name}", ERROR, f"names unserved models {', '.join(missing)}"))
+            out.append(
+                Finding(f"cascade {c.name}", ERROR, f"names unserved models {', '.join(missing)}")
+            )
         else:
-            out.append(Finding(f"cascade {c.name}", OK, f"{c.small} -> {c.large} ({c.rule} >= {c.threshold:g})"))
+            out.append(
+                Finding(f"cascade {c.name}", OK, f"{c.small} -> {c.large} ({c.rule} >= {c.threshold:g})")
+            )
     return out
 
 
 def check_listeners(cfg: DaemonConfig) -> list[Finding]:
     """The HTTP and metrics ports can be bound, and the Unix socket path is usable and not taken."""
-    return [_check_port("http", cfg.http.listen), _check_port("metrics", cfg.metrics.listen),
-            check_socket_path(cfg.socket.path)]
+    return [
+        _check_port("http", cfg.http.listen),
+        _check_port("metrics", cfg.metrics.listen),
+        check_socket_path(cfg.socket.path),
+    ]
 
 
 def _check_port(what: str, listen: str) -> Finding:
@@ -206,15 +237,20 @@ def _check_port(what: str, listen: str) -> Finding:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        return Finding(what, ERROR, f"{listen}: cannot resolve {host!r}: {exc.strerror}", f"fix {what}.listen")
+        return Finding(
+            what, ERROR, f"{listen}: cannot resolve {host!r}: {exc.strerror}", f"fix {what}.listen"
+        )
     for family, kind, proto, _, addr in infos:
         with socket.socket(family, kind, proto) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
             try:
                 s.bind(addr)
             except OSError as exc:
-                reason = {errno.EADDRINUSE: "is already in use", errno.EACCES: "needs privileges to bind",
-                          errno.EADDRNOTAVAIL: "is not an address of this machine"}.get(exc.errno or 0)
+                reason = {
+                    errno.EADDRINUSE: "is already in use",
+                    errno.EACCES: "needs privileges to bind",
+                    errno.EADDRNOTAVAIL: "is not an address of this machine",
+                }.get(exc.errno or 0)
                 detail = f"{listen} {reason}" if reason else f"cannot bind {listen}: {exc.strerror}"
                 return Finding(what, ERROR, detail, f"stop what uses it or change {what}.listen")
     return Finding(what, OK, f"{listen} is free")
@@ -230,14 +266,24 @@ def check_socket_path(path: str) -> Finding:
         existing = existing.parent
     if not os.access(existing, os.W_OK | os.X_OK):
         made = "" if existing == p.parent else f" (to create {p.parent})"
-        return Finding("socket", ERROR, f"{existing} is not writable by uid {os.getuid()}{made}",
-                       "run as the daemon's user, or change socket.path")
+        return Finding(
+            "socket",
+            ERROR,
+            f"{existing} is not writable by uid {os.getuid()}{made}",
+            "run as the daemon's user, or change socket.path",
+        )
     if p.exists() or p.is_symlink():
         if not stat.S_ISSOCK(p.lstat().st_mode):
-            return Finding("socket", ERROR, f"{p} exists and is not a socket", "choose another socket.path")
+            return Finding(
+                "socket", ERROR, f"{p} exists and is not a socket", "choose another socket.path"
+            )
         if _answers(p):
-            return Finding("socket", ERROR, f"a live daemon answers on {p}",
-                           "stop it first, or give this daemon another socket.path")
+            return Finding(
+                "socket",
+                ERROR,
+                f"a live daemon answers on {p}",
+                "stop it first, or give this daemon another socket.path",
+            )
         return Finding("socket", OK, f"{p} is a stale socket; the daemon replaces it")
     return Finding("socket", OK, f"{p.parent} is writable")
 
@@ -257,8 +303,13 @@ def check_mqtt_files(cfg: DaemonConfig) -> list[Finding]:
     if cfg.mqtt is None:
         return [Finding("mqtt", SKIPPED, "no [mqtt] table: fleet sync is off")]
     b, s = cfg.mqtt.broker, cfg.mqtt.sync
-    files = {"ca_file": b.ca_file, "cert_file": b.cert_file, "key_file": b.key_file,
-             "password_file": b.password_file, "command_key_file": s.command_key_file}
+    files = {
+        "ca_file": b.ca_file,
+        "cert_file": b.cert_file,
+        "key_file": b.key_file,
+        "password_file": b.password_file,
+        "command_key_file": s.command_key_file,
+    }
     secret = {"key_file", "password_file"}
     out = []
     for key, value in files.items():
@@ -266,7 +317,9 @@ def check_mqtt_files(cfg: DaemonConfig) -> list[Finding]:
             continue
         out.append(_check_readable(f"mqtt.{key}", value, private=key in secret))
     if not out:
-        out.append(Finding("mqtt", OK, f"{b.host}:{b.port}: no files to check (plain MQTT, no credentials)"))
+        out.append(
+            Finding("mqtt", OK, f"{b.host}:{b.port}: no files to check (plain MQTT, no credentials)")
+        )
     return out
 
 
@@ -276,7 +329,11 @@ def _check_readable(what: str, path: str, *, private: bool) -> Finding:
         with open(path, "rb") as f:
             f.read(1)
     except OSError as exc:
-        return Finding(what, ERROR, f"cannot read {path}: {exc.strerror}", f"fix [mqtt] {what.split('.')[1]}")
+        return Finding(
+            what, ERROR, f"cannot read {path}: {exc.strerror}", f"fix [mqtt] {what.split('.')[1]}"
+        )
     if private and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        return Finding(what, ERROR, f"{path} is readable by others; the link refuses it", f"chmod 600 {path}")
+        return Finding(
+            what, ERROR, f"{path} is readable by others; the link refuses it", f"chmod 600 {path}"
+        )
     return Finding(what, OK, f"{path} is readable")
