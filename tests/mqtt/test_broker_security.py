@@ -69,7 +69,7 @@ def test_tls_server_only_and_wrong_ca(tmp_path: Path, pki: dict[str, Any]) -> No
     cert, key = pki["server"]
     b = Mosquitto(tmp_path / "tls", tls=(pki["ca"].path, cert, key)).start()
     try:
-        ok = probe(make_config(tmp_path, b.port, ca_file=str(pki["ca"].path)))
+        ok = probe(make_config(tmp_path, b.port, ca_file=str(pki["ca"].path)).broker, FLEET, DEVICE)
         assert ok[0].ok and "TLS" in ok[0].detail
         wrong = make_config(tmp_path, b.port, ca_file=str(pki["other_ca"].path))
         err = _connect_error(wrong)
