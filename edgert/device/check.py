@@ -285,6 +285,8 @@ def check_socket_path(path: str) -> Finding:
                 "stop it first, or give this daemon another socket.path",
             )
         return Finding("socket", OK, f"{p} is a stale socket; the daemon replaces it")
+    if existing != p.parent:
+        return Finding("socket", OK, f"{p.parent} can be created ({existing} is writable)")
     return Finding("socket", OK, f"{p.parent} is writable")
 
 
