@@ -7,16 +7,19 @@ touches the network, the model store or the filesystem beyond that one read.
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from edgert.engine.config import ModelConfig
 from edgert.errors import ConfigError
 from edgert.runtime import ModelOptions
+from edgert.tomlschema import Problems, Table, parse_listen
+
+if TYPE_CHECKING:
+    from edgert.device.sync_config import MqttSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,6 +44,8 @@ DEFAULT_SOCKET_PATH = "/run/edgert/edgert.sock"
 CASCADE_RULES = ("max_softmax", "margin")
 NAN_POLICIES = ("allow", "reject")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+CONFIG_HINT = "see packaging/edgert.toml for an example"
+_PLACEHOLDER_NAME = "invalid-name"
 
 
 @dataclass(frozen=True)
@@ -136,82 +141,7 @@ class DaemonConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     models: tuple[ModelEntry, ...] = ()
     cascades: tuple[CascadeEntry, ...] = ()
-    mqtt: dict[str, Any] | None = None  # handed as-is to the sync service when present
-
-
-class _Table:
-    """Typed access to one TOML table that remembers where it came from and which keys were used."""
-
-    def __init__(self, source: str, prefix: str, data: Any) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: [{prefix}] must be a table", hint="see packaging/edgert.toml")
-        self.source, self.prefix, self.data = source, prefix, data
-        self.used: set[str] = set()
-
-    def _where(self, key: str) -> str:
-        return f"{self.source}: {self.prefix}.{key}" if self.prefix else f"{self.source}: {key}"
-
-    def fail(self, key: str, what: str) -> ConfigError:
-        """An error naming the file and key."""
-        return ConfigError(f"{self._where(key)} {what}", hint="see packaging/edgert.toml for an example")
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        """The value of ``key`` checked against ``kind`` (bool is never accepted as a number)."""
-        self.used.add(key)
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds:
-            raise self.fail(key, f"must be {_kind_name(kinds)}, got {value!r}")
-        if not isinstance(value, kinds):
-            raise self.fail(key, f"must be {_kind_name(kinds)}, got {type(value).__name__} {value!r}")
-        return value
-
-    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
-        """A finite number >= minimum."""
-        value = float(self.get(key, (int, float), default))
-        if not math.isfinite(value) or value < minimum:
-            raise self.fail(key, f"must be a number >= {minimum:g}, got {value!r}")
-        return value
-
-    def integer(self, key: str, default: int, *, minimum: int = 0) -> int:
-        """An integer >= minimum."""
-        value = int(self.get(key, int, default))
-        if value < minimum:
-            raise self.fail(key, f"must be an integer >= {minimum}, got {value}")
-        return value
-
-    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
-        """A string from ``allowed``."""
-        value = str(self.get(key, str, default))
-        if value not in allowed:
-            raise self.fail(key, f"must be one of {', '.join(allowed)}; got {value!r}")
-        return value
-
-    def check_unknown(self) -> None:
-        """Refuse keys nobody asked for (typos would otherwise be silently ignored)."""
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            allowed = ", ".join(sorted(self.used))
-            raise self.fail(unknown[0], f"is not a known key (allowed: {allowed})")
-
-
-def _kind_name(kinds: tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[::1]:8000`` for IPv6) into host and port; raises ValueError."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port must be 0..65535, got {port}")
-    return host, port
+    mqtt: MqttSettings | None = None  # the parsed [mqtt] table; None = no fleet sync
 
 
 def is_loopback(host: str) -> bool:
@@ -224,29 +154,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _listen(table: _Table, key: str, default: str) -> str:
-    value = str(table.get(key, str, default))
-    if value:
-        try:
-            parse_listen(value)
-        except ValueError as exc:
-            raise table.fail(key, f"is not a valid listen address: {exc}") from None
-    return value
-
-
-def _parse_http(table: _Table) -> HttpConfig:
+def _parse_http(table: Table) -> HttpConfig:
     cfg = HttpConfig(
-        listen=_listen(table, "listen", DEFAULT_HTTP_LISTEN),
+        listen=table.listen("listen", DEFAULT_HTTP_LISTEN),
         max_body_bytes=table.integer("max_body_bytes", HttpConfig.max_body_bytes, minimum=1024),
         max_header_bytes=table.integer("max_header_bytes", HttpConfig.max_header_bytes, minimum=1024),
         read_timeout_s=table.number("read_timeout_s", HttpConfig.read_timeout_s, minimum=0.01),
         keepalive_timeout_s=table.number("keepalive_timeout_s", HttpConfig.keepalive_timeout_s, minimum=0.01),
         max_connections=table.integer("max_connections", HttpConfig.max_connections, minimum=1),
-        auth_token_file=str(table.get("auth_token_file", str, "")),
+        auth_token_file=table.string("auth_token_file"),
     )
     table.check_unknown()
     if cfg.listen and not cfg.auth_token_file and not is_loopback(parse_listen(cfg.listen)[0]):
-        raise table.fail(
+        table.fail(
             "listen",
             f"binds the non-loopback address {cfg.listen!r} without http.auth_token_file; "
             "set auth_token_file (a 0600 file holding a bearer token) or bind 127.0.0.1",
@@ -254,136 +174,139 @@ def _parse_http(table: _Table) -> HttpConfig:
     return cfg
 
 
-def _parse_socket(table: _Table) -> SocketConfig:
-    mode_value = table.get("mode", (str, int), "0660")
-    try:
-        mode = int(mode_value, 8) if isinstance(mode_value, str) else int(mode_value)
-    except ValueError:
-        raise table.fail("mode", f'must be an octal string like "0660", got {mode_value!r}') from None
-    if not 0 <= mode <= 0o777:
-        raise table.fail("mode", f"must be between 0000 and 0777, got {oct(mode)}")
+def _parse_socket(table: Table) -> SocketConfig:
     cfg = SocketConfig(
-        path=str(table.get("path", str, DEFAULT_SOCKET_PATH)),
-        mode=mode,
-        owner=str(table.get("owner", str, "")),
-        group=str(table.get("group", str, "")),
+        path=table.string("path", DEFAULT_SOCKET_PATH),
+        mode=table.octal_mode("mode", SocketConfig.mode),
+        owner=table.string("owner"),
+        group=table.string("group"),
         max_frame_bytes=table.integer("max_frame_bytes", SocketConfig.max_frame_bytes, minimum=1024),
     )
     table.check_unknown()
     return cfg
 
 
-def _parse_model(table: _Table, allow_plaintext: bool) -> ModelEntry:
-    name = str(table.get("name", str, ""))
-    if not name or "/" in name or name.strip() != name:
-        raise table.fail("name", f"must be a non-empty name without '/' or spaces, got {name!r}")
-    sizes = table.get("preferred_batch_sizes", list, [])
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
-        raise table.fail("preferred_batch_sizes", f"must be a list of positive integers, got {sizes!r}")
+def _parse_metrics(table: Table) -> MetricsConfig:
+    cfg = MetricsConfig(listen=table.listen("listen", DEFAULT_METRICS_LISTEN))
+    table.check_unknown()
+    return cfg
+
+
+def _parse_model(table: Table, allow_plaintext: bool) -> ModelEntry:
+    name = table.string("name", required=True)
+    if "name" in table.data and (not name or "/" in name or name.strip() != name):
+        table.fail("name", f"must be a non-empty name without '/' or spaces, got {name!r}")
+    sizes = table.list_of("preferred_batch_sizes", int, what="a positive integer")
+    for i, size in enumerate(sizes):
+        if size <= 0:
+            table.problems.add(f"{table.where('preferred_batch_sizes')}[{i}]",
+                               f"must be a positive integer, got {size}")
+    valid_name = bool(name) and "/" not in name and name.strip() == name
+    # A bad name was recorded above; a placeholder keeps the checks below running.
+    name = name if valid_name else _PLACEHOLDER_NAME
+    max_batch_size = table.integer("max_batch_size", ModelConfig.max_batch_size)
+    max_queue_delay_us = table.integer("max_queue_delay_us", ModelConfig.max_queue_delay_us)
+    cache_bytes = table.integer("cache_bytes", ModelConfig.cache_bytes)
+    max_in_flight = table.integer("max_in_flight", ModelConfig.max_in_flight, minimum=1)
+    max_queue = table.integer("max_queue", ModelConfig.max_queue, minimum=1)
+    nan_policy = table.choice("nan_policy", ModelConfig.nan_policy, NAN_POLICIES)
+    try:
+        serving = ModelConfig(
+            name=name, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+            preferred_batch_sizes=tuple(s for s in sizes if s > 0), cache_bytes=cache_bytes,
+            max_in_flight=max_in_flight, max_queue=max_queue, nan_policy=nan_policy,
+        )
+    except ConfigError as exc:  # cross-field rules live with the engine (e.g. batch sizes <= max)
+        table.fail("preferred_batch_sizes", exc.message)
+        serving = ModelConfig(name=name)
     entry = ModelEntry(
         name=name,
-        path=str(table.get("path", str, "")),
-        version=str(table.get("version", str, "")),
+        path=table.string("path"),
+        version=table.string("version"),
         threads=table.integer("threads", 0),
-        serving=ModelConfig(
-            name=name,
-            max_batch_size=table.integer("max_batch_size", ModelConfig.max_batch_size),
-            max_queue_delay_us=table.integer("max_queue_delay_us", ModelConfig.max_queue_delay_us),
-            preferred_batch_sizes=tuple(sizes),
-            cache_bytes=table.integer("cache_bytes", ModelConfig.cache_bytes),
-            max_in_flight=table.integer("max_in_flight", ModelConfig.max_in_flight, minimum=1),
-            max_queue=table.integer("max_queue", ModelConfig.max_queue, minimum=1),
-            nan_policy=table.choice("nan_policy", ModelConfig.nan_policy, NAN_POLICIES),
-        ),
+        serving=serving,
     )
     table.check_unknown()
     if entry.path and not allow_plaintext:
-        raise table.fail(
+        table.fail(
             "path",
             "names a plaintext model file but daemon.allow_plaintext is false; "
             "import the model into the encrypted store (edgert models import) or set allow_plaintext = true",
         )
     if entry.path and entry.version:
-        raise table.fail("version", "only applies to store models; remove it or remove path")
+        table.fail("version", "only applies to store models; remove it or remove path")
     return entry
 
 
-def _parse_cascade(table: _Table) -> CascadeEntry:
+def _parse_cascade(table: Table) -> CascadeEntry:
     entry = CascadeEntry(
-        name=str(table.get("name", str, "")),
-        small=str(table.get("small", str, "")),
-        large=str(table.get("large", str, "")),
+        name=table.string("name", required=True, nonempty=True),
+        small=table.string("small", required=True, nonempty=True),
+        large=table.string("large", required=True, nonempty=True),
         rule=table.choice("rule", "max_softmax", CASCADE_RULES),
         threshold=table.number("threshold", 0.9),
-        output=str(table.get("output", str, "logits")),
+        output=table.string("output", "logits"),
     )
-    for key in ("name", "small", "large"):
-        if not getattr(entry, key):
-            raise table.fail(key, "is required")
     table.check_unknown()
     return entry
 
 
-def _list_of_tables(root: _Table, key: str) -> list[_Table]:
-    items = root.get(key, list, [])
-    return [_Table(root.source, f"{key}[{i}]", item) for i, item in enumerate(items)]
-
-
 def parse_config(text: str, source: str = "<config>") -> DaemonConfig:
-    """Parse and validate TOML text into a :class:`DaemonConfig` (pure: no I/O)."""
+    """Parse and validate TOML text into a :class:`DaemonConfig` (pure: no I/O).
+
+    Every problem is collected; the ConfigError raised lists all of them, one per line.
+    """
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}", hint="check quoting and brackets") from None
-    root = _Table(source, "", data)
-    daemon = _Table(source, "daemon", root.get("daemon", dict, {}))
-    allow_plaintext = bool(daemon.get("allow_plaintext", bool, False))
-    profile = str(daemon.get("profile", str, "auto")) or "auto"
+    problems = Problems(source, hint=CONFIG_HINT)
+    root = problems.table(data)
+    daemon = root.table("daemon")
+    allow_plaintext = daemon.boolean("allow_plaintext", False)
     cfg = DaemonConfig(
         source=source,
-        profile=profile,
-        state_dir=str(daemon.get("state_dir", str, "")),
+        profile=daemon.string("profile", "auto") or "auto",
+        state_dir=daemon.string("state_dir"),
         allow_plaintext=allow_plaintext,
         drain_timeout_s=daemon.number("drain_timeout_s", 10.0),
         hang_timeout_s=daemon.number("hang_timeout_s", 30.0, minimum=0.1),
         log_level=daemon.choice("log_level", "info", LOG_LEVELS),
-        http=_parse_http(_Table(source, "http", root.get("http", dict, {}))),
-        socket=_parse_socket(_Table(source, "socket", root.get("socket", dict, {}))),
-        metrics=_parse_metrics(_Table(source, "metrics", root.get("metrics", dict, {}))),
-        models=tuple(_parse_model(t, allow_plaintext) for t in _list_of_tables(root, "models")),
-        cascades=tuple(_parse_cascade(t) for t in _list_of_tables(root, "cascades")),
-        mqtt=dict(root.get("mqtt", dict, {})) or None,
+        http=_parse_http(root.table("http")),
+        socket=_parse_socket(root.table("socket")),
+        metrics=_parse_metrics(root.table("metrics")),
+        models=tuple(_parse_model(t, allow_plaintext) for t in root.tables("models")),
+        cascades=tuple(_parse_cascade(t) for t in root.tables("cascades")),
+        mqtt=_parse_mqtt(root) if root.has("mqtt") else None,
     )
     daemon.check_unknown()
     root.check_unknown()
     _check_names(root, cfg)
-    if cfg.mqtt is not None:
-        from edgert.mqtt.config import MqttConfig
-
-        MqttConfig.from_dict(cfg.mqtt, source)  # validate now; the daemon builds the sync service from it
+    problems.raise_if_any()
     return cfg
 
 
-def _parse_metrics(table: _Table) -> MetricsConfig:
-    cfg = MetricsConfig(listen=_listen(table, "listen", DEFAULT_METRICS_LISTEN))
-    table.check_unknown()
-    return cfg
+def _parse_mqtt(root: Table) -> MqttSettings:
+    # Imported here: edgert.device's package import pulls in the daemon, which imports this module.
+    from edgert.device.sync_config import parse_mqtt
+
+    return parse_mqtt(root.table("mqtt"))
 
 
-def _check_names(root: _Table, cfg: DaemonConfig) -> None:
+def _check_names(root: Table, cfg: DaemonConfig) -> None:
     """Model and cascade names must be unique, and cascades must name served models."""
     seen: set[str] = set()
     for kind, name in [("models", m.name) for m in cfg.models] + [("cascades", c.name) for c in cfg.cascades]:
-        if name in seen:
-            raise root.fail(kind, f"serves the name {name!r} twice; names must be unique")
+        if name and name != _PLACEHOLDER_NAME and name in seen:
+            root.fail(kind, f"serves the name {name!r} twice; names must be unique")
         seen.add(name)
     models = {m.name for m in cfg.models}
     for i, cascade in enumerate(cfg.cascades):
         for key in ("small", "large"):
             target = getattr(cascade, key)
-            if target not in models:
+            if target and target not in models:
                 allowed = ", ".join(sorted(models)) or "(no models configured)"
-                raise root.fail(
+                root.fail(
                     f"cascades[{i}].{key}", f"names {target!r}, which is not a model (allowed: {allowed})"
                 )
 

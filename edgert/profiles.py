@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgert.errors import ConfigError
+from edgert.tomlschema import Problems, Table
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -138,143 +139,106 @@ _LIMIT_KEYS = {"max_batch", "max_in_flight", "max_queue"}
 _ENGINE_CACHE = ("disabled", "encrypted")
 
 
-class _Checker:
-    """Small helper that produces errors naming the file, the key and what is allowed."""
+PROFILE_HINT = "see device_profiles/README.md for the profile schema"
 
-    def __init__(self, source: str) -> None:
-        self.source = source
 
-    def fail(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(
-            f"{self.source}: {key}: {problem}",
-            hint="see device_profiles/README.md for the profile schema",
-        )
+def _options(table: Table, key: str) -> dict[str, str | int | float | bool]:
+    """A flat table of scalar options (what onnxruntime providers and LiteRT delegates accept)."""
+    value: dict[str, Any] = table.value(key, dict, {})
+    out: dict[str, str | int | float | bool] = {}
+    for opt, val in value.items():
+        if isinstance(val, _SCALAR):
+            out[opt] = val
+        else:
+            where = f"{table.where(key)}.{opt}"
+            table.problems.add(where, "option values must be strings, numbers or booleans")
+    return out
 
-    def table(
-        self, doc: Any, key: str, allowed: set[str], required: frozenset[str] | set[str] = frozenset()
-    ) -> dict:
-        if not isinstance(doc, dict):
-            raise self.fail(key, f"must be a table, got {type(doc).__name__}")
-        unknown = sorted(set(doc) - allowed)
-        if unknown:
-            raise self.fail(
-                f"{key}.{unknown[0]}" if key else unknown[0],
-                f"unknown key; allowed keys: {', '.join(sorted(allowed))}",
+
+def _parse_detect(det: Table) -> DetectHints:
+    file_contains: list[tuple[str, str]] = []
+    for item in det.tables("file_contains"):
+        path, text = item.string("path", required=True), item.string("text", required=True)
+        item.check_unknown()
+        file_contains.append((path, text))
+    hints = DetectHints(
+        files=det.list_of("files", str, what="a string"),
+        devices=det.list_of("devices", str, what="a string"),
+        cpu_flags=det.list_of("cpu_flags", str, what="a string"),
+        file_contains=tuple(file_contains),
+        usb_ids=det.list_of("usb_ids", str, what="a string"),
+        requires_providers=det.list_of("requires_providers", str, what="a string"),
+        priority=det.integer("priority", 0, minimum=None),
+    )
+    det.check_unknown(_DETECT_KEYS)
+    return hints
+
+
+def _parse_providers(onnx: Table) -> tuple[ProviderSpec, ...]:
+    providers = []
+    for p in onnx.tables("providers"):
+        pname = p.string("name", required=True)
+        if pname and not pname.endswith("ExecutionProvider"):
+            p.fail("name", f"{pname!r} is not an onnxruntime provider name (…ExecutionProvider)")
+        providers.append(ProviderSpec(name=pname, options=_options(p, "options"), label=p.string("label")))
+        p.check_unknown(_PROVIDER_KEYS)
+    onnx.check_unknown(_ONNX_KEYS)
+    return tuple(providers) or (ProviderSpec("CPUExecutionProvider"),)
+
+
+def _parse_delegates(lite: Table) -> tuple[DelegateSpec, ...]:
+    delegates = []
+    for d in lite.tables("delegates"):
+        delegates.append(
+            DelegateSpec(
+                name=d.string("name", required=True),
+                library=d.string("library", required=True),
+                options=_options(d, "options"),
             )
-        missing = sorted(required - set(doc))
-        if missing:
-            raise self.fail(f"{key}.{missing[0]}" if key else missing[0], "required key is missing")
-        return doc
-
-    def typed(self, value: Any, key: str, types: type | tuple[type, ...], what: str) -> Any:
-        # bool is an int subclass; never accept it where a number is wanted.
-        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-            raise self.fail(key, f"must be {what}, got a boolean")
-        if not isinstance(value, types):
-            raise self.fail(key, f"must be {what}, got {type(value).__name__} {value!r}")
-        return value
-
-    def str_list(self, value: Any, key: str) -> tuple[str, ...]:
-        self.typed(value, key, list, "a list of strings")
-        for i, item in enumerate(value):
-            self.typed(item, f"{key}[{i}]", str, "a string")
-        return tuple(value)
-
-    def positive(self, value: Any, key: str, minimum: int = 1) -> int:
-        self.typed(value, key, int, "an integer")
-        if value < minimum:
-            raise self.fail(key, f"must be >= {minimum}, got {value}")
-        return int(value)
-
-    def options(self, value: Any, key: str) -> dict[str, str | int | float | bool]:
-        self.typed(value, key, dict, "a table of options")
-        for opt, val in value.items():
-            if not isinstance(val, _SCALAR):
-                raise self.fail(f"{key}.{opt}", "option values must be strings, numbers or booleans")
-        return dict(value)
+        )
+        d.check_unknown(_DELEGATE_KEYS)
+    lite.check_unknown(_LITERT_KEYS)
+    return tuple(delegates)
 
 
 def parse_profile(doc: Mapping[str, Any], source: str) -> Profile:
-    """Validate a decoded profile TOML document into a :class:`Profile` (no I/O)."""
-    c = _Checker(source)
-    doc = c.table(dict(doc), "", _TOP_KEYS, {"schema", "name"})
-    schema = c.typed(doc["schema"], "schema", int, "an integer")
-    if schema != SCHEMA_VERSION:
-        raise c.fail("schema", f"unsupported schema version {schema}; this edgert reads {SCHEMA_VERSION}")
-    name = c.typed(doc["name"], "name", str, "a string")
-    if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
-        raise c.fail("name", "must be non-empty and use only letters, digits, '-', '_' or '.'")
-    description = c.typed(doc.get("description", ""), "description", str, "a string")
+    """Validate a decoded profile TOML document into a :class:`Profile` (no I/O).
 
-    det = c.table(doc.get("detect", {}), "detect", _DETECT_KEYS)
-    file_contains: list[tuple[str, str]] = []
-    for i, item in enumerate(det.get("file_contains", [])):
-        item = c.table(item, f"detect.file_contains[{i}]", {"path", "text"}, {"path", "text"})
-        file_contains.append(
-            (
-                c.typed(item["path"], f"detect.file_contains[{i}].path", str, "a string"),
-                c.typed(item["text"], f"detect.file_contains[{i}].text", str, "a string"),
-            )
-        )
-    detect = DetectHints(
-        files=c.str_list(det.get("files", []), "detect.files"),
-        devices=c.str_list(det.get("devices", []), "detect.devices"),
-        cpu_flags=c.str_list(det.get("cpu_flags", []), "detect.cpu_flags"),
-        file_contains=tuple(file_contains),
-        usb_ids=c.str_list(det.get("usb_ids", []), "detect.usb_ids"),
-        requires_providers=c.str_list(det.get("requires_providers", []), "detect.requires_providers"),
-        priority=c.typed(det.get("priority", 0), "detect.priority", int, "an integer"),
-    )
+    Every problem is collected; the ConfigError raised lists all of them, one per line.
+    """
+    problems = Problems(source, hint=PROFILE_HINT)
+    top = problems.table(dict(doc))
+    schema = top.integer("schema", SCHEMA_VERSION, minimum=None) if top.has("schema") else None
+    if schema is None:
+        top.fail("schema", "is required")
+    elif schema != SCHEMA_VERSION:
+        top.fail("schema", f"unsupported schema version {schema}; this edgert reads {SCHEMA_VERSION}")
+    name = top.string("name", required=True)
+    if "name" in top.data and (not name or not all(ch.isalnum() or ch in "-_." for ch in name)):
+        top.fail("name", "must be non-empty and use only letters, digits, '-', '_' or '.'")
+    description = top.string("description")
+    detect = _parse_detect(top.table("detect"))
 
-    rt = c.table(doc.get("runtime", {}), "runtime", _RUNTIME_KEYS)
-    threads = c.typed(rt.get("threads", 0), "runtime.threads", int, "an integer (0 = automatic)")
-    if threads < 0:
-        raise c.fail("runtime.threads", f"must be >= 0 (0 = automatic), got {threads}")
-    variants = c.str_list(rt.get("variants", ["int8", "fp32"]), "runtime.variants")
+    rt = top.table("runtime")
+    threads = rt.integer("threads", 0, minimum=0)
+    variants = rt.list_of("variants", str, ("int8", "fp32"), what="a string")
     for i, v in enumerate(variants):
         if v not in VARIANTS:
-            raise c.fail(f"runtime.variants[{i}]", f"unknown variant {v!r}; allowed: {', '.join(VARIANTS)}")
-    engine_cache = c.typed(rt.get("engine_cache", "disabled"), "runtime.engine_cache", str, "a string")
-    if engine_cache not in _ENGINE_CACHE:
-        raise c.fail("runtime.engine_cache", f"got {engine_cache!r}; allowed: {', '.join(_ENGINE_CACHE)}")
+            problems.add(f"runtime.variants[{i}]", f"unknown variant {v!r} (allowed: {', '.join(VARIANTS)})")
+    engine_cache = rt.choice("engine_cache", "disabled", _ENGINE_CACHE)
+    rt.check_unknown(_RUNTIME_KEYS)
 
-    onnx = c.table(doc.get("onnx", {}), "onnx", _ONNX_KEYS)
-    providers = []
-    for i, p in enumerate(onnx.get("providers", [])):
-        key = f"onnx.providers[{i}]"
-        p = c.table(p, key, _PROVIDER_KEYS, {"name"})
-        pname = c.typed(p["name"], f"{key}.name", str, "a string")
-        if not pname.endswith("ExecutionProvider"):
-            raise c.fail(f"{key}.name", f"{pname!r} is not an onnxruntime provider name (…ExecutionProvider)")
-        providers.append(
-            ProviderSpec(
-                name=pname,
-                options=c.options(p.get("options", {}), f"{key}.options"),
-                label=c.typed(p.get("label", ""), f"{key}.label", str, "a string"),
-            )
-        )
-    if not providers:
-        providers.append(ProviderSpec("CPUExecutionProvider"))
-
-    lite = c.table(doc.get("litert", {}), "litert", _LITERT_KEYS)
-    delegates = []
-    for i, d in enumerate(lite.get("delegates", [])):
-        key = f"litert.delegates[{i}]"
-        d = c.table(d, key, _DELEGATE_KEYS, {"name", "library"})
-        delegates.append(
-            DelegateSpec(
-                name=c.typed(d["name"], f"{key}.name", str, "a string"),
-                library=c.typed(d["library"], f"{key}.library", str, "a string"),
-                options=c.options(d.get("options", {}), f"{key}.options"),
-            )
-        )
-
-    lim = c.table(doc.get("limits", {}), "limits", _LIMIT_KEYS)
+    providers = _parse_providers(top.table("onnx"))
+    delegates = _parse_delegates(top.table("litert"))
+    lim = top.table("limits")
     limits = Limits(
-        max_batch=c.positive(lim.get("max_batch", 32), "limits.max_batch"),
-        max_in_flight=c.positive(lim.get("max_in_flight", 64), "limits.max_in_flight"),
-        max_queue=c.positive(lim.get("max_queue", 256), "limits.max_queue"),
+        max_batch=lim.integer("max_batch", 32, minimum=1),
+        max_in_flight=lim.integer("max_in_flight", 64, minimum=1),
+        max_queue=lim.integer("max_queue", 256, minimum=1),
     )
+    lim.check_unknown(_LIMIT_KEYS)
+    top.check_unknown(_TOP_KEYS)
+    problems.raise_if_any()
     return Profile(
         name=name,
         description=description,
@@ -282,8 +246,8 @@ def parse_profile(doc: Mapping[str, Any], source: str) -> Profile:
         detect=detect,
         threads=threads,
         variants=variants,
-        providers=tuple(providers),
-        delegates=tuple(delegates),
+        providers=providers,
+        delegates=delegates,
         limits=limits,
         engine_cache=engine_cache,
     )

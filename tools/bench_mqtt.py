@@ -23,8 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 from edgert import Runtime  # noqa: E402
 from edgert.device.sync import SyncService  # noqa: E402
+from edgert.device.sync_config import MqttSettings  # noqa: E402
 from edgert.metrics import Metrics  # noqa: E402
-from edgert.mqtt.config import DEFAULT_TELEMETRY_INTERVAL_S, MqttConfig  # noqa: E402
+from edgert.mqtt.config import DEFAULT_TELEMETRY_INTERVAL_S  # noqa: E402
 from edgert.mqtt.nonces import PersistentNonceCache  # noqa: E402
 from edgert.mqtt.signing import NonceCache  # noqa: E402
 from edgert.mqtt.spool import Spool  # noqa: E402
@@ -33,7 +34,7 @@ from tests.brokers import Mosquitto  # noqa: E402
 MODEL = ROOT / "models" / "digits_small_int8.onnx"
 
 
-def config(tmp: Path, port: int, name: str, **kw: object) -> MqttConfig:
+def config(tmp: Path, port: int, name: str, **kw: object) -> MqttSettings:
     d: dict[str, object] = {
         "host": "127.0.0.1",
         "port": port,
@@ -44,7 +45,7 @@ def config(tmp: Path, port: int, name: str, **kw: object) -> MqttConfig:
         "reconnect_max": 0.5,
     }
     d.update(kw)
-    return MqttConfig.from_dict(d, "bench")
+    return MqttSettings.from_dict(d, "bench")
 
 
 def infer_rate(model, metrics: Metrics, seconds: float) -> float:  # type: ignore[no-untyped-def]

@@ -67,15 +67,20 @@ def _log_level(cfg: DaemonConfig) -> None:
 )
 @click.option("--http", default=None, metavar="HOST:PORT", help="Override http.listen ('' disables).")
 @click.option("--socket", default=None, metavar="PATH", help="Override socket.path ('' disables).")
-@click.option("--check", is_flag=True, help="Validate the config and exit.")
-def daemon(config_path: str, http: str | None, socket: str | None, check: bool) -> None:
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Resolve everything the config needs (profile, keys, models, ports, files) without serving.",
+)
+@click.option("--json", "as_json", is_flag=True, help="With --check: print the findings as JSON.")
+def daemon(config_path: str, http: str | None, socket: str | None, check: bool, as_json: bool) -> None:
     """Serve the models of a config file over OIP v2 HTTP and the Unix socket."""
+    if check:
+        _check(config_path, http, socket, as_json)
+        return
     from edgert.device import Daemon
 
     cfg = _override(load_config(config_path), http, socket)
-    if check:
-        click.echo(f"{config_path}: ok ({len(cfg.models)} models, {len(cfg.cascades)} cascades)")
-        return
     _log_level(cfg)
     d = Daemon(cfg, config_path=config_path)
     run_loop(d.run())
@@ -85,6 +90,25 @@ def daemon(config_path: str, http: str | None, socket: str | None, check: bool) 
         import sys
 
         os.execv(sys.executable, [sys.executable, "-m", "edgert.cli.main", *sys.argv[1:]])  # noqa: S606
+
+
+def _check(config_path: str, http: str | None, socket: str | None, as_json: bool) -> None:
+    """Print every finding of edgert.device.check; exit non-zero when any is an error."""
+    import json
+
+    from edgert.device.check import ERROR, check_file, has_errors
+
+    findings = check_file(config_path, lambda cfg: _override(cfg, http, socket))
+    if as_json:
+        click.echo(json.dumps([f.as_dict() for f in findings], indent=2))
+    else:
+        for f in findings:
+            click.echo(f"{f.status:<8} {f.what:<20} {f.detail}")
+            if f.hint and f.status != "ok":
+                click.echo(f"{'':<8} {'':<20} hint: {f.hint}")
+    if has_errors(findings):
+        errors = sum(f.status == ERROR for f in findings)
+        raise ConfigError(f"{config_path}: {errors} check(s) failed", hint="see the error lines above")
 
 
 @click.command()

@@ -28,11 +28,11 @@ def mqtt() -> None:
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for each step.")
 def test_cmd(config_path: str, timeout: float) -> None:
     """Connect to the broker; check TLS, credentials, publish, subscribe and the ACL."""
-    from edgert.mqtt.config import load_mqtt_config
+    from edgert.device.sync_config import load_mqtt_settings
     from edgert.mqtt.probe import probe
 
-    cfg = load_mqtt_config(config_path)
-    checks = probe(cfg, timeout)
+    cfg = load_mqtt_settings(config_path)
+    checks = probe(cfg.broker, cfg.sync.fleet, cfg.sync.device_id, timeout)
     failed = False
     for check in checks:
         mark = {True: "ok  ", False: "FAIL", None: "??  "}[check.ok]

@@ -205,13 +205,11 @@ class Daemon:
 
     def _sync_service(self) -> Service:
         """The MQTT sync service for a configured [mqtt] table, with the daemon's command handlers."""
-
         from edgert.device.handlers import daemon_handlers
         from edgert.device.sync import SyncService
-        from edgert.mqtt.config import MqttConfig
 
-        assert self.config.mqtt is not None and self.deployer is not None
-        cfg = MqttConfig.from_dict(self.config.mqtt, self.config.source)
+        cfg = self.config.mqtt  # parsed once, by load_config
+        assert cfg is not None and self.deployer is not None
         sync = SyncService(
             cfg,
             status_provider=self.status,

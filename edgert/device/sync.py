@@ -27,11 +27,12 @@ from edgert import __version__
 from edgert.device.commands import AuditSink, CommandProcessor, Handler
 from edgert.device.logtail import LogRing
 from edgert.device.status import offline_status, online_status
+from edgert.device.sync_config import MqttSettings
 from edgert.device.telemetry import DeviceStats, build_telemetry
 from edgert.errors import SyncError
 from edgert.mqtt import topics
 from edgert.mqtt.client import MAX_PAYLOAD_BYTES, MqttLink
-from edgert.mqtt.config import MAX_TELEMETRY_INTERVAL_S, MIN_TELEMETRY_INTERVAL_S, MqttConfig
+from edgert.mqtt.config import MAX_TELEMETRY_INTERVAL_S, MIN_TELEMETRY_INTERVAL_S
 from edgert.mqtt.nonces import NONCE_FILE, PersistentNonceCache
 from edgert.mqtt.signing import NonceCache, NonceStore, load_public_key
 from edgert.mqtt.spool import Record, Spool
@@ -61,7 +62,7 @@ class SyncService:
 
     def __init__(
         self,
-        cfg: MqttConfig,
+        cfg: MqttSettings,
         *,
         spool: Spool | None = None,
         status_provider: Callable[[], Mapping[str, Any]] = _empty,
@@ -78,22 +79,22 @@ class SyncService:
 
         self.cfg = cfg
         self.clock = clock
-        spool_file = cfg.spool_path or spool_path(state_dir(state_root))
-        self.spool = spool or Spool(spool_file, cfg.spool_max_records)
+        spool_file = cfg.sync.spool_path or spool_path(state_dir(state_root))
+        self.spool = spool or Spool(spool_file, cfg.sync.spool_max_records)
         self.status_provider, self.stats_provider = status_provider, stats_provider
         self.device_stats = device_stats or DeviceStats(disk_path=str(Path(self.spool.path).parent))
         # Without a log source from the daemon, keep our own tail of the edgert.* log records.
         self._log_ring = LogRing() if log_tail is None else None
         self.log_tail = log_tail or (self._log_ring.tail if self._log_ring else None)
-        self.interval = cfg.telemetry_interval
+        self.interval = cfg.sync.telemetry_interval
         self.boot_id = secrets.token_hex(4)
         self.seq = 0
-        self.status_topic = topics.device_topic(cfg.fleet, cfg.device_id, "status")
-        self.telemetry_topic = topics.device_topic(cfg.fleet, cfg.device_id, "telemetry")
-        self.events_topic = topics.device_topic(cfg.fleet, cfg.device_id, "events")
-        self.cmd_topic = topics.device_topic(cfg.fleet, cfg.device_id, "cmd")
-        self.reply_topic = topics.device_topic(cfg.fleet, cfg.device_id, "reply")
-        key = load_public_key(cfg.command_key_file) if cfg.command_key_file else None
+        self.status_topic = topics.device_topic(cfg.sync.fleet, cfg.sync.device_id, "status")
+        self.telemetry_topic = topics.device_topic(cfg.sync.fleet, cfg.sync.device_id, "telemetry")
+        self.events_topic = topics.device_topic(cfg.sync.fleet, cfg.sync.device_id, "events")
+        self.cmd_topic = topics.device_topic(cfg.sync.fleet, cfg.sync.device_id, "cmd")
+        self.reply_topic = topics.device_topic(cfg.sync.fleet, cfg.sync.device_id, "reply")
+        key = load_public_key(cfg.sync.command_key_file) if cfg.sync.command_key_file else None
         # Nonces persist next to the spool so a captured command cannot be replayed after a restart.
         self.nonces: NonceStore = (
             PersistentNonceCache(nonce_path or Path(self.spool.path).parent / NONCE_FILE, now=clock())
@@ -101,16 +102,16 @@ class SyncService:
             else NonceCache()
         )
         self.commands = CommandProcessor(
-            cfg.fleet,
-            cfg.device_id,
+            cfg.sync.fleet,
+            cfg.sync.device_id,
             key,
             handlers=self._handlers(handlers or {}),
             audit=audit or _no_audit,
             nonces=self.nonces,
         )
         self.link = MqttLink(
-            cfg,
-            will=(self.status_topic, offline_status(device=cfg.device_id, graceful=False)),
+            cfg.broker,
+            will=(self.status_topic, offline_status(device=cfg.sync.device_id, graceful=False)),
             on_connect=self._on_connect,
             on_puback=self._on_puback,
             on_message=self._on_message,
@@ -159,7 +160,7 @@ class SyncService:
         if self.link.connected.is_set():
             self._status_acked.clear()
             self._status_mid = self.link.publish(
-                self.status_topic, offline_status(device=self.cfg.device_id, graceful=True), retain=True
+                self.status_topic, offline_status(device=self.cfg.sync.device_id, graceful=True), retain=True
             )
             self._status_acked.wait(OFFLINE_ACK_TIMEOUT_S)
         self._stop.set()
@@ -186,7 +187,7 @@ class SyncService:
         snapshot = self.stats_provider()
         self.seq += 1
         parts = build_telemetry(
-            device=self.cfg.device_id,
+            device=self.cfg.sync.device_id,
             boot_id=self.boot_id,
             seq=self.seq,
             ts=self.clock(),
@@ -237,7 +238,7 @@ class SyncService:
         self.link.publish(
             self.status_topic,
             online_status(
-                device=self.cfg.device_id,
+                device=self.cfg.sync.device_id,
                 version=__version__,
                 ts=self.clock(),
                 uptime_s=time.monotonic() - self._started,
@@ -311,7 +312,7 @@ class SyncService:
             self._generation, self._last_sent = self.spool.generation, 0
             with self._lock:
                 self._inflight.clear()
-        room = self.cfg.max_inflight - len(self._inflight)
+        room = self.cfg.broker.max_inflight - len(self._inflight)
         if room <= 0:
             return
         for record in self.spool.peek(self._last_sent, room):
@@ -333,7 +334,7 @@ class SyncService:
         if record.id <= self._replay_upto and payload.endswith(b"}"):
             payload = payload[:-1] + _REPLAYED_SUFFIX
             self.counters["replayed"] += 1
-        if self.cfg.mqtt5:
+        if self.cfg.broker.mqtt5:
             props = Properties(PacketTypes.PUBLISH)
             props.ContentType = "application/json"
         self.counters["published"] += 1
@@ -374,7 +375,7 @@ class SyncService:
         import json
 
         props = None
-        if self.cfg.mqtt5 and corr is not None:
+        if self.cfg.broker.mqtt5 and corr is not None:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = corr
         try:
@@ -421,11 +422,9 @@ class SyncService:
         return {"lines": list(reversed(out)), "truncated": len(out) < len(tail)}
 
 
-def _public_config(cfg: MqttConfig) -> dict[str, Any]:
+def _public_config(cfg: MqttSettings) -> dict[str, Any]:
     """The config without anything secret (paths are fine; file contents are never read here)."""
-    from dataclasses import asdict
-
-    return {k: v for k, v in asdict(cfg).items() if k not in ("username",)}
+    return cfg.public()
 
 
 def _no_audit(event: str, **fields: Any) -> None:

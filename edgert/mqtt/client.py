@@ -28,7 +28,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgert.errors import ConfigError, KeyFileError, SyncError
-from edgert.mqtt.config import MqttConfig
+from edgert.mqtt.config import BrokerConfig
 
 __all__ = ["CONNACK_TIMEOUT_S", "LOOP_TIMEOUT_S", "MAX_PAYLOAD_BYTES", "Backoff", "MqttLink", "explain_error"]
 
@@ -66,7 +66,7 @@ class Backoff:
         return base * (1.0 - JITTER * self.rng())
 
 
-def explain_error(exc: BaseException, cfg: MqttConfig) -> SyncError:
+def explain_error(exc: BaseException, cfg: BrokerConfig) -> SyncError:
     """Convert a socket/TLS/paho error into a SyncError that says what to do."""
     where = f"{cfg.host}:{cfg.port}"
     if isinstance(exc, SyncError):
@@ -103,7 +103,7 @@ def explain_error(exc: BaseException, cfg: MqttConfig) -> SyncError:
     return SyncError(f"MQTT error talking to {where}: {type(exc).__name__}: {exc}")
 
 
-def _explain_tls_alert(text: str, cfg: MqttConfig) -> SyncError:
+def _explain_tls_alert(text: str, cfg: BrokerConfig) -> SyncError:
     low = text.lower()
     if "certificate expired" in low:
         return SyncError(
@@ -134,7 +134,7 @@ def _explain_tls_alert(text: str, cfg: MqttConfig) -> SyncError:
     return SyncError(f"TLS error with {cfg.host}:{cfg.port}: {text[:200]}")
 
 
-def explain_connack(reason: ReasonCode | int | str, cfg: MqttConfig) -> SyncError:
+def explain_connack(reason: ReasonCode | int | str, cfg: BrokerConfig) -> SyncError:
     """Convert a refused CONNACK into a SyncError."""
     text = str(reason)
     low = text.lower()
@@ -198,7 +198,7 @@ def _read_password(path: str) -> str:
     return data.decode("utf-8", "replace").strip()
 
 
-def _check_files(cfg: MqttConfig) -> None:
+def _check_files(cfg: BrokerConfig) -> None:
     for key in ("ca_file", "cert_file", "key_file"):
         value = getattr(cfg, key)
         if value and not os.path.isfile(value):
@@ -243,7 +243,7 @@ class MqttLink:
 
     def __init__(
         self,
-        cfg: MqttConfig,
+        cfg: BrokerConfig,
         *,
         will: tuple[str, bytes] | None = None,
         on_connect: Callable[[bool], None] | None = None,

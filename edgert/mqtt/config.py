@@ -1,46 +1,57 @@
-"""The ``[mqtt]`` config section, validated into a frozen dataclass. Validation does no I/O."""
+"""Broker connection settings, validated into a frozen :class:`BrokerConfig`. Validation does no I/O.
+
+Only what the MQTT link needs lives here (address, protocol, TLS, credentials, reconnects); device
+sync settings (fleet, device id, spool, telemetry) live in :mod:`edgert.device.sync_config`, so the
+fleet side can reuse this class. The TOML stays one flat ``[mqtt]`` table.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from edgert.errors import ConfigError, SyncError
-from edgert.mqtt.topics import check_id
+from edgert.tomlschema import Problems, Table
 
-__all__ = ["DEFAULT_TELEMETRY_INTERVAL_S", "MqttConfig", "load_mqtt_config"]
+__all__ = [
+    "BROKER_KEYS",
+    "DEFAULT_TELEMETRY_INTERVAL_S",
+    "MAX_TELEMETRY_INTERVAL_S",
+    "MIN_TELEMETRY_INTERVAL_S",
+    "PROTOCOLS",
+    "BrokerConfig",
+    "parse_broker",
+]
 
 DEFAULT_TELEMETRY_INTERVAL_S = 60.0
-DEFAULT_SPOOL_MAX_RECORDS = 50_000
-PROTOCOLS = ("5", "3.1.1")
 MIN_TELEMETRY_INTERVAL_S = 0.05
 MAX_TELEMETRY_INTERVAL_S = 86_400.0
+PROTOCOLS = ("5", "3.1.1")
+DEFAULT_PORT = 1883
+DEFAULT_TLS_PORT = 8883
+MAX_CLIENT_ID_CHARS = 128
+#: The keys of the flat ``[mqtt]`` table that belong to the broker connection.
+BROKER_KEYS = (
+    "host", "port", "protocol", "client_id", "keepalive", "clean_session", "ca_file", "cert_file",
+    "key_file", "username", "password_file", "reconnect_min", "reconnect_max", "max_inflight",
+)
 
 
 @dataclass(frozen=True)
-class MqttConfig:
-    """Everything the sync service needs to talk to the broker; built by :meth:`from_dict`."""
+class BrokerConfig:
+    """How to reach and authenticate to one MQTT broker; built by :func:`parse_broker`."""
 
     host: str
-    fleet: str
-    device_id: str
-    port: int = 1883
+    client_id: str
+    port: int = DEFAULT_PORT
     protocol: str = "5"
-    client_id: str = ""
     keepalive: int = 60
     clean_session: bool = True
-    username: str | None = None
-    password_file: str | None = None
-    ca_file: str | None = None
+    ca_file: str | None = None  # set = TLS on
     cert_file: str | None = None
     key_file: str | None = None
-    command_key_file: str | None = None
-    group: str | None = None
-    telemetry_interval: float = DEFAULT_TELEMETRY_INTERVAL_S
-    spool_path: str | None = None
-    spool_max_records: int = DEFAULT_SPOOL_MAX_RECORDS
+    username: str | None = None
+    password_file: str | None = None
     reconnect_min: float = 0.5
     reconnect_max: float = 60.0
     max_inflight: int = 100
@@ -56,137 +67,56 @@ class MqttConfig:
         return self.protocol == "5"
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "<config>") -> MqttConfig:
-        """Validate a raw ``[mqtt]`` table; errors name the file, the key and the allowed values."""
-        if not isinstance(d, Mapping):
-            raise ConfigError(f"{source}: [mqtt] must be a table, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(
-                f"{source}: unknown key(s) in [mqtt]: {', '.join(unknown)}",
-                hint=f"allowed keys: {', '.join(sorted(known))}",
-            )
-        v = _Validator(d, source)
-        tls_on = v.opt_str("ca_file") is not None
-        device_id = v.ident("device_id")
-        cfg = cls(
-            host=v.req_str("host"),
-            fleet=v.ident("fleet"),
-            device_id=device_id,
-            port=v.integer("port", 8883 if tls_on else 1883, 1, 65535),
-            protocol=v.choice("protocol", "5", PROTOCOLS),
-            client_id=v.opt_str("client_id") or f"edgert-{device_id}",
-            keepalive=v.integer("keepalive", 60, 5, 65535),
-            clean_session=v.boolean("clean_session", True),
-            username=v.opt_str("username"),
-            password_file=v.opt_str("password_file"),
-            ca_file=v.opt_str("ca_file"),
-            cert_file=v.opt_str("cert_file"),
-            key_file=v.opt_str("key_file"),
-            command_key_file=v.opt_str("command_key_file"),
-            group=v.ident("group") if d.get("group") is not None else None,
-            telemetry_interval=v.number(
-                "telemetry_interval",
-                DEFAULT_TELEMETRY_INTERVAL_S,
-                MIN_TELEMETRY_INTERVAL_S,
-                MAX_TELEMETRY_INTERVAL_S,
-            ),
-            spool_path=v.opt_str("spool_path"),
-            spool_max_records=v.integer("spool_max_records", DEFAULT_SPOOL_MAX_RECORDS, 10, 10_000_000),
-            reconnect_min=v.number("reconnect_min", 0.5, 0.01, 3600.0),
-            reconnect_max=v.number("reconnect_max", 60.0, 0.01, 86_400.0),
-            max_inflight=v.integer("max_inflight", 100, 1, 65535),
-        )
-        _cross_check(cfg, source)
+    def from_dict(
+        cls,
+        d: Mapping[str, Any],
+        source: str = "<config>",
+        *,
+        prefix: str = "mqtt",
+        default_client_id: str = "",
+    ) -> BrokerConfig:
+        """Validate a raw table holding only broker keys; raises one ConfigError listing every problem."""
+        problems = Problems(source)
+        table = problems.table(dict(d) if isinstance(d, Mapping) else d, prefix)
+        cfg = parse_broker(table, default_client_id=default_client_id)
+        table.check_unknown()
+        problems.raise_if_any()
         return cfg
 
 
-def _cross_check(cfg: MqttConfig, source: str) -> None:
+def parse_broker(table: Table, *, default_client_id: str) -> BrokerConfig:
+    """Read the broker keys of ``table`` (recording problems in it; unknown keys are the caller's)."""
+    ca_file = table.optional_string("ca_file")
+    cfg = BrokerConfig(
+        host=table.string("host", required=True, nonempty=True),
+        port=table.integer("port", DEFAULT_TLS_PORT if ca_file else DEFAULT_PORT, minimum=1, maximum=65535),
+        protocol=table.choice("protocol", "5", PROTOCOLS),
+        client_id=table.optional_string("client_id") or default_client_id,
+        keepalive=table.integer("keepalive", 60, minimum=5, maximum=65535),
+        clean_session=table.boolean("clean_session", True),
+        ca_file=ca_file,
+        cert_file=table.optional_string("cert_file"),
+        key_file=table.optional_string("key_file"),
+        username=table.optional_string("username"),
+        password_file=table.optional_string("password_file"),
+        reconnect_min=table.number("reconnect_min", 0.5, minimum=0.01, maximum=3600.0),
+        reconnect_max=table.number("reconnect_max", 60.0, minimum=0.01, maximum=86_400.0),
+        max_inflight=table.integer("max_inflight", 100, minimum=1, maximum=65535),
+    )
+    _cross_check(cfg, table)
+    return cfg
+
+
+def _cross_check(cfg: BrokerConfig, table: Table) -> None:
     if (cfg.cert_file is None) != (cfg.key_file is None):
-        raise ConfigError(f"{source}: [mqtt] cert_file and key_file must be given together")
-    if cfg.cert_file and not cfg.tls:
-        raise ConfigError(
-            f"{source}: [mqtt] cert_file/key_file need TLS", hint="set ca_file to the broker's CA certificate"
-        )
+        table.fail("cert_file", "cert_file and key_file must be given together")
+    elif cfg.cert_file and not cfg.tls:
+        table.fail("cert_file", "cert_file/key_file need TLS: set ca_file to the broker's CA certificate")
     if cfg.password_file and not cfg.username:
-        raise ConfigError(f"{source}: [mqtt] password_file needs username")
+        table.fail("password_file", "password_file needs username")
     if cfg.reconnect_min > cfg.reconnect_max:
-        raise ConfigError(f"{source}: [mqtt] reconnect_min must be <= reconnect_max")
-    if any(c in cfg.client_id for c in "+#/\0") or len(cfg.client_id) > 128:
-        raise ConfigError(f"{source}: [mqtt] client_id must not contain + # / or NUL and be <= 128 chars")
-
-
-class _Validator:
-    """Typed getters over a raw table that raise ConfigError naming the key."""
-
-    def __init__(self, d: Mapping[str, Any], source: str) -> None:
-        self.d, self.source = d, source
-
-    def _bad(self, key: str, expected: str) -> ConfigError:
-        return ConfigError(f"{self.source}: [mqtt] {key} must be {expected}, got {self.d.get(key)!r}")
-
-    def req_str(self, key: str) -> str:
-        value = self.opt_str(key)
-        if value is None:
-            raise ConfigError(f"{self.source}: [mqtt] {key} is required")
-        return value
-
-    def opt_str(self, key: str) -> str | None:
-        value = self.d.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, str) or not value.strip():
-            raise self._bad(key, "a non-empty string")
-        return value
-
-    def ident(self, key: str) -> str:
-        value = self.req_str(key)
-        try:
-            return check_id(value, key)
-        except SyncError as exc:
-            raise ConfigError(f"{self.source}: [mqtt] {exc.message}", hint=exc.hint) from None
-
-    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
-        value = self.d.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise self._bad(key, f"an integer in {lo}..{hi}")
-        return value
-
-    def number(self, key: str, default: float, lo: float, hi: float) -> float:
-        value = self.d.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-            raise self._bad(key, f"a number in {lo}..{hi}")
-        return float(value)
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.d.get(key, default)
-        if not isinstance(value, bool):
-            raise self._bad(key, "true or false")
-        return value
-
-    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
-        value = self.d.get(key, default)
-        if value not in allowed:
-            raise self._bad(key, "one of " + ", ".join(repr(a) for a in allowed))
-        return str(value)
-
-
-def load_mqtt_config(path: str | Path) -> MqttConfig:
-    """Read a TOML config file and validate its ``[mqtt]`` table (the I/O adapter around from_dict)."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
-    p = Path(path)
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {p} not found", hint="pass --config with an existing file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
-    if "mqtt" not in raw:
-        raise ConfigError(f"{p}: no [mqtt] section", hint="add [mqtt] with host, fleet and device_id")
-    return MqttConfig.from_dict(raw["mqtt"], str(p))
+        table.fail(
+            "reconnect_min", f"must be <= reconnect_max ({cfg.reconnect_max:g}), got {cfg.reconnect_min:g}"
+        )
+    if any(c in cfg.client_id for c in "+#/\0") or len(cfg.client_id) > MAX_CLIENT_ID_CHARS:
+        table.fail("client_id", f"must not contain + # / or NUL and be <= {MAX_CLIENT_ID_CHARS} chars")

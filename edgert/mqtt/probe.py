@@ -10,7 +10,7 @@ from typing import Any
 from edgert.errors import SyncError
 from edgert.mqtt import topics
 from edgert.mqtt.client import MqttLink
-from edgert.mqtt.config import MqttConfig
+from edgert.mqtt.config import BrokerConfig
 
 __all__ = ["PROBE_TIMEOUT_S", "Check", "probe"]
 
@@ -45,8 +45,9 @@ class _Acks:
             return self.codes.get(mid)
 
 
-def probe(cfg: MqttConfig, timeout: float = PROBE_TIMEOUT_S) -> list[Check]:
-    """Connect with ``cfg``; check TLS/auth, publishing, the cmd subscription and the ACL.
+def probe(cfg: BrokerConfig, fleet: str, device_id: str, timeout: float = PROBE_TIMEOUT_S) -> list[Check]:
+    """Connect with ``cfg`` as ``device_id`` of ``fleet``; check TLS/auth, publishing, the cmd
+    subscription and the ACL.
 
     Raises SyncError (with the converted TLS/auth reason) if the connection itself fails.
     """
@@ -71,16 +72,18 @@ def probe(cfg: MqttConfig, timeout: float = PROBE_TIMEOUT_S) -> list[Check]:
             else "plain"
         )
         checks = [Check("connect", True, f"connected to {cfg.host}:{cfg.port} (MQTT {cfg.protocol}, {mode})")]
-        checks.append(_check_publish(link, acks, cfg, timeout))
-        checks.append(_check_subscribe(link, acks, cfg, subscribed, timeout))
-        checks.append(_check_acl(link, acks, cfg, timeout))
+        own = topics.device_topic(fleet, device_id, "events")
+        checks.append(_check_publish(link, acks, own, timeout))
+        cmd = topics.device_topic(fleet, device_id, "cmd")
+        checks.append(_check_subscribe(link, acks, cmd, subscribed, timeout))
+        foreign = topics.device_topic(fleet, FOREIGN_DEVICE, "events")
+        checks.append(_check_acl(link, acks, cfg, foreign, timeout))
         return checks
     finally:
         link.stop()
 
 
-def _check_publish(link: MqttLink, acks: _Acks, cfg: MqttConfig, timeout: float) -> Check:
-    topic = topics.device_topic(cfg.fleet, cfg.device_id, "events")
+def _check_publish(link: MqttLink, acks: _Acks, topic: str, timeout: float) -> Check:
     mid = link.publish(topic, json.dumps({"v": 1, "type": "mqtt-test"}).encode())
     got = acks.wait(mid, timeout)
     if got is None:
@@ -90,10 +93,7 @@ def _check_publish(link: MqttLink, acks: _Acks, cfg: MqttConfig, timeout: float)
     return Check("publish", True, f"can publish to {topic}")
 
 
-def _check_subscribe(
-    link: MqttLink, acks: _Acks, cfg: MqttConfig, done: threading.Event, timeout: float
-) -> Check:
-    topic = topics.device_topic(cfg.fleet, cfg.device_id, "cmd")
+def _check_subscribe(link: MqttLink, acks: _Acks, topic: str, done: threading.Event, timeout: float) -> Check:
     link.subscribe(topic)
     if not done.wait(timeout):
         return Check("subscribe", False, f"no SUBACK for {topic}")
@@ -102,8 +102,7 @@ def _check_subscribe(
     return Check("subscribe", True, f"can subscribe to {topic}")
 
 
-def _check_acl(link: MqttLink, acks: _Acks, cfg: MqttConfig, timeout: float) -> Check:
-    topic = topics.device_topic(cfg.fleet, FOREIGN_DEVICE, "events")
+def _check_acl(link: MqttLink, acks: _Acks, cfg: BrokerConfig, topic: str, timeout: float) -> Check:
     if not cfg.mqtt5:
         return Check("acl", None, "MQTT 3.1.1 brokers do not report denied publishes; cannot check the ACL")
     mid = link.publish(topic, json.dumps({"v": 1, "type": "mqtt-acl-probe"}).encode())

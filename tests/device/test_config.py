@@ -50,3 +50,35 @@ def test_errors_name_file_key_and_allowed_values(text, fragments):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_three_mistakes_in_three_tables_are_all_reported():
+    text = "[daemon]\nlog_level = 'loud'\n[socket]\nmode = 'rw'\n[[models]]\nname = 'a'\nmax_queue = true\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "f.toml")
+    lines = str(info.value).splitlines()
+    assert lines[0] == "3 errors in f.toml:"
+    keys = [ln.strip().split(": ")[1] for ln in lines[1:4]]
+    assert keys == ["daemon.log_level", "socket.mode", "models[0].max_queue"]
+    assert "allowed: debug, info, warning, error" in lines[1]
+    problems = info.value.problems  # type: ignore[attr-defined]
+    assert len(problems) == 3 and problems[2] == "f.toml: models[0].max_queue: must be an integer, got true"
+
+
+def test_mqtt_table_is_parsed_once_into_frozen_settings():
+    import dataclasses
+
+    from edgert.device.sync_config import MqttSettings
+    from edgert.mqtt.config import BrokerConfig
+
+    cfg = parse_config("[mqtt]\nhost = 'b'\nfleet = 'f'\ndevice_id = 'd'\nca_file = '/ca'\n", "f.toml")
+    assert isinstance(cfg.mqtt, MqttSettings) and isinstance(cfg.mqtt.broker, BrokerConfig)
+    got = (cfg.mqtt.broker.port, cfg.mqtt.broker.client_id, cfg.mqtt.sync.device_id)
+    assert got == (8883, "edgert-d", "d")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.mqtt.broker.port = 1  # type: ignore[misc]
+    assert parse_config("", "f.toml").mqtt is None
+    with pytest.raises(ConfigError) as info:
+        parse_config("[mqtt]\nhost = 'b'\nfleet = 'f'\nport = 'x'\n", "f.toml")
+    assert "mqtt.device_id: is required" in str(info.value)
+    assert "mqtt.port: must be an integer" in str(info.value)

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from edgert.mqtt.config import MqttConfig
+from edgert.device.sync_config import MqttSettings
 from tests.brokers import CA, DEVICE_ACL, Mosquitto
 
 FLEET, DEVICE = "f1", "dev-a"
@@ -163,7 +163,7 @@ def command_key(tmp_path: Path) -> tuple[Ed25519PrivateKey, Path]:
     return key, pub
 
 
-def make_config(tmp_path: Path, port: int, **overrides: Any) -> MqttConfig:
+def make_config(tmp_path: Path, port: int, **overrides: Any) -> MqttSettings:
     """An [mqtt] config for DEVICE with fast reconnects and a private spool."""
     d: dict[str, Any] = {
         "host": "127.0.0.1",
@@ -177,4 +177,4 @@ def make_config(tmp_path: Path, port: int, **overrides: Any) -> MqttConfig:
         "spool_path": str(tmp_path / "spool" / "telemetry.sqlite"),
     }
     d.update(overrides)
-    return MqttConfig.from_dict(d, "test")
+    return MqttSettings.from_dict(d, "test")

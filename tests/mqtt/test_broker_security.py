@@ -15,13 +15,13 @@ from edgert.errors import SyncError
 from edgert.mqtt.client import MqttLink
 from edgert.mqtt.probe import probe
 from tests.brokers import DEVICE_ACL, Mosquitto
-from tests.mqtt.conftest import Recorder, make_config, require_mosquitto, wait_for
+from tests.mqtt.conftest import DEVICE, FLEET, Recorder, make_config, require_mosquitto, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def _connect_error(cfg: Any, timeout: float = 10.0) -> SyncError:
-    link = MqttLink(cfg)
+    link = MqttLink(cfg.broker)
     link.start()
     try:
         wait_for(lambda: link.last_error is not None or link.connected.is_set(), timeout, "connect result")
@@ -44,7 +44,7 @@ def test_password_auth_and_wrong_password(tmp_path: Path) -> None:
     b = Mosquitto(tmp_path / "pw", passwords={"dev-a": "s3cret-A"}, anonymous=False).start()
     try:
         good = make_config(tmp_path, b.port, username="dev-a", password_file=_pwfile(tmp_path, "s3cret-A"))
-        checks = probe(good)
+        checks = probe(good.broker, FLEET, DEVICE)
         assert checks[0].ok and checks[1].ok and checks[2].ok
         (tmp_path / "bad").mkdir()
         bad = make_config(tmp_path, b.port, username="dev-a", password_file=_pwfile(tmp_path / "bad", "nope"))
@@ -61,7 +61,7 @@ def test_password_file_with_loose_mode_is_refused(tmp_path: Path, broker: Mosqui
     p.chmod(0o644)
     cfg = make_config(tmp_path, broker.port, username="u", password_file=str(p))
     with pytest.raises(Exception, match="readable by others"):
-        MqttLink(cfg)
+        MqttLink(cfg.broker)
 
 
 def test_tls_server_only_and_wrong_ca(tmp_path: Path, pki: dict[str, Any]) -> None:
@@ -69,7 +69,7 @@ def test_tls_server_only_and_wrong_ca(tmp_path: Path, pki: dict[str, Any]) -> No
     cert, key = pki["server"]
     b = Mosquitto(tmp_path / "tls", tls=(pki["ca"].path, cert, key)).start()
     try:
-        ok = probe(make_config(tmp_path, b.port, ca_file=str(pki["ca"].path)))
+        ok = probe(make_config(tmp_path, b.port, ca_file=str(pki["ca"].path)).broker, FLEET, DEVICE)
         assert ok[0].ok and "TLS" in ok[0].detail
         wrong = make_config(tmp_path, b.port, ca_file=str(pki["other_ca"].path))
         err = _connect_error(wrong)
@@ -90,12 +90,12 @@ def test_mtls_acl_denies_publishing_as_another_device(
     rec = Recorder(mtls_broker.port, "edgert/#", tls=(ca, fleet_cert, fleet_key))
     a_cert, a_key = pki["dev-a"]
     cfg = make_config(tmp_path, mtls_broker.port, ca_file=str(ca), cert_file=str(a_cert), key_file=str(a_key))
-    checks = {c.name: c for c in probe(cfg)}
+    checks = {c.name: c for c in probe(cfg.broker, FLEET, DEVICE)}
     assert checks["connect"].ok and checks["publish"].ok and checks["subscribe"].ok
     assert checks["acl"].ok, checks["acl"].detail
 
     codes: dict[int, int] = {}
-    link = MqttLink(cfg, on_puback=lambda mid, code, reason: codes.__setitem__(mid, code))
+    link = MqttLink(cfg.broker, on_puback=lambda mid, code, reason: codes.__setitem__(mid, code))
     link.start()
     try:
         assert link.wait_connected(10)
@@ -167,7 +167,7 @@ def test_acl_lets_fleet_command_reach_device_but_not_other_devices(
         key_file=str(b_key),
     )
     codes: dict[int, int] = {}
-    link = MqttLink(cfg_b, on_puback=lambda mid, code, reason: codes.__setitem__(mid, code))
+    link = MqttLink(cfg_b.broker, on_puback=lambda mid, code, reason: codes.__setitem__(mid, code))
     link.start()
     try:
         assert link.wait_connected(10)

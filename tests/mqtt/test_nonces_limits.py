@@ -134,8 +134,8 @@ def test_oversized_messages_are_refused_and_never_block_the_spool(tmp_path: Path
     rec = Recorder(broker.port)
     cfg = make_config(tmp_path, broker.port, telemetry_interval=3600)
     # A spool written by something that did not check the size: an oversized record sits first in line.
-    assert cfg.spool_path is not None
-    spool = Spool(cfg.spool_path, cfg.spool_max_records)
+    assert cfg.sync.spool_path is not None
+    spool = Spool(cfg.sync.spool_path, cfg.sync.spool_max_records)
     spool.enqueue(
         f"edgert/v1/{FLEET}/devices/{DEVICE}/events", b"{" + b" " * (MAX_PAYLOAD_BYTES + 10) + b"}", 1.0
     )
@@ -206,7 +206,7 @@ def test_publishing_from_many_threads_over_mutual_tls(
             acked.add(mid)
 
     rec = Recorder(mtls_broker.port, tls=(pki["ca"].path, *pki["fleet"]))
-    link = MqttLink(cfg, on_puback=on_puback)
+    link = MqttLink(cfg.broker, on_puback=on_puback)
     link.start()
     mids: list[int] = []
     try:

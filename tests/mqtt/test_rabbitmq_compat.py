@@ -44,7 +44,7 @@ def test_sync_over_mqtt311_on_rabbitmq(tmp_path: Path, rabbit: RabbitMQ) -> None
         password_file=_pw(tmp_path),
         telemetry_interval=0.1,
     )
-    checks = {c.name: c for c in probe(cfg)}
+    checks = {c.name: c for c in probe(cfg.broker, cfg.sync.fleet, cfg.sync.device_id)}
     assert checks["connect"].ok and checks["publish"].ok and checks["subscribe"].ok
     assert checks["acl"].ok is None  # 3.1.1 cannot report denied publishes
     svc = SyncService(cfg)

@@ -96,9 +96,9 @@ def test_status_online_with_info_then_graceful_offline(broker: Mosquitto, servic
 
 DEVICE_SCRIPT = """
 import json, sys, time
-from edgert.mqtt.config import MqttConfig
+from edgert.device.sync_config import MqttSettings
 from edgert.device.sync import SyncService
-svc = SyncService(MqttConfig.from_dict(json.loads(sys.argv[1]), "child"))
+svc = SyncService(MqttSettings.from_dict(json.loads(sys.argv[1]), "child"))
 svc.start()
 svc.link.wait_connected(20)
 print("up", flush=True)

@@ -12,11 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgert.device.commands import CommandProcessor
+from edgert.device.sync_config import MqttSettings
 from edgert.device.telemetry import MAX_MESSAGE_BYTES, DeviceStats, build_telemetry
 from edgert.errors import ConfigError, SyncError
 from edgert.mqtt import topics
 from edgert.mqtt.client import Backoff, certificate_problem
-from edgert.mqtt.config import MqttConfig
 from edgert.mqtt.signing import CommandRejected, NonceCache, sign_command, verify_command
 from edgert.mqtt.spool import Spool
 
@@ -68,15 +68,17 @@ def test_any_accepted_id_is_one_safe_level(s: str) -> None:
 
 
 def test_config_defaults_and_errors() -> None:
-    cfg = MqttConfig.from_dict({"host": "b", "fleet": "f", "device_id": "d"}, "x.toml")
-    assert (cfg.port, cfg.protocol, cfg.client_id, cfg.telemetry_interval) == (1883, "5", "edgert-d", 60.0)
-    assert MqttConfig.from_dict({"host": "b", "fleet": "f", "device_id": "d", "ca_file": "/ca"}).port == 8883
+    cfg = MqttSettings.from_dict({"host": "b", "fleet": "f", "device_id": "d"}, "x.toml")
+    got = (cfg.broker.port, cfg.broker.protocol, cfg.broker.client_id, cfg.sync.telemetry_interval)
+    assert got == (1883, "5", "edgert-d", 60.0)
+    tls = MqttSettings.from_dict({"host": "b", "fleet": "f", "device_id": "d", "ca_file": "/ca"})
+    assert tls.broker.port == 8883
     cases = [
-        ({"host": "b", "fleet": "f"}, "device_id is required"),
+        ({"host": "b", "fleet": "f"}, "mqtt.device_id: is required"),
         ({"host": "b", "fleet": "f", "device_id": "d/x"}, "invalid device_id"),
-        ({"host": "b", "fleet": "f", "device_id": "d", "protocol": "4"}, "one of '5', '3.1.1'"),
-        ({"host": "b", "fleet": "f", "device_id": "d", "port": 0}, "port must be an integer in 1..65535"),
-        ({"host": "b", "fleet": "f", "device_id": "d", "bogus": 1}, "unknown key"),
+        ({"host": "b", "fleet": "f", "device_id": "d", "protocol": "4"}, r"allowed: 5, 3\.1\.1"),
+        ({"host": "b", "fleet": "f", "device_id": "d", "port": 0}, r"port: must be an integer in 1\.\.65535"),
+        ({"host": "b", "fleet": "f", "device_id": "d", "bogus": 1}, "mqtt.bogus: is not a known key"),
         ({"host": "b", "fleet": "f", "device_id": "d", "cert_file": "c"}, "given together"),
         ({"host": "b", "fleet": "f", "device_id": "d", "cert_file": "c", "key_file": "k"}, "need TLS"),
         ({"host": "b", "fleet": "f", "device_id": "d", "clean_session": "yes"}, "true or false"),
@@ -84,7 +86,7 @@ def test_config_defaults_and_errors() -> None:
     ]
     for raw, msg in cases:
         with pytest.raises(ConfigError, match=msg) as exc:
-            MqttConfig.from_dict(raw, "x.toml")
+            MqttSettings.from_dict(raw, "x.toml")
         assert "x.toml" in exc.value.message
 
 
