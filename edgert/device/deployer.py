@@ -137,7 +137,13 @@ def health_check(model: Any, golden: tuple[Mapping[str, np.ndarray], Mapping[str
     """
     from edgert.engine.served import warm_up
 
-    seconds = warm_up(model, WARMUP_RUNS)
+    try:
+        seconds = warm_up(model, WARMUP_RUNS)
+    except EdgertError as exc:
+        raise BackendError(f"warm-up of model {model.name!r} version {model.version!r} failed its health "
+                           f"check: {exc.message[:400]}",
+                           hint="the version loads but cannot run here: check it was built for this "
+                                "device's profile and onnxruntime/LiteRT version") from None
     if seconds > max_latency_s:
         raise BackendError(
             f"{model.name} {model.version}: warm run took {seconds * 1000:.1f} ms, over the "

@@ -71,7 +71,12 @@ class ServingAdapter:
         return info
 
     def model_meta(self, name: str, version: str | None = None) -> ModelMeta:
-        """Metadata of a served model or cascade."""
+        """Metadata of a served model or cascade; a configured model serving no version is not ready."""
+        deployer = self.daemon.deployer
+        if deployer is not None and version is None and name in deployer.unavailable:
+            # OIP readiness is per model: it exists (it is configured) but nothing can serve it.
+            return ModelMeta(name=name, versions=(), platform="", inputs=(), outputs=(), ready=False,
+                             provider="")
         info = self._info(name, version)
         return ModelMeta(
             name=info.name,

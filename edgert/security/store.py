@@ -10,7 +10,9 @@ Layout under ``<state>/models``::
 ``os.replace``\\ s it and fsyncs the directory, so a crash leaves the old state or the new one.
 Package files are written (and verified) before the state that refers to them; files the state
 does not mention are garbage from an interrupted operation and are removed when the store opens.
-``highest`` survives ``remove``, so removing a model cannot be used to install an older version.
+``highest`` is the anti-rollback floor: the highest version ever activated (a pending install that
+never served does not raise it). It survives ``remove``, so removing a model cannot be used to
+install an older version.
 A package installs only if its origin signature verifies and its signer is a trusted publisher
 or this device itself (:mod:`edgert.security.trust`). Nothing is ever pruned implicitly:
 :meth:`ModelStore.prune` removes old versions when asked.
@@ -80,6 +82,15 @@ class ModelEntry:
     highest: str | None
     failed: dict[str, str] = field(default_factory=dict)
     variants: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _raise_floor(state: dict[str, Any], name: str, version: str) -> None:
+    """The anti-rollback floor is the highest version ever *activated* (served), not merely installed:
+    a pending update that never served (e.g. one that failed its health check) must not lock out the
+    versions below it."""
+    highest = state["highest"].get(name)
+    if highest is None or pkg.compare_versions(version, highest) > 0:
+        state["highest"][name] = version
 
 
 def _empty_state() -> dict[str, Any]:
@@ -367,8 +378,8 @@ class ModelStore:
         if not allow_downgrade:
             self._emit("model_install_refused", model=m.name, version=m.version, highest=highest,
                        reason="downgrade")
-            raise RollbackError(f"refusing to install {m.name} {m.version}: version {highest} was already "
-                                "installed (anti-rollback)",
+            raise RollbackError(f"refusing to install {m.name} {m.version}: version {highest} has already "
+                                "been active (anti-rollback)",
                                 hint="pass --allow-downgrade to install an older version on purpose")
         self._emit("model_downgrade_allowed", model=m.name, version=m.version, highest=highest)
 
@@ -423,9 +434,8 @@ class ModelStore:
         if m.version not in entry["installed"]:
             entry["installed"].append(m.version)
         entry["variants"][m.version] = m.variant_names
-        highest = state["highest"].get(m.name)
-        if highest is None or pkg.compare_versions(m.version, highest) > 0:
-            state["highest"][m.name] = m.version
+        if activate:
+            _raise_floor(state, m.name, m.version)
         changed = activate and entry["active"] != m.version
         if changed:
             entry["previous"], entry["active"] = entry["active"], m.version
@@ -445,8 +455,10 @@ class ModelStore:
     def prune(self, name: str, keep: int = DEFAULT_KEEP_VERSIONS) -> list[str]:
         """Remove old versions so that ``keep`` remain; return the removed ones (oldest first).
 
-        The active and previous versions are never removed (they count towards ``keep``); the
-        rest are kept highest version first. Each removed version is audited (``model_prune``).
+        The active and previous versions are never removed (they count towards ``keep``), nor is
+        any version above the active one: it is pending (installed, not yet served), and pruning it
+        would throw away an update before it ran. The rest are kept highest version first. Each
+        removed version is audited (``model_prune``).
         """
         if keep < 1:
             raise StoreError(f"cannot keep {keep} versions", hint="keep at least 1")
@@ -454,6 +466,8 @@ class ModelStore:
             state = self._load_state()
             entry = _entry_doc(state, name)
             kept = {v for v in (entry["active"], entry["previous"]) if v}
+            if entry["active"]:
+                kept |= {v for v in entry["installed"] if pkg.compare_versions(v, entry["active"]) > 0}
             for v in sorted(entry["installed"], key=pkg.parse_version, reverse=True):
                 if len(kept) >= keep:
                     break
@@ -479,7 +493,7 @@ class ModelStore:
         if (highest and entry["active"] != version and pkg.compare_versions(version, highest) < 0
                 and not allow_downgrade):
             self._emit("model_activate_refused", model=name, version=version, highest=highest)
-            raise RollbackError(f"refusing to activate {name} {version}: {highest} was installed "
+            raise RollbackError(f"refusing to activate {name} {version}: {highest} has been active "
                                 "(anti-rollback)",
                                 hint="use 'edgert models rollback' or --allow-downgrade")
         return _normalise(entry)
@@ -504,6 +518,7 @@ class ModelStore:
                 return False
             entry["previous"], entry["active"] = entry["active"], version
             entry["failed"].pop(version, None)
+            _raise_floor(state, name, version)
             self._save_state(state, f"activating {name} {version}")
             self._emit("model_activate", model=name, version=version, previous=entry["previous"])
             return True

@@ -72,7 +72,7 @@ name = "digits"
             assert c.metadata("digits")["versions"] == ["2"]
         # back to 1 over HTTP (Triton's repository extension) is below the anti-rollback floor: refused
         with Client(running.http_url) as c:
-            with pytest.raises(RollbackError, match="refusing to activate digits 1: 2 was installed"):
+            with pytest.raises(RollbackError, match="refusing to activate digits 1: 2 has been active"):
                 c.load("digits", "1")
             versions.add(c.metadata("digits")["versions"][0])
         # an explicit, audited downgrade over the socket (what `edgert models rollback` sends) is served

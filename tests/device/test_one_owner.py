@@ -248,8 +248,13 @@ def test_every_entry_point_goes_through_the_deployer(device: Device) -> None:
     reply = device.command("activate-model", b"a-2", model="digits", version="4")
     assert reply["ok"] is False and "warm-up" in reply["error"]["message"], reply
     device.agree("3")
-    reply = device.command("activate-model", b"a-3", model="digits", version="1")
+    reply = device.command("activate-model", b"a-3", model="digits", version="2")
     assert reply["ok"] is False and "anti-rollback" in reply["error"]["message"], reply
+    device.agree("3")
+    # the keep-3 policy pruned version 1 when 2 became active (active, previous and pending 4 stay)
+    assert device.store()["installed"] == ["2", "3", "4"]
+    reply = device.command("activate-model", b"a-4", model="digits", version="1", allow_downgrade=True)
+    assert reply["ok"] is False and "no installed version '1'" in reply["error"]["message"], reply
     device.agree("3")
 
     # SIGHUP with changed model settings: redeployed through the Deployer, still 3

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgert.device.importing import import_plaintext
 from edgert.security import loader, membuf
-from edgert.security.loader import import_files, load_from_store, open_keystore, open_store
+from edgert.security.loader import load_from_store, open_keystore, open_store
 from tests.security.kit import MODELS, SMALL_ONNX, SMALL_TFLITE
 
 
@@ -40,7 +41,7 @@ def test_wipe_bytearray() -> None:
 
 def test_read_model_bytes_matches_source(state: Path) -> None:
     keys = open_keystore(state)
-    import_files(state, [SMALL_ONNX], keys=keys)
+    import_plaintext(open_store(state, keys), SMALL_ONNX)
     store = open_store(state, keys)
     _manifest, data = store.read_model_bytes("digits_small_int8")
     assert type(data) is bytes and data == SMALL_ONNX.read_bytes()
@@ -54,7 +55,7 @@ def test_load_from_store_wipes_only_after_the_backend_lets_go(
     from edgert import Runtime
 
     keys = open_keystore(state)
-    import_files(state, [model_file], keys=keys)
+    import_plaintext(open_store(state, keys), model_file)
     name = "digits_small_int8"
     wiped: list[bytes] = []
     real_wipe = membuf.wipe
@@ -87,7 +88,7 @@ def test_wipe_at_load_depends_on_whether_the_backend_keeps_the_buffer(
     state: Path, monkeypatch: pytest.MonkeyPatch, backend_keeps_it: bool
 ) -> None:
     keys = open_keystore(state)
-    import_files(state, [SMALL_ONNX], keys=keys)
+    import_plaintext(open_store(state, keys), SMALL_ONNX)
     kept: list[bytes] = []
     copies: list[bytes] = []
     wiped: list[int] = []
@@ -119,7 +120,7 @@ def test_large_payloads_decrypt_from_a_map_and_tampering_is_caught(state: Path) 
     source = MODELS / "mobilenetv2_int8.onnx"
     assert source.stat().st_size > MMAP_MIN_PAYLOAD  # this test is about the mmap path
     keys = open_keystore(state)
-    import_files(state, [source], keys=keys)
+    import_plaintext(open_store(state, keys), source)
     store = open_store(state, keys)
     _manifest, data = store.read_model_bytes("mobilenetv2_int8")
     assert data == source.read_bytes()

@@ -15,7 +15,7 @@ from edgert.errors import IntegrityError, KeyFileError, RollbackError, StoreErro
 from edgert.security.atomic import FileSystem
 from edgert.security.audit import AuditLog, read_records, verify_dir
 from edgert.security.keys import DeviceKeys
-from edgert.security.loader import import_files, load_from_store, open_keystore, open_store
+from edgert.security.loader import load_from_store, open_keystore, open_store
 from edgert.security.store import ModelStore
 from tests.security.kit import MODELS, SMALL_ONNX, make_package, trusted
 
@@ -200,8 +200,9 @@ def test_plaintext_never_touches_disk(tmp_path: Path, monkeypatch: pytest.Monkey
     root = tmp_path / "state"
     model_files = [MODELS / "digits_small_int8.onnx", MODELS / "digits_small_int8.tflite"]
     keys = open_keystore(root, create=True)
-    import_files(root, model_files, keys=keys)
     store = open_store(root, keys)
+    import_plaintext(store, model_files[0], name="digits_small_int8")
+    import_plaintext(store, model_files[1], name="digits_small_int8_tflite")
     runtime = Runtime(profile="cpu-generic")
     data = np.load(MODELS / "digits_test.npz")
     for name in ("digits_small_int8", "digits_small_int8_tflite"):

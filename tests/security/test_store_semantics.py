@@ -51,8 +51,12 @@ def test_prune_never_removes_active_or_previous(state: Path, device_keys: Device
     for v in ("1", "2", "3", "4"):
         _install(store, device_keys, tmp_path, v, activate=v in ("1", "2"))
     assert (store.entry("digits").active, store.entry("digits").previous) == ("2", "1")
-    assert store.prune("digits", keep=1) == ["3", "4"]  # newer but inactive versions go first
-    assert store.entry("digits").installed == ["1", "2"]
+    # 3 and 4 are pending (installed above the active version, not yet served): never pruned
+    assert store.prune("digits", keep=1) == []
+    assert store.entry("digits").installed == ["1", "2", "3", "4"]
+    store.activate("digits", "4")
+    assert store.prune("digits", keep=3) == ["1"]  # active 4, previous 2, then the highest other: 3
+    assert store.entry("digits").installed == ["2", "3", "4"]
     with pytest.raises(StoreError, match="cannot keep 0 versions"):
         store.prune("digits", keep=0)
     with pytest.raises(StoreError, match="not installed"):
@@ -147,4 +151,22 @@ def test_refused_package_leaves_no_model_directory(state: Path, device_keys: Dev
     with pytest.raises(KeyFileError):
         store.install(path)
     assert [p.name for p in (state / "models" / "packages" / "digits").iterdir()] == ["1.edgepkg"]
+    audit.close()
+
+
+def test_the_floor_is_the_highest_activated_version_not_the_highest_installed(
+        state: Path, device_keys: DeviceKeys, tmp_path: Path) -> None:
+    """A pending update that never served (here: installed, not activated) must not lock out 3."""
+    store, audit = _store(state, device_keys)
+    for v in ("2", "3"):
+        _install(store, device_keys, tmp_path, v)
+    _install(store, device_keys, tmp_path, "4", activate=False)
+    assert store.entry("digits").highest == "3"
+    store.check_activate("digits", "3")  # the active one, and the floor
+    with pytest.raises(RollbackError, match="refusing to activate digits 2: 3 has been active"):
+        store.check_activate("digits", "2")
+    assert store.activate("digits", "4") is True
+    assert store.entry("digits").highest == "4"
+    with pytest.raises(RollbackError, match="refusing to activate digits 3: 4 has been active"):
+        store.check_activate("digits", "3")
     audit.close()
