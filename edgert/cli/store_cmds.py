@@ -51,22 +51,6 @@ def _deploy(store: ModelStore, name: str, version: str | None, *, reason: str, a
                    "see 'edgert models list')")
 
 
-@click.command("list")
-@state_dir_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def list_cmd(state_dir: Path | None, as_json: bool) -> None:
-    """List models in the encrypted store with active/previous versions."""
-    with _open(state_dir) as store:
-        entries = store.entries()
-    if as_json:
-        click.echo(json.dumps([e.__dict__ for e in entries], indent=2))
-        return
-    click.echo(f"{'NAME':24} {'ACTIVE':10} {'PREVIOUS':10} {'HIGHEST':10} INSTALLED")
-    for e in entries:
-        click.echo(f"{e.name:24} {e.active or '-':10} {e.previous or '-':10} {e.highest or '-':10} "
-                   f"{','.join(e.installed) or '-'}")
-
-
 #: Where the daemon's config lives when --config is not given (used only if it exists).
 DEFAULT_DAEMON_CONFIG = Path("/etc/edgert/edgert.toml")
 
@@ -180,3 +164,63 @@ def _variants(manifest: Any) -> list[str]:
     if variants:
         return [f"{v.variant} {v.format}" for v in variants]
     return [f"{manifest.variant} {manifest.format}"]
+
+
+@click.command("list")
+@state_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@daemon_options
+def list_cmd(state_dir: Path | None, as_json: bool, socket_path: str | None,
+             config_path: Path | None) -> None:
+    """List models in the store: versions, variants, failures, and which variant serves and why."""
+    cfg = _daemon_config(config_path)
+    with _open(_root(state_dir, cfg)) as store:
+        entries = store.entries()
+    serving = _serving(entries, socket_path, cfg)
+    if as_json:
+        click.echo(json.dumps([{**e.__dict__, "serving": serving.get(e.name)} for e in entries], indent=2))
+        return
+    click.echo(f"{'NAME':20} {'ACTIVE':8} {'PREVIOUS':8} {'FLOOR':8} {'INSTALLED':16} SERVING")
+    for e in entries:
+        s = serving.get(e.name) or {}
+        where = f"{s.get('variant', '-')} ({s.get('source')}: {s.get('reason')})" if s else "-"
+        click.echo(f"{e.name:20} {e.active or '-':8} {e.previous or '-':8} {e.highest or '-':8} "
+                   f"{','.join(e.installed) or '-':16} {where}")
+        for version in e.installed:
+            variants = ", ".join(e.variants.get(version, []))
+            failed = f"  FAILED: {e.failed[version]}" if version in e.failed else ""
+            click.echo(f"  {version}: {variants}{failed}")
+
+
+def _serving(entries: list[Any], socket_path: str | None,
+             cfg: DaemonConfig | None) -> dict[str, dict[str, str]]:
+    """Which variant of each active version serves, and why: from the running daemon, else the profile."""
+    from edgert.client import Client
+    from edgert.config import DEFAULT_SOCKET_PATH
+    from edgert.device.deployer import variant_order
+    from edgert.errors import EdgertError
+
+    sock = socket_path or (cfg.socket.path if cfg is not None else DEFAULT_SOCKET_PATH)
+    out: dict[str, dict[str, str]] = {}
+    try:
+        with Client(f"unix://{sock}", timeout=5.0) as c:
+            models = c.status().get("models", {})
+        for name, m in models.items():
+            if m.get("variant"):
+                out[name] = {"version": m["version"], "variant": m["variant"], "reason": m["variant_reason"],
+                             "source": "daemon"}
+    except (EdgertError, OSError):
+        pass
+    missing = [e for e in entries if e.name not in out and e.active and e.variants.get(e.active)]
+    if missing:
+        from edgert.runtime import Runtime
+
+        try:
+            profile = Runtime(profile=cfg.profile if cfg is not None else "auto").profile
+        except EdgertError:
+            return out
+        for e in missing:
+            variant, why = variant_order(profile.variants, e.variants[e.active])[0]
+            out[e.name] = {"version": e.active, "variant": variant, "reason": f"{why} ({profile.name})",
+                           "source": "would serve"}
+    return out
