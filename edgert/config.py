@@ -142,6 +142,9 @@ class DaemonConfig:
     models: tuple[ModelEntry, ...] = ()
     cascades: tuple[CascadeEntry, ...] = ()
     mqtt: MqttSettings | None = None  # the parsed [mqtt] table; None = no fleet sync
+    #: [security] trusted_publishers: fleet publisher keys ("ed25519:<base64>") pinned by config, in
+    #: addition to those pinned in the state directory with `edgert keys trust`.
+    trusted_publishers: tuple[str, ...] = ()
 
 
 def is_loopback(host: str) -> bool:
@@ -278,12 +281,31 @@ def parse_config(text: str, source: str = "<config>") -> DaemonConfig:
         models=tuple(_parse_model(t, allow_plaintext) for t in root.tables("models")),
         cascades=tuple(_parse_cascade(t) for t in root.tables("cascades")),
         mqtt=_parse_mqtt(root) if root.has("mqtt") else None,
+        trusted_publishers=_parse_security(root.table("security")),
     )
     daemon.check_unknown()
     root.check_unknown()
     _check_names(root, cfg)
     problems.raise_if_any()
     return cfg
+
+
+def _parse_security(table: Table) -> tuple[str, ...]:
+    """``[security] trusted_publishers``: well-formed ``ed25519:<base64 of 32 bytes>`` strings."""
+    import base64
+    import binascii
+
+    keys = table.list_of("trusted_publishers", str, what='an "ed25519:<base64>" publisher key')
+    for i, key in enumerate(keys):
+        try:
+            ok = key.startswith("ed25519:") and len(base64.b64decode(key[8:], validate=True)) == 32
+        except (binascii.Error, ValueError):
+            ok = False
+        if not ok:
+            table.fail(f"trusted_publishers[{i}]", "must be an Ed25519 key 'ed25519:<base64>' (as printed "
+                                                    f"by 'edgert package keygen'), got {key[:60]!r}")
+    table.check_unknown()
+    return keys
 
 
 def _parse_mqtt(root: Table) -> MqttSettings:

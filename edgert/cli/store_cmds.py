@@ -25,13 +25,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 @contextmanager
-def _open(state_dir: Path | None) -> Iterator[ModelStore]:
+def _open(state_dir: Path | None, cfg: DaemonConfig | None = None) -> Iterator[ModelStore]:
     from edgert.security.loader import open_audit, open_keystore, open_store
 
     root = resolve_root(state_dir)
     keys = open_keystore(root)
+    publishers = cfg.trusted_publishers if cfg is not None else ()
     with open_audit(root, keys) as audit:
-        yield open_store(root, keys, audit)
+        yield open_store(root, keys, audit, extra_publishers=publishers)
 
 
 def _deploy(store: ModelStore, name: str, version: str | None, *, reason: str, allow_downgrade: bool,
@@ -90,7 +91,7 @@ def activate_cmd(name: str, version: str, allow_downgrade: bool, state_dir: Path
                  socket_path: str | None, config_path: Path | None) -> None:
     """Make an installed VERSION of NAME active, then hot-swap it in the running daemon."""
     cfg = _daemon_config(config_path)
-    with _open(_root(state_dir, cfg)) as store:
+    with _open(_root(state_dir, cfg), cfg) as store:
         _deploy(store, name, version, reason="activate", allow_downgrade=allow_downgrade,
                 socket_path=socket_path, cfg=cfg)
 
@@ -103,7 +104,7 @@ def rollback_cmd(name: str, state_dir: Path | None, socket_path: str | None,
                  config_path: Path | None) -> None:
     """Swap NAME's active and previous versions, then hot-swap the running daemon."""
     cfg = _daemon_config(config_path)
-    with _open(_root(state_dir, cfg)) as store:
+    with _open(_root(state_dir, cfg), cfg) as store:
         _deploy(store, name, None, reason="rollback", allow_downgrade=True, socket_path=socket_path, cfg=cfg)
 
 
@@ -146,7 +147,7 @@ def import_cmd(files: tuple[Path, ...], name: str | None, version: str, variant:
     if name and len(files) > 1:
         raise ConfigError("--name works with one file only")
     cfg = _daemon_config(config_path)
-    with _open(_root(state_dir, cfg)) as store:
+    with _open(_root(state_dir, cfg), cfg) as store:
         for f in files:
             if is_package or f.suffix == ".edgepkg":
                 m = store.install(f, activate=False, allow_downgrade=allow_downgrade)
@@ -174,7 +175,7 @@ def list_cmd(state_dir: Path | None, as_json: bool, socket_path: str | None,
              config_path: Path | None) -> None:
     """List models in the store: versions, variants, failures, and which variant serves and why."""
     cfg = _daemon_config(config_path)
-    with _open(_root(state_dir, cfg)) as store:
+    with _open(_root(state_dir, cfg), cfg) as store:
         entries = store.entries()
     serving = _serving(entries, socket_path, cfg)
     if as_json:

@@ -156,7 +156,7 @@ class Daemon:
 
     def _default_store_factory(self) -> Callable[[], Any]:
         root = self._state_root()
-        return lambda: open_store(root, self.audit.event)
+        return lambda: open_store(root, self.audit.event, self.config.trusted_publishers)
 
     def _served_names(self) -> set[str]:
         return {m.name for m in self.config.models} | {c.name for c in self.config.cascades}

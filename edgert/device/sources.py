@@ -35,12 +35,14 @@ class _AuditAppend:
         self.event(event, **fields)
 
 
-def open_store(state_root: Path, audit: Callable[..., None] | None = None) -> Any:
+def open_store(state_root: Path, audit: Callable[..., None] | None = None,
+               trusted_publishers: tuple[str, ...] = ()) -> Any:
     """Open the device's encrypted model store under ``state_root`` (keys from its keystore)."""
     from edgert.security import loader
 
     sink = _AuditAppend(audit) if audit is not None else None
-    return loader.open_store(state_root, loader.open_keystore(state_root), sink)  # type: ignore[arg-type]
+    return loader.open_store(state_root, loader.open_keystore(state_root), sink,  # type: ignore[arg-type]
+                             extra_publishers=trusted_publishers)
 
 
 class ModelSource:

@@ -82,3 +82,20 @@ def test_mqtt_table_is_parsed_once_into_frozen_settings():
         parse_config("[mqtt]\nhost = 'b'\nfleet = 'f'\nport = 'x'\n", "f.toml")
     assert "mqtt.device_id: is required" in str(info.value)
     assert "mqtt.port: must be an integer" in str(info.value)
+
+
+def test_security_trusted_publishers_are_checked_and_kept(tmp_path) -> None:
+    import pytest
+
+    from edgert.config import parse_config
+    from edgert.errors import ConfigError
+    from edgert.security.keys import format_public_key
+    from edgert.security.trust import generate_publisher_key
+
+    pub = format_public_key(generate_publisher_key(tmp_path / "publisher.key"))
+    assert pub.startswith("ed25519:")
+    text = f'[security]\ntrusted_publishers = ["{pub}"]\n'
+    assert parse_config(text, "t.toml").trusted_publishers == (pub,)
+    wanted = r"t.toml: security.trusted_publishers\[1\]: must be an Ed25519 key"
+    with pytest.raises(ConfigError, match=wanted):
+        parse_config(f'[security]\ntrusted_publishers = ["{pub}", "x25519:AAAA"]\n', "t.toml")
