@@ -9,7 +9,7 @@ TOML and the source name; :func:`load_profile` is the thin adapter that reads th
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,12 +117,29 @@ class Profile:
     limits: Limits
     engine_cache: str = "disabled"
 
-    def choose_variant(self, available: list[str] | tuple[str, ...]) -> str | None:
+    def choose_variant(self, available: Sequence[str]) -> str | None:
         """The first variant in this profile's preference order that is available."""
-        for variant in self.variants:
-            if variant in available:
-                return variant
-        return available[0] if available else None
+        ranked = variant_order(self.variants, available)
+        return ranked[0][0] if ranked else None
+
+
+def variant_order(preferred: Sequence[str], available: Sequence[str]) -> list[tuple[str, str]]:
+    """The variants to try, in order, each with the reason it is at that place. Pure.
+
+    A variant id is a kind with an optional suffix (``int8-tflite`` is an ``int8``): kinds are ranked
+    by ``preferred`` (a profile's ``variants``), ties keep the package's order, and variants whose kind
+    the profile does not list come last.
+    """
+    kinds = [v.split("-", 1)[0] for v in available]
+    ordered: list[tuple[str, str]] = []
+    for kind in preferred:
+        for variant, k in zip(available, kinds, strict=True):
+            if k == kind:
+                place = "first" if not ordered else "next"
+                ordered.append((variant, f"{place} in the profile's preference order"))
+    ordered += [(v, "in the package, not in the profile's preference list")
+                for v, k in zip(available, kinds, strict=True) if k not in preferred]
+    return ordered
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,16 +40,20 @@ def _deploy(store: ModelStore, name: str, version: str | None, *, reason: str, a
     """Serve ``name`` at ``version`` through the Deployer; print what happened."""
     from edgert.config import DEFAULT_SOCKET_PATH
     from edgert.device.control import deploy_from_cli
+    from edgert.security.store import DEFAULT_KEEP_VERSIONS
 
     sock = socket_path or (cfg.socket.path if cfg is not None else DEFAULT_SOCKET_PATH)
     audit = store.audit.append if store.audit is not None else None
+    before = set(store.entry(name).installed)
     outcome = deploy_from_cli(store, name, version, allow_downgrade=allow_downgrade, reason=reason,
                               socket_path=sock or None, profile=cfg.profile if cfg is not None else "auto",
                               audit=audit)
     click.echo(outcome.message)
-    if outcome.deployment is not None and outcome.deployment.pruned:
-        click.echo(f"pruned {name} {', '.join(outcome.deployment.pruned)} (keeps the newest versions; "
-                   "see 'edgert models list')")
+    # The Deployer prunes by the store's policy when a version becomes active (here or in the daemon).
+    pruned = sorted(before - set(store.entry(name).installed))
+    if pruned:
+        click.echo(f"pruned {name} {', '.join(pruned)} (the store keeps {DEFAULT_KEEP_VERSIONS} versions: "
+                   "active, previous, any pending newer ones, then the highest; see docs/security.md)")
 
 
 #: Where the daemon's config lives when --config is not given (used only if it exists).
@@ -198,8 +202,8 @@ def _serving(entries: list[Any], socket_path: str | None,
     """Which variant of each active version serves, and why: from the running daemon, else the profile."""
     from edgert.client import Client
     from edgert.config import DEFAULT_SOCKET_PATH
-    from edgert.device.deployer import variant_order
     from edgert.errors import EdgertError
+    from edgert.profiles import variant_order
 
     sock = socket_path or (cfg.socket.path if cfg is not None else DEFAULT_SOCKET_PATH)
     out: dict[str, dict[str, str]] = {}

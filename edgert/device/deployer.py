@@ -31,6 +31,7 @@ import numpy as np
 
 from edgert.config import CascadeEntry, ModelEntry
 from edgert.errors import BackendError, EdgertError, UnknownModelError
+from edgert.profiles import variant_order
 
 __all__ = [
     "DEFAULT_MAX_WARM_LATENCY_S",
@@ -39,7 +40,6 @@ __all__ = [
     "Deployment",
     "ServingTarget",
     "Unavailable",
-    "variant_order",
 ]
 
 log = logging.getLogger("edgert.device.deployer")
@@ -111,16 +111,6 @@ class _ModelState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     variant: str = ""
     variant_reason: str = ""
-
-
-def variant_order(preferred: Sequence[str], available: Sequence[str]) -> list[tuple[str, str]]:
-    """The variants to try, in order, each with the reason it is at that place. Pure."""
-    ordered: list[tuple[str, str]] = []
-    for rank, variant in enumerate(v for v in preferred if v in available):
-        ordered.append((variant, f"{'first' if rank == 0 else 'next'} in the profile's preference order"))
-    ordered += [(v, "in the package, not in the profile's preference list")
-                for v in available if v not in preferred]
-    return ordered
 
 
 def _error_text(exc: BaseException) -> str:

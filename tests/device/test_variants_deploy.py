@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from edgert.config import ModelEntry
-from edgert.device.deployer import Deployer, variant_order
+from edgert.device.deployer import Deployer
 from edgert.device.sources import ModelSource
+from edgert.profiles import variant_order
 from edgert.runtime import Runtime
 from edgert.security.keys import DeviceKeys
 from edgert.security.loader import open_keystore
@@ -26,8 +27,8 @@ pytest.importorskip("ai_edge_litert")
 
 
 def test_variant_order_is_the_profiles_then_the_rest() -> None:
-    order = variant_order(("edgetpu", "int8", "fp32"), ["fp32", "int8-tflite", "int8", "edgetpu"])
-    assert [v for v, _ in order] == ["edgetpu", "int8", "fp32", "int8-tflite"]
+    order = variant_order(("edgetpu", "int8", "fp32"), ["fp32", "int8-tflite", "int8", "edgetpu", "fp16"])
+    assert [v for v, _ in order] == ["edgetpu", "int8-tflite", "int8", "fp32", "fp16"]
     assert order[0][1].startswith("first") and "not in the profile" in order[-1][1]
 
 
