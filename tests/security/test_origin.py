@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from edgert.device.importing import import_plaintext
 from edgert.errors import IntegrityError, ModelError, SignatureError, UntrustedSignerError, exit_code_for
 from edgert.security.audit import AuditLog, read_records
 from edgert.security.keys import DeviceKeys, fingerprint
+from edgert.security.loader import import_model
 from edgert.security.package import MAGIC, canonical_json, read_header, rewrap, sign_manifest
 from edgert.security.store import ModelStore
 from tests.security.kit import PUBLISHER, SMALL_ONNX, make_package, source, trusted
@@ -129,10 +129,10 @@ def test_package_of_another_fleet_is_refused(tmp_path: Path) -> None:
 def test_local_import_is_signed_by_the_device_and_audited_as_local(state: Path, device_keys: DeviceKeys,
                                                                    tmp_path: Path) -> None:
     store, audit = _store(state, device_keys)
-    def describe(path: Path) -> tuple[str, list, list]:
-        return "onnx", source(path).inputs, source(path).outputs
+    def describe(path: Path) -> tuple[str, str, list, list]:
+        return "onnx", "int8", source(path).inputs, source(path).outputs
 
-    m = import_plaintext(store, SMALL_ONNX, name="byo", version="1", describe=describe)
+    m = import_model(store, SMALL_ONNX, name="byo", version="1", describe=describe)
     header = store.header("byo")
     assert header.signer_fingerprint == fingerprint(device_keys.sign_public) and m.variant_names == ["int8"]
     # ...but another device's own key is just an unknown signer here.
