@@ -89,7 +89,8 @@ def test_activate_and_rollback_reach_the_daemon_and_are_audited(tmp_path: Path) 
     # order: boot deploys, the daemon reports started, CLI-driven deployments follow, it stops last
     first_cli = next(i for i, r in enumerate(records)
                      if r["event"] == "model_deployed" and r["data"]["origin"] == "repository")
-    assert events.index("model_deployed") < events.index("daemon_start") < first_cli < events.index("daemon_stop")
+    start, stop = events.index("daemon_start"), events.index("daemon_stop")
+    assert events.index("model_deployed") < start < first_cli < stop
     assert events[-2:] == ["daemon_stop", "checkpoint"]
     swaps = [r["data"] for r in records
              if r["event"] == "model_deployed" and r["data"]["origin"] == "repository"]
