@@ -234,10 +234,11 @@ class _Walk:
             self.claims.append((self.index, data["last"], str(data.get("last_h"))))
         elif event == GAP_EVENT:
             expected, found = data.get("expected_seq"), data.get("found_last")
-            lost_from = found + 1 if isinstance(found, int) else self.index
+            lost_from = max(0, found + 1) if isinstance(found, int) else self.index
+            ending = f"ending at record {found}" if lost_from > 0 else "empty or missing"
             self.incidents.append((lost_from, (
-                f"truncated before record {expected}: a writer found the log ending at record {found} "
-                f"(per the {data.get('source', 'head')}); records {lost_from}..{expected} are gone "
+                f"truncated before record {expected}: a writer found the log {ending} (per the "
+                f"{data.get('source', 'head')}); records {lost_from}..{expected} are gone "
                 f"(noted at record {self.index})")))
         elif event == HEAD_MISSING_EVENT and self.anchored:
             self.incidents.append((self.index, (

@@ -19,6 +19,8 @@ from edgert.mqtt.commands import CommandProcessor
 from edgert.mqtt.signing import sign_command
 from edgert.security.audit import read_records, verify_dir
 from edgert.security.keys import init_keystore, load_keystore
+from edgert.security.store import ModelStore
+from tests.security.kit import SMALL_ONNX, make_package
 
 #: What the review sent and measured.
 REVIEW_FLOOD = 18_380
@@ -99,3 +101,40 @@ def test_a_tiny_budget_keeps_the_directory_under_it_and_appends_working(state: P
     report = verify_dir(state / "audit", keys.sign_public)
     assert report.ok, report
     assert report.first_index > 0  # the oldest records were pruned, and the log says so
+
+
+def test_the_store_keeps_installing_when_the_audit_budget_is_reached(state: Path, tmp_path: Path) -> None:
+    from edgert.security.audit import AuditLog
+
+    budget = 32 * 1024
+    keys = load_keystore(state / "keys")
+    log = AuditLog(state / "audit", keys.sign, max_total_bytes=budget)
+    for i in range(3_000):  # the budget is reached many times over
+        log.append("mqtt.command.accepted", cmd="ping", nonce=f"{i:032x}")
+    store = ModelStore(state / "models", keys, audit=log)
+    for version in ("1", "2"):
+        pkg = tmp_path / f"digits-{version}.edgepkg"
+        pkg.write_bytes(make_package(SMALL_ONNX, [keys], version=version))
+        store.install(pkg)
+    assert store.entry("digits").active == "2"
+    log.close()
+    assert _dir_bytes(state / "audit") <= budget
+    installs = [r["data"]["version"] for r in read_records(state / "audit") if r["event"] == "model_install"]
+    assert installs == ["1", "2"]
+    assert verify_dir(state / "audit", keys.sign_public).ok
+
+
+def test_daemon_audit_status_carries_the_signed_head(state: Path) -> None:
+    from edgert.security.audit_chain import verify_head
+
+    audit = open_daemon_audit(state)
+    audit.event("daemon_start", pid=1)
+    for _ in range(10):
+        audit.event("mqtt.command.refused", reason="unsigned", bytes=22)
+    status = audit.status()
+    assert status["enabled"] is True and status["refusals_pending"] == 9
+    head = status["head"]
+    assert head == audit.head() and verify_head(head, load_keystore(state / "keys").sign_public) is None
+    audit.close()
+    assert audit.status() == {"enabled": False, "head": None}
+    assert DaemonAudit(None).head() is None

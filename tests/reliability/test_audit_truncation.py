@@ -107,3 +107,33 @@ def test_a_cut_log_with_its_head_file_deleted_is_reported(state: Path) -> None:
     code, out = _verify(state)
     assert code == INTEGRITY_EXIT, out
     assert "head file" in out and "missing" in out, out
+
+
+def test_a_restart_after_the_cut_does_not_hide_it(state: Path) -> None:
+    _cut_to_second_checkpoint(state)
+    keys = open_keystore(state)
+    with open_audit(state, keys) as audit:  # e.g. the daemon starts again and writes on
+        audit.append("daemon_start", pid=1)
+    code, out = _verify(state)
+    assert code == INTEGRITY_EXIT, out
+    assert "truncated" in out, out
+
+
+def test_only_the_fleets_copy_catches_a_rollback_of_log_and_head_together(state: Path,
+                                                                          tmp_path: Path) -> None:
+    shutil.copytree(state / "audit", tmp_path / "old-audit")  # an older, self-consistent log and head
+    with open_audit(state, open_keystore(state)) as audit:
+        for i in range(600):
+            audit.append("model_activate", model="digits", version=str(i))
+    r = run_edgert("audit", "head", "--state-dir", str(state))
+    assert r.returncode == 0, r.stderr
+    fleet_copy = tmp_path / "fleet-head.json"
+    fleet_copy.write_text(r.stdout)  # what status/telemetry gave the fleet
+    assert json.loads(r.stdout)["seq"] > REVIEW_RECORDS
+    shutil.rmtree(state / "audit")
+    shutil.copytree(tmp_path / "old-audit", state / "audit")
+    code, out = _verify(state)
+    assert code == 0, out  # the device alone cannot tell (documented in docs/security.md)
+    code, out = _verify(state, "--fleet-head", str(fleet_copy))
+    assert code == INTEGRITY_EXIT, out
+    assert "fleet's copy" in out and "truncated" in out, out
