@@ -157,7 +157,10 @@ class AuditLog:
             self._open_latest()
             self._check_head_file()
             if self._rotated_bytes() + self.max_bytes + HEAD_RESERVE_BYTES > self.max_total_bytes:
-                self._rotate() if self._size else self._enforce_budget()  # e.g. the budget was lowered
+                if self._size:  # over budget at open: the budget was lowered, or logs predate retention
+                    self._rotate()
+                else:
+                    self._enforce_budget()
 
     @property
     def unsigned(self) -> int:
