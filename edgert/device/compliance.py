@@ -16,13 +16,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgert import paths
+from edgert.security.audit import REFUSAL_INTERVAL_S, RefusalAggregator
 
 __all__ = ["CAPTURE_QUEUE", "CaptureSink", "DaemonAudit", "open_capture_sink", "open_daemon_audit"]
 
@@ -35,32 +37,54 @@ CAPTURE_DRAIN_S = 10.0
 
 
 class DaemonAudit:
-    """Appends daemon events to the device audit log (a no-op without one)."""
+    """Appends daemon events to the device audit log (a no-op without one).
 
-    def __init__(self, audit: Any | None) -> None:
+    Refusals of untrusted input (``mqtt.command.refused`` and other ``*.refused``/``*.rejected``
+    events) go through a :class:`~edgert.security.audit.RefusalAggregator`: a few records per reason
+    and interval instead of one per message. Every other event is recorded one by one.
+    """
+
+    def __init__(self, audit: Any | None, *, refusal_interval_s: float = REFUSAL_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._audit = audit
+        self._front: RefusalAggregator | None = None
+        if audit is not None:
+            self._front = RefusalAggregator(audit, interval_s=refusal_interval_s, clock=clock)
+            self._front.start()
 
     @property
     def enabled(self) -> bool:
         """True when events are recorded."""
-        return self._audit is not None
+        return self._front is not None
 
     def event(self, name: str, **fields: Any) -> None:
         """Record one event; failures are logged, never raised into serving."""
-        if self._audit is None:
+        if self._front is None:
             return
         try:
-            self._audit.append(name, **fields)
+            self._front.event(name, **fields)
         except Exception:
             log.exception("cannot write the audit log", extra={"event": name})
 
+    def head(self) -> dict[str, Any] | None:
+        """The latest signed head of the log ``{v, seq, hash, ts, sig}``, for status and telemetry."""
+        return self._front.log.head() if self._front is not None else None
+
+    def status(self) -> dict[str, Any]:
+        """``{"enabled", "head", "refusals_aggregated", "refusals_pending"}`` for the daemon status."""
+        if self._front is None:
+            return {"enabled": False, "head": None}
+        return {"enabled": True, "head": self.head(), "refusals_aggregated": self._front.aggregated,
+                "refusals_pending": self._front.pending()}
+
     def close(self) -> None:
-        """Sign a checkpoint and close the log."""
-        if self._audit is not None:
+        """Write pending refusal summaries, sign a checkpoint and close the log."""
+        if self._front is not None:
             try:
-                self._audit.close()
+                self._front.close()
             except Exception:
                 log.exception("cannot close the audit log")
+            self._front = None
             self._audit = None
 
 
