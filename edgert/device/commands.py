@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,8 @@ COMMANDS = (
     "collect-logs",
     "reboot-daemon",
 )
+#: Refused commands are logged once per reason per this many seconds, with a count of the rest.
+REFUSAL_LOG_INTERVAL_S = 60.0
 #: Replies stay well under AWS IoT Core's 128 KB message limit.
 MAX_REPLY_BYTES = 96 * 1024
 REPLY_VERSION = 1
@@ -60,6 +63,9 @@ class CommandProcessor:
     handlers: dict[str, Handler] = field(default_factory=dict)
     audit: AuditSink = _no_audit
     nonces: NonceStore = field(default_factory=NonceCache)
+    clock: Callable[[], float] = time.monotonic
+    #: reason -> (start of its log window, refusals not logged in it)
+    _refusal_log: dict[str, tuple[float, int]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.handlers.setdefault("ping", lambda args: {"pong": True, "echo": str(args.get("echo", ""))[:256]})
@@ -67,13 +73,27 @@ class CommandProcessor:
         if unknown:
             raise ValueError(f"unknown command handler(s): {sorted(unknown)}")
 
+    def _log_refusal(self, reason: str) -> None:
+        """One log line per reason and :data:`REFUSAL_LOG_INTERVAL_S`, then a count (a flood must not
+        flood the journal or the log tail that ``collect-logs`` returns)."""
+        now = self.clock()
+        start, suppressed = self._refusal_log.get(reason, (-REFUSAL_LOG_INTERVAL_S, 0))
+        if now - start < REFUSAL_LOG_INTERVAL_S:
+            self._refusal_log[reason] = (start, suppressed + 1)
+            return
+        extra: dict[str, Any] = {"reason": reason}
+        if suppressed:
+            extra["suppressed"] = suppressed  # refusals with this reason not logged in the last window
+        log.warning("command refused", extra=extra)
+        self._refusal_log[reason] = (now, 0)
+
     def handle(self, payload: bytes, *, now: float, request_id: str | None = None) -> dict[str, Any]:
         """Process one command payload and return the reply document (never raises)."""
         try:
             command = self._verify(payload, now)
         except CommandRejected as exc:
             self.audit("mqtt.command.refused", reason=exc.code, bytes=len(payload))
-            log.warning("command refused", extra={"reason": exc.code})
+            self._log_refusal(exc.code)
             return self._reply(request_id, ok=False, code=exc.code, message=exc.message)
         rid = command.request_id or request_id
         self.audit("mqtt.command.accepted", cmd=command.cmd, nonce=command.nonce)

@@ -217,6 +217,7 @@ class Daemon:
             audit=self.audit.event,
             state_root=self._state_root(),
             handlers=daemon_handlers(deployer=self.deployer, restart=self.request_restart),
+            audit_head=self.audit.head,
         )
         self.deployer.events.append(lambda doc: sync.emit_event(_event_bytes(doc)))
         return sync
@@ -446,6 +447,7 @@ class Daemon:
             "draining": self.draining,
             "listeners": dict(self.addresses),
             "pid": os.getpid(),
+            "audit": self.audit.status(),  # the signed head: the fleet keeps a copy (docs/security.md)
         }
 
 

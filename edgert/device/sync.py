@@ -74,6 +74,7 @@ class SyncService:
         clock: Callable[[], float] = time.time,
         state_root: str | os.PathLike[str] | None = None,
         nonce_path: str | os.PathLike[str] | None = None,
+        audit_head: Callable[[], Mapping[str, Any] | None] = lambda: None,
     ) -> None:
         from edgert.paths import spool_path, state_dir
 
@@ -82,6 +83,7 @@ class SyncService:
         spool_file = cfg.sync.spool_path or spool_path(state_dir(state_root))
         self.spool = spool or Spool(spool_file, cfg.sync.spool_max_records)
         self.status_provider, self.stats_provider = status_provider, stats_provider
+        self.audit_head = audit_head
         self.device_stats = device_stats or DeviceStats(disk_path=str(Path(self.spool.path).parent))
         # Without a log source from the daemon, keep our own tail of the edgert.* log records.
         self._log_ring = LogRing() if log_tail is None else None
@@ -195,6 +197,7 @@ class SyncService:
             models=snapshot.get("models", {}),
             device_stats=self.device_stats.read(),
             sync_stats=self.spool.stats(),
+            audit={"head": head} if (head := self.audit_head()) is not None else None,
         )
         for payload in parts:
             self.spool.enqueue(self.telemetry_topic, payload, self.clock())

@@ -51,6 +51,7 @@ def build_telemetry(
     models: Mapping[str, Mapping[str, Any]],
     device_stats: Mapping[str, Any],
     sync_stats: Mapping[str, Any],
+    audit: Mapping[str, Any] | None = None,
     max_bytes: int = MAX_MESSAGE_BYTES,
 ) -> list[bytes]:
     """Return one or more telemetry payloads; models are split across parts to fit ``max_bytes``.
@@ -68,6 +69,8 @@ def build_telemetry(
         "device_stats": _jsonable(device_stats),
         "sync": _jsonable(sync_stats),
     }
+    if audit is not None:  # the signed audit head: the fleet keeps a copy to detect a rolled-back log
+        base["audit"] = _jsonable(audit)
     overhead = len(_dump({**base, "models": {}, "part": 999, "parts": 999}))
     budget = max_bytes - overhead
     parts: list[dict[str, Any]] = [{}]

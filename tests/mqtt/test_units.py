@@ -318,3 +318,21 @@ def test_busy_reply_echoes_only_a_plausible_request_id(payload: bytes | None, ri
         **({"request_id": rid} if rid else {}),
     }
     assert not nonces._seen  # neither verified nor recorded
+
+
+def test_refused_commands_are_logged_once_per_reason_and_window(caplog) -> None:
+    """18,380 unsigned commands used to write 18,380 warning lines (journal and collect-logs ring)."""
+    import logging
+
+    from edgert.device.commands import REFUSAL_LOG_INTERVAL_S, CommandProcessor
+
+    now = [0.0]
+    proc = CommandProcessor("f1", "d1", None, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="edgert.device.commands"):
+        for _ in range(1000):
+            assert proc.handle(b"not json", now=1.0)["ok"] is False
+        now[0] += REFUSAL_LOG_INTERVAL_S
+        proc.handle(b"not json", now=1.0)
+    lines = [r for r in caplog.records if r.getMessage() == "command refused"]
+    assert len(lines) == 2
+    assert lines[1].__dict__.get("suppressed") == 999
