@@ -22,13 +22,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgert.errors import KeyFileError
-from edgert.mqtt.config import MqttConfig
 from edgert.mqtt.nonces import NONCE_FILE, PersistentNonceCache
 from edgert.mqtt.spool import Spool
 from edgert.mqtt.sync import SyncService
 from edgert.security.keys import init_keystore, load_keystore
 from tests.brokers import Mosquitto, free_port
-from tests.mqtt.conftest import Recorder, require_mosquitto, wait_for
+from tests.mqtt.conftest import Recorder, make_config, require_mosquitto, wait_for
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 REPO = Path(__file__).resolve().parents[2]
@@ -66,12 +65,9 @@ def _pubkey(tmp_path: Path) -> Path:
 
 def test_sync_state_is_private_under_umask_022(tmp_path: Path, umask022: None) -> None:
     state = tmp_path / "state"
-    cfg = MqttConfig.from_dict(
-        {"host": "127.0.0.1", "port": free_port(), "fleet": "f1", "device_id": "d1",
-         "command_key_file": str(_pubkey(tmp_path))},
-        "test",
-    )
-    svc = SyncService(cfg, state_root=state)  # the default layout: {state}/spool/telemetry.sqlite
+    # No spool_path: the default layout, {state}/spool/telemetry.sqlite and the nonce store beside it.
+    cfg = make_config(tmp_path, free_port(), spool_path=None, command_key_file=str(_pubkey(tmp_path)))
+    svc = SyncService(cfg, state_root=state)
     try:
         svc.spool.enqueue("t", b"{}", 1.0)
         svc.nonces.check_and_add("ab" * 16, NOW + 60, NOW)
