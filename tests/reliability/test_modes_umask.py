@@ -65,8 +65,9 @@ def _pubkey(tmp_path: Path) -> Path:
 
 def test_sync_state_is_private_under_umask_022(tmp_path: Path, umask022: None) -> None:
     state = tmp_path / "state"
-    # No spool_path: the default layout, {state}/spool/telemetry.sqlite and the nonce store beside it.
-    cfg = make_config(tmp_path, free_port(), spool_path=None, command_key_file=str(_pubkey(tmp_path)))
+    # The default layout ({state}/spool/telemetry.sqlite, the nonce store beside it); nothing exists yet.
+    default = str(state / "spool" / "telemetry.sqlite")
+    cfg = make_config(tmp_path, free_port(), spool_path=default, command_key_file=str(_pubkey(tmp_path)))
     svc = SyncService(cfg, state_root=state)
     try:
         svc.spool.enqueue("t", b"{}", 1.0)
