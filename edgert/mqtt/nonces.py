@@ -4,10 +4,12 @@ replayed after a restart while it is still valid.
 Every accepted nonce is committed (``synchronous=FULL``) *before* the command runs, so a crash
 right after a command cannot forget it. Rows are pruned once the command they belong to has
 expired (plus the tolerated clock skew); the table is bounded and a full table refuses new
-commands rather than evicting live nonces. If the file is corrupt or unreadable it is moved aside
-and rebuilt, and a *floor* is stored: commands issued before the rebuild (``iat`` earlier than the
-rebuild time plus the clock skew) are refused, because their nonces may have been lost. A store
-that cannot be written (disk full, read-only) refuses commands: it fails closed.
+commands rather than evicting live nonces. If the file is corrupt (a failed integrity check,
+SQLITE_CORRUPT or SQLITE_NOTADB) it is set aside (bounded copies) and rebuilt, and a *floor* is
+stored: commands issued before the rebuild (``iat`` earlier than the rebuild time plus the clock
+skew) are refused, because their nonces may have been lost. A file locked by another process is
+not corrupt: opening it waits and retries. A store that cannot be written (disk full, read-only,
+locked) refuses commands: it fails closed. The file and its ``-wal``/``-shm`` are mode 0600.
 """
 
 from __future__ import annotations
@@ -20,6 +22,21 @@ from pathlib import Path
 
 from edgert.errors import SyncError
 from edgert.mqtt.signing import CLOCK_SKEW_S, MAX_NONCES, CommandRejected
+from edgert.mqtt.spool import MAX_CORRUPT_BYTES, MAX_CORRUPT_COPIES, MAX_CORRUPT_DISK_FRACTION
+from edgert.mqtt.sqlitedb import (
+    CorruptDatabase,
+    companion_files,
+    retry_on_busy,
+    sqlite_is_busy,
+    sqlite_is_corrupt,
+)
+from edgert.security.atomic import (
+    aside_byte_limit,
+    create_private_file,
+    ensure_private_dir,
+    set_aside,
+    tighten_files,
+)
 
 __all__ = ["NONCE_FILE", "PersistentNonceCache"]
 
@@ -29,6 +46,8 @@ log = logging.getLogger("edgert.mqtt.nonces")
 NONCE_FILE = "command-nonces.sqlite"
 #: Seconds to wait on a locked database (another process holding it) before failing closed.
 BUSY_TIMEOUT_S = 2.0
+#: Further attempts to *open* a locked store (each waits ``BUSY_TIMEOUT_S``) before giving up.
+OPEN_BUSY_RETRIES = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, exp REAL NOT NULL) WITHOUT ROWID;
@@ -52,18 +71,32 @@ class PersistentNonceCache:
 
     def _open(self, now: float) -> sqlite3.Connection:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            ensure_private_dir(self.path.parent)
         except OSError as exc:
             raise SyncError(
                 f"cannot create {self.path.parent} for the command nonce store: {exc.strerror}",
                 hint="check the state directory's permissions",
             ) from None
         try:
-            return self._open_checked()
+            return retry_on_busy(self._open_checked, OPEN_BUSY_RETRIES, what=str(self.path))
         except sqlite3.DatabaseError as exc:
-            return self._rebuild(now, str(exc))
+            if sqlite_is_corrupt(exc):
+                return self._rebuild(now, str(exc))
+            hint = (
+                "stop the process holding it (an sqlite3 shell, a backup tool), then start again"
+                if sqlite_is_busy(exc)
+                else "check the state directory's permissions and free space"
+            )
+            raise SyncError(f"cannot open the command nonce store {self.path}: {exc}", hint=hint) from None
+        except OSError as exc:
+            raise SyncError(
+                f"cannot open the command nonce store {self.path}: {exc.strerror}",
+                hint="check the state directory's permissions",
+            ) from None
 
     def _open_checked(self) -> sqlite3.Connection:
+        # Created 0600 before SQLite opens it; SQLite gives -wal/-shm the same mode.
+        create_private_file(self.path)
         db = sqlite3.connect(
             str(self.path), check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S
         )
@@ -73,26 +106,27 @@ class PersistentNonceCache:
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise sqlite3.DatabaseError("quick_check failed")
+                raise CorruptDatabase("quick_check failed")
         except sqlite3.DatabaseError:
             db.close()
             raise
-        os.chmod(self.path, 0o600)
+        tighten_files(companion_files(self.path))  # left by an older version with the umask's mode
         return db
 
     def _rebuild(self, now: float, why: str) -> sqlite3.Connection:
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(now)}")
-        for suffix in ("", "-wal", "-shm"):
-            src = Path(str(self.path) + suffix)
-            if src.exists():
-                os.replace(src, Path(str(aside) + suffix))
+        limit = aside_byte_limit(self.path.parent, MAX_CORRUPT_BYTES, MAX_CORRUPT_DISK_FRACTION)
+        aside = set_aside(self.path, max_copies=MAX_CORRUPT_COPIES, max_bytes=limit, now=now)
         db = self._open_checked()
         # Nonces seen before now are lost: refuse anything issued before now (+ skew) from here on.
         db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('floor', ?)", (now + CLOCK_SKEW_S,))
         self.rebuilt = True
         log.warning(
             "command nonce store was unreadable and has been rebuilt; older commands are refused",
-            extra={"store": str(self.path), "moved_to": str(aside), "error": why[:200]},
+            extra={
+                "store": str(self.path),
+                "moved_to": str(aside) if aside else "(deleted: over the size bound for copies)",
+                "error": why[:200],
+            },
         )
         return db
 

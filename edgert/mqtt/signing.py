@@ -8,6 +8,10 @@ The signature covers ``DOMAIN + body`` (the exact bytes of the body string in UT
 canonicalisation is needed. The body carries ``cmd``, ``args``, ``fleet``, ``device`` (the
 command is bound to one device), ``nonce``, ``iat`` and ``exp`` (unix seconds) and an optional
 ``request_id``. Verification takes ``now`` so tests can move time.
+
+Verification never raises anything but :class:`CommandRejected`, whose ``code`` is one of
+:data:`REFUSAL_CODES`, whatever the payload holds: invalid UTF-8 or lone surrogates, ``NaN`` or
+``Infinity``, numbers of hundreds of digits, nesting bombs, values of any JSON type in any field.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import os
 import secrets
 import stat
@@ -33,7 +38,9 @@ __all__ = [
     "COMMAND_VERSION",
     "DOMAIN",
     "MAX_COMMAND_BYTES",
+    "MAX_COMMAND_TIME_S",
     "MAX_COMMAND_TTL_S",
+    "REFUSAL_CODES",
     "CommandRejected",
     "NonceCache",
     "NonceStore",
@@ -47,12 +54,19 @@ __all__ = [
 COMMAND_VERSION = 1
 DOMAIN = b"edgert-command-v1\n"
 MAX_COMMAND_BYTES = 64 * 1024
-#: Longest validity a command may claim; bounds the nonce cache and the replay window.
+#: Longest validity a command may claim (``exp - iat``); bounds the nonce cache and the replay window.
 MAX_COMMAND_TTL_S = 600.0
+#: ``iat`` and ``exp`` are unix seconds in 0..this (9999-12-31T23:59:59Z); anything else is ``bad_time``.
+MAX_COMMAND_TIME_S = 253_402_300_799
 #: Tolerated clock skew between the fleet signer and the device.
 CLOCK_SKEW_S = 60.0
 MAX_NONCES = 100_000
 _NONCE_CHARS = set("0123456789abcdefABCDEF-_")
+#: Every code :func:`verify_command` refuses with (the reply's ``error.code``; docs/mqtt.md lists them).
+REFUSAL_CODES = frozenset({
+    "unsigned", "bad_signature", "wrong_device", "expired", "bad_time", "replayed", "malformed",
+    "too_large", "bad_version", "busy",
+})
 
 
 class CommandRejected(Exception):
@@ -110,19 +124,30 @@ def sign_command(
     ).encode()
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(text: str | bytes) -> Any:
+    """Strict JSON: NaN and Infinity (which Python's json accepts) are refused as invalid."""
+    return json.loads(text, parse_constant=_no_constants)
+
+
 def _parse_envelope(payload: bytes) -> tuple[str, bytes]:
     if len(payload) > MAX_COMMAND_BYTES:
         raise CommandRejected(
             "too_large", f"command is {len(payload)} bytes; the limit is {MAX_COMMAND_BYTES}"
         )
     try:
-        env = json.loads(payload)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[…" nesting bombs
-        raise CommandRejected("malformed", "command is not valid JSON") from None
+        env = _loads(payload)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: "[[[[…"
+        raise CommandRejected("malformed", "command is not valid JSON (UTF-8, no NaN/Infinity)") from None
     if not isinstance(env, dict):
         raise CommandRejected("malformed", "command must be a JSON object")
     if env.get("v") != COMMAND_VERSION:
-        raise CommandRejected("bad_version", f"unsupported command version {env.get('v')!r}; expected 1")
+        raise CommandRejected(
+            "bad_version", f"unsupported command version {_short(env.get('v'))}; expected {COMMAND_VERSION}"
+        )
     body, sig = env.get("body"), env.get("sig")
     if sig is None:
         raise CommandRejected("unsigned", "command carries no fleet signature")
@@ -130,27 +155,57 @@ def _parse_envelope(payload: bytes) -> tuple[str, bytes]:
         raise CommandRejected("malformed", "command needs string fields 'body' and 'sig'")
     try:
         raw_sig = base64.b64decode(sig, validate=True)
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError):  # UnicodeEncodeError (non-ASCII) is a ValueError
         raise CommandRejected("bad_signature", "signature is not valid base64") from None
     return body, raw_sig
 
 
+def _short(value: Any) -> str:
+    """A bounded, always-printable rendering of an untrusted value for an error message."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int over the str() digit limit
+        text = f"<{type(value).__name__}>"
+    return text[:40] + ("…" if len(text) > 40 else "")
+
+
+def _signed_bytes(body_text: str) -> bytes:
+    try:
+        return DOMAIN + body_text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800") in the envelope's body string
+        raise CommandRejected("malformed", "command body is not valid Unicode (lone surrogate)") from None
+
+
+def _parse_time(body: Mapping[str, Any], name: str) -> float:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CommandRejected("malformed", f"signed body field {name!r} must be a number")
+    # Compare ints before float(): a 400-digit integer would overflow it.
+    if (isinstance(value, float) and not math.isfinite(value)) or not 0 <= value <= MAX_COMMAND_TIME_S:
+        raise CommandRejected(
+            "bad_time", f"signed body field {name!r} must be unix seconds in 0..{MAX_COMMAND_TIME_S}"
+        )
+    return float(value)
+
+
 def _parse_body(body_text: str) -> dict[str, Any]:
     try:
-        body = json.loads(body_text)
+        body = _loads(body_text)
     except (ValueError, RecursionError):
-        raise CommandRejected("malformed", "signed body is not valid JSON") from None
+        raise CommandRejected("malformed", "signed body is not valid JSON (no NaN/Infinity)") from None
     if not isinstance(body, dict) or body.get("v") != COMMAND_VERSION:
         raise CommandRejected("bad_version", "signed body has an unsupported version")
+    try:
+        # Strings echoed into replies and the audit log (UTF-8) must be encodable: no lone surrogates.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):
+        raise CommandRejected("malformed", "signed body holds invalid Unicode (lone surrogate)") from None
     checks = {"cmd": str, "fleet": str, "device": str, "nonce": str, "args": dict}
     for name, typ in checks.items():
         if not isinstance(body.get(name), typ):
             raise CommandRejected(
                 "malformed", f"signed body field {name!r} is missing or not a {typ.__name__}"
             )
-    for name in ("iat", "exp"):
-        if isinstance(body.get(name), bool) or not isinstance(body.get(name), (int, float)):
-            raise CommandRejected("malformed", f"signed body field {name!r} must be a number")
     nonce = body["nonce"]
     if not 16 <= len(nonce) <= 64 or not set(nonce) <= _NONCE_CHARS:
         raise CommandRejected("malformed", "nonce must be 16-64 hex characters")
@@ -198,18 +253,19 @@ def verify_command(
     """Verify signature, binding, expiry and freshness; raise CommandRejected with a reason code."""
     body_text, sig = _parse_envelope(payload)
     try:
-        public_key.verify(sig, DOMAIN + body_text.encode())
+        public_key.verify(sig, _signed_bytes(body_text))
     except InvalidSignature:
         raise CommandRejected("bad_signature", "fleet signature does not verify") from None
     body = _parse_body(body_text)
     if body["fleet"] != fleet or body["device"] != device:
         raise CommandRejected("wrong_device", "command is signed for another fleet or device")
-    iat, exp = float(body["iat"]), float(body["exp"])
+    iat, exp = _parse_time(body, "iat"), _parse_time(body, "exp")
     if exp <= now:
         raise CommandRejected("expired", "command has expired")
-    if iat > now + CLOCK_SKEW_S or exp - iat > MAX_COMMAND_TTL_S:
+    if iat > now + CLOCK_SKEW_S or not 0 < exp - iat <= MAX_COMMAND_TTL_S:
         raise CommandRejected(
-            "bad_time", f"command validity must start by now and last <= {MAX_COMMAND_TTL_S} s"
+            "bad_time",
+            f"command validity must start by now and last 0..{MAX_COMMAND_TTL_S:g} s (exp after iat)",
         )
     nonces.check_and_add(body["nonce"], exp, now, iat=iat)
     return SignedCommand(

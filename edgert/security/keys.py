@@ -1,9 +1,10 @@
 """Device identity: X25519 (key wrapping), Ed25519 (audit checkpoints), ECDSA P-256 (TLS client).
 
 Keys are generated on the device and never leave it. Private keys are PKCS#8 PEM files, mode
-0600, in a 0700 directory. Loading refuses files that are group- or world-accessible or owned
-by another user, as ssh does. Public keys are exchanged as ``x25519:<base64>`` strings and
-identified by a fingerprint, ``sha256`` of the raw public key (first 16 bytes, hex).
+0600, in a 0700 directory. Loading refuses a keys directory or key files that are group- or
+world-accessible or owned by another user, as ssh does. Public keys are exchanged as
+``x25519:<base64>`` strings and identified by a fingerprint, ``sha256`` of the raw public key
+(first 16 bytes, hex).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from edgert.security.atomic import FileSystem, ensure_private_dir
 __all__ = [
     "KEY_FILES",
     "DeviceKeys",
+    "check_private_dir",
+    "check_private_file",
     "fingerprint",
     "format_public_key",
     "init_keystore",
@@ -76,6 +79,28 @@ def parse_public_key(text: str) -> x25519.X25519PublicKey:
                            hint="use the 'x25519:...' line printed by 'edgert keys show'") from exc
     raise KeyFileError("recipient is not an X25519 public key",
                        hint="use the 'x25519:...' line printed by 'edgert keys show'")
+
+
+def check_private_dir(path: Path) -> None:
+    """Refuse a keys directory that is not a directory, is shared, or is owned by someone else.
+
+    A missing directory is left to the key file checks, which say how to create the keys.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise KeyFileError(f"keys directory {path} is not a directory")
+    if st.st_mode & _LOOSE_BITS:
+        raise KeyFileError(
+            f"permissions {stat.S_IMODE(st.st_mode):04o} for {path} are too open: the keys directory "
+            "must not be accessible by group or others",
+            hint=f"run: chmod 700 {path}")
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        raise KeyFileError(f"keys directory {path} is owned by uid {st.st_uid}, "
+                           f"not by this user ({os.geteuid()})",
+                           hint="run edgert as the daemon user that owns the keys, or chown the directory")
 
 
 def check_private_file(path: Path) -> None:
@@ -185,7 +210,7 @@ def init_keystore(keys_dir: Path, *, fs: FileSystem | None = None, exist_ok: boo
                            hint="'edgert keys show' prints them; delete the directory only to re-identify "
                                 "the device (installed models become unreadable)")
     ensure_private_dir(keys_dir)
-    os.chmod(keys_dir, 0o700)
+    os.chmod(keys_dir, 0o700)  # an existing (empty) directory too: the keys are about to live there
     keys = DeviceKeys.generate()
     for role, name in KEY_FILES.items():
         fs.atomic_write(keys_dir / name, [_pem(getattr(keys, role))], mode=0o600, step=f"key-{role}")
@@ -193,8 +218,9 @@ def init_keystore(keys_dir: Path, *, fs: FileSystem | None = None, exist_ok: boo
 
 
 def load_keystore(keys_dir: Path) -> DeviceKeys:
-    """Load the device keys, refusing loose permissions or wrong key types."""
+    """Load the device keys, refusing loose permissions (directory or files) or wrong key types."""
     keys_dir = Path(keys_dir)
+    check_private_dir(keys_dir)
     loaded = {role: load_private_key_file(keys_dir / name) for role, name in KEY_FILES.items()}
     expected = {"wrap": x25519.X25519PrivateKey, "sign": ed25519.Ed25519PrivateKey,
                 "tls": ec.EllipticCurvePrivateKey}

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ from edgert.device.sync import MAX_SPOOLED_BYTES, SyncService
 from edgert.device.telemetry import build_telemetry
 from edgert.errors import SyncError
 from edgert.mqtt.client import MAX_PAYLOAD_BYTES, MqttLink
-from edgert.mqtt.nonces import PersistentNonceCache
+from edgert.mqtt.nonces import BUSY_TIMEOUT_S, PersistentNonceCache
 from edgert.mqtt.signing import CLOCK_SKEW_S, CommandRejected, sign_command
 from edgert.mqtt.spool import Spool
 from tests.brokers import Mosquitto
@@ -85,6 +87,38 @@ def test_corrupt_nonce_store_is_rebuilt_and_fails_closed_for_older_commands(tmp_
     # The floor itself persists across a restart.
     _, cache = _processor(path, NOW + 100)
     assert cache.floor == NOW + CLOCK_SKEW_S and not cache.rebuilt
+    cache.close()
+
+
+_EXCLUSIVE_LOCKER = r"""
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA locking_mode=EXCLUSIVE")
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("COMMIT")
+db.close()
+"""
+
+
+def test_nonce_store_locked_by_another_process_is_not_rebuilt(tmp_path: Path) -> None:
+    """A lock is not corruption: before, the store was set aside and every earlier command refused."""
+    path = tmp_path / "n.sqlite"
+    proc, cache = _processor(path)
+    cache.close()
+    hold_s = 2 * BUSY_TIMEOUT_S  # longer than SQLite's own wait, within the bounded retries
+    locker = subprocess.Popen([sys.executable, "-c", _EXCLUSIVE_LOCKER, str(path), str(hold_s)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
+        proc, cache = _processor(path, NOW + 5)
+    finally:
+        locker.communicate(timeout=60)
+    assert not cache.rebuilt and cache.floor == 0.0
+    assert not list(tmp_path.glob("n.sqlite.corrupt-*"))
+    issued_before = sign_command(KEY, cmd="ping", fleet=FLEET, device=DEVICE, now=NOW, ttl=300)
+    assert proc.handle(issued_before, now=NOW + 10)["ok"] is True
     cache.close()
 
 

@@ -70,3 +70,27 @@ def test_bad_recipient_text() -> None:
     for text in ("x25519:notbase64!!", "x25519:AAAA", "ed25519:AAAA", "hello"):
         with pytest.raises(KeyFileError):
             parse_public_key(text)
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o750, 0o705, 0o710])
+def test_shared_keys_directory_is_refused_with_a_chmod_hint(tmp_path: Path, mode: int) -> None:
+    kdir = tmp_path / "keys"
+    init_keystore(kdir)
+    os.chmod(kdir, mode)
+    with pytest.raises(KeyFileError, match=f"permissions {mode:04o} for {kdir} are too open") as exc:
+        load_keystore(kdir)
+    assert exc.value.hint == f"run: chmod 700 {kdir}"
+    os.chmod(kdir, 0o700)
+    load_keystore(kdir)
+
+
+def test_init_makes_missing_parents_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        init_keystore(tmp_path / "a" / "b" / "keys")
+    finally:
+        os.umask(old)
+    for d in ("a", "a/b", "a/b/keys"):
+        assert stat.S_IMODE((tmp_path / d).stat().st_mode) == 0o700, d
+    with pytest.raises(KeyFileError, match="does not exist"):
+        load_keystore(tmp_path / "missing" / "keys")
