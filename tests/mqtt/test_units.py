@@ -320,19 +320,26 @@ def test_busy_reply_echoes_only_a_plausible_request_id(payload: bytes | None, ri
     assert not nonces._seen  # neither verified nor recorded
 
 
-def test_refused_commands_are_logged_once_per_reason_and_window(caplog) -> None:
+def test_refused_commands_are_logged_once_per_reason_and_window() -> None:
     """18,380 unsigned commands used to write 18,380 warning lines (journal and collect-logs ring)."""
     import logging
 
     from edgert.device.commands import REFUSAL_LOG_INTERVAL_S, CommandProcessor
 
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("edgert.device.commands")  # our own handler: other tests reconfigure edgert.*
+    logger.addHandler(handler)
     now = [0.0]
     proc = CommandProcessor("f1", "d1", None, clock=lambda: now[0])
-    with caplog.at_level(logging.WARNING, logger="edgert.device.commands"):
+    try:
         for _ in range(1000):
             assert proc.handle(b"not json", now=1.0)["ok"] is False
         now[0] += REFUSAL_LOG_INTERVAL_S
         proc.handle(b"not json", now=1.0)
-    lines = [r for r in caplog.records if r.getMessage() == "command refused"]
+    finally:
+        logger.removeHandler(handler)
+    lines = [r for r in records if r.getMessage() == "command refused"]
     assert len(lines) == 2
     assert lines[1].__dict__.get("suppressed") == 999
