@@ -99,6 +99,8 @@ def deploy_from_cli(store: Any, name: str, version: str | None, *, allow_downgra
         return Outcome(name, version, False, f"{note}; {name} {version} is already active")
     done = _offline(store, name, version, allow_downgrade=allow_downgrade, reason=reason, profile=profile,
                     audit=audit)
+    when = ("it serves once the daemon config has a [[models]] entry for it" if "does not serve" in note
+            else "it serves when the daemon (re)starts")
     return Outcome(name, done.version, False,
                    f"{note}; {name} {done.version} ({done.variant}) loaded and passed its health check on "
-                   "this device, and is active: it serves when the daemon (re)starts", done)
+                   f"this device, and is active: {when}", done)
