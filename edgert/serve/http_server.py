@@ -123,7 +123,9 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.limits = server.limits
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        # The parser holds this protocol: connection_lost drops it so that the pair (and the last
+        # request's buffers) is freed at once, not at the next full garbage collection.
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.pending: deque[tuple[Request, bool]] = deque()
         self.busy = False
         self.reading_paused = False
@@ -159,6 +161,8 @@ class _Connection(asyncio.Protocol):
         self.transport = None
         self.pending.clear()
         self.backlog = memoryview(b"")
+        self.parser = None
+        self._reset()
         if self.held_large:
             memory.request_trim()
 
@@ -191,6 +195,9 @@ class _Connection(asyncio.Protocol):
 
     def _feed(self, data: memoryview) -> None:
         """Parse ``data`` slice by slice; once held, keep the rest in the backlog and stop reading."""
+        parser = self.parser
+        if parser is None:
+            return
         self.feeding = True
         try:
             pos, size = 0, len(data)
@@ -200,7 +207,7 @@ class _Connection(asyncio.Protocol):
                     break
                 piece = data[pos : pos + FEED_SLICE_BYTES] if size - pos > FEED_SLICE_BYTES else data[pos:]
                 pos += len(piece)
-                self.parser.feed_data(piece)
+                parser.feed_data(piece)
         except httptools.HttpParserUpgrade:
             self._reject(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
@@ -275,8 +282,11 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         path, _, query = self.url.decode("latin-1").partition("?")
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-        request = Request(self.parser.get_method().decode(), path, query, self.headers, body)
-        keep_alive = self.parser.should_keep_alive()
+        self.body = []  # the chunks are joined: free them now, not at the next request
+        parser = self.parser
+        assert parser is not None  # only called from inside parser.feed_data
+        request = Request(parser.get_method().decode(), path, query, self.headers, body)
+        keep_alive = parser.should_keep_alive()
         self.in_request = False
         self.deadline = time.monotonic() + self.limits.keepalive_timeout_s
         self.pending.append((request, keep_alive))

@@ -7,12 +7,18 @@ that were never read raised RSS from 94 to 217 MB, and memory stayed at its peak
 
 from __future__ import annotations
 
+import http.client
+import json
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from edgert.errors import InputError
+from edgert.serve.client import Client
 from tests.reliability.serve_proc import ServeProc, flood, wait_rss_below
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -51,8 +57,61 @@ def test_http_pipelining_without_reading_is_bounded_and_memory_returns(server: S
     ready = server.http_ready() and server.socket_ready()
     abuser.close()
     after = wait_rss_below(server, base * (1 + RETURN_FRACTION))
-    numbers = f"RSS {base:.0f} MB -> peak {max(peak):.0f} MB -> {after:.0f} MB after; sent {sent / 1e6:.1f} MB"
+    numbers = (f"RSS {base:.0f} MB -> peak {max(peak):.0f} MB -> {after:.0f} MB after; "
+               f"sent {sent / 1e6:.1f} MB")
     print(numbers)
     assert max(peak) - base < GROWTH_LIMIT_MB, numbers
     assert ready
+    assert after <= base * (1 + RETURN_FRACTION), numbers
+
+
+#: The burst: rows per request (past the engine's batch limit, so each request is decoded in full
+#: and refused without running the model), clients per listener, requests per client.
+BURST_ROWS = 4000
+BURST_CLIENTS = 8
+BURST_REQUESTS = 3
+
+
+def test_memory_returns_after_a_burst_of_large_requests(server: ServeProc) -> None:
+    """Issue 9 A3: ordinary large requests on both listeners, then the clients leave."""
+    base = warm_up(server)
+    x = np.random.default_rng(0).random((BURST_ROWS, 64), dtype=np.float32)
+    body = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": list(x.shape),
+                                   "data": x.reshape(-1).tolist()}]}).encode()
+    answers: list[int] = []
+
+    def over_http() -> None:
+        conn = http.client.HTTPConnection(*server.http, timeout=60)
+        try:
+            for _ in range(BURST_REQUESTS):
+                conn.request("POST", "/v2/models/digits-small/infer", body=body,
+                             headers={"content-type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                answers.append(resp.status)
+        finally:
+            conn.close()
+
+    def over_socket() -> None:
+        with Client(f"unix://{server.socket}", timeout=60) as c:
+            for _ in range(BURST_REQUESTS):
+                with pytest.raises(InputError, match="batch size"):
+                    c.infer("digits-small", {"pixels": x})
+                answers.append(400)
+
+    threads = [threading.Thread(target=f) for f in (over_http, over_socket) for _ in range(BURST_CLIENTS)]
+    peak = [base]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        peak.append(server.rss_mb())
+        threads[0].join(0.05)
+    for t in threads:
+        t.join(120)
+    assert answers == [400] * (2 * BURST_CLIENTS * BURST_REQUESTS)
+    server.settle()
+    after = wait_rss_below(server, base * (1 + RETURN_FRACTION))
+    numbers = f"RSS {base:.0f} MB -> peak {max(peak):.0f} MB -> {after:.0f} MB after the clients left"
+    print(numbers)
+    assert server.http_ready() and server.socket_ready()
     assert after <= base * (1 + RETURN_FRACTION), numbers

@@ -82,7 +82,8 @@ def test_status_frames_without_reading_are_bounded_and_memory_returns(server: Se
     ready = server.http_ready() and server.socket_ready()
     abuser.close()
     after = wait_rss_below(server, base * (1 + RETURN_FRACTION))
-    numbers = f"RSS {base:.0f} MB -> peak {max(peak):.0f} MB -> {after:.0f} MB after; sent {sent / 1e6:.1f} MB"
+    numbers = (f"RSS {base:.0f} MB -> peak {max(peak):.0f} MB -> {after:.0f} MB after; "
+               f"sent {sent / 1e6:.1f} MB")
     print(numbers)
     assert max(peak) - base < GROWTH_LIMIT_MB, numbers
     assert ready
