@@ -65,27 +65,45 @@ def test_http_pipelining_without_reading_is_bounded_and_memory_returns(server: S
     assert after <= base * (1 + RETURN_FRACTION), numbers
 
 
-#: The burst: rows per request (past the engine's batch limit, so each request is decoded in full
-#: and refused without running the model), clients per listener, requests per client.
-BURST_ROWS = 4000
+#: The burst: clients per listener and requests per client. Each request carries more rows than
+#: the engine's batch limit, so it is received and decoded in full, then refused without running.
 BURST_CLIENTS = 8
 BURST_REQUESTS = 3
+#: DESIGN §5 (MobileNetV2 over OIP JSON): RSS back within 15% of idle after a JSON burst. A JSON body
+#: becomes one Python float per number; the few objects that outlive the burst pin some of the
+#: allocator's 1 MiB arenas, which no trim can return, so JSON gets this bound and raw bytes 10%.
+JSON_RETURN_FRACTION = 0.15
 
 
-def test_memory_returns_after_a_burst_of_large_requests(server: ServeProc) -> None:
-    """Issue 9 A3: ordinary large requests on both listeners, then the clients leave."""
+@pytest.mark.parametrize(
+    ("encoding", "rows", "fraction"),
+    [("binary", 14000, RETURN_FRACTION), ("json", 4000, JSON_RETURN_FRACTION)],
+)
+def test_memory_returns_after_a_burst_of_large_requests(
+    server: ServeProc, encoding: str, rows: int, fraction: float
+) -> None:
+    """Issue 9 A3: ordinary large requests on both listeners at once, then the clients leave.
+
+    Binary: 3.6 MB tensors (under the socket's 4 MiB default frame cap). JSON: 5 MB bodies.
+    """
     base = warm_up(server)
-    x = np.random.default_rng(0).random((BURST_ROWS, 64), dtype=np.float32)
-    body = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": list(x.shape),
-                                   "data": x.reshape(-1).tolist()}]}).encode()
+    x = np.random.default_rng(0).random((rows, 64), dtype=np.float32)
+    if encoding == "json":
+        body = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": list(x.shape),
+                                       "data": x.reshape(-1).tolist()}]}).encode()
+        headers = {"content-type": "application/json"}
+    else:
+        head = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": list(x.shape),
+                                       "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+        body = head + x.tobytes()
+        headers = {"inference-header-content-length": str(len(head))}
     answers: list[int] = []
 
     def over_http() -> None:
         conn = http.client.HTTPConnection(*server.http, timeout=60)
         try:
             for _ in range(BURST_REQUESTS):
-                conn.request("POST", "/v2/models/digits-small/infer", body=body,
-                             headers={"content-type": "application/json"})
+                conn.request("POST", "/v2/models/digits-small/infer", body=body, headers=headers)
                 resp = conn.getresponse()
                 resp.read()
                 answers.append(resp.status)
@@ -110,8 +128,8 @@ def test_memory_returns_after_a_burst_of_large_requests(server: ServeProc) -> No
         t.join(120)
     assert answers == [400] * (2 * BURST_CLIENTS * BURST_REQUESTS)
     server.settle()
-    after = wait_rss_below(server, base * (1 + RETURN_FRACTION))
-    numbers = f"RSS {base:.0f} MB -> peak {max(peak):.0f} MB -> {after:.0f} MB after the clients left"
+    after = wait_rss_below(server, base * (1 + fraction))
+    numbers = f"{encoding}: RSS {base:.0f} MB -> peak {max(peak):.0f} MB -> {after:.0f} MB after they left"
     print(numbers)
     assert server.http_ready() and server.socket_ready()
-    assert after <= base * (1 + RETURN_FRACTION), numbers
+    assert after <= base * (1 + fraction), numbers
