@@ -248,3 +248,30 @@ def test_trim_requests_coalesce_and_run_off_the_loop(monkeypatch: pytest.MonkeyP
         loop.close()
     assert ran == [memory.trim_heap, memory.trim_heap]
     assert isinstance(memory.trim_heap(), bool)
+
+
+def test_output_cap_drops_a_client_whose_unread_replies_pile_up(served: Running, tmp_path: Path) -> None:
+    """The backstop behind back-pressure: with a high-water mark above the cap, the cap acts."""
+    limits = UdsLimits(write_high_water=8 << 20, max_output_bytes=64 * 1024, write_timeout_s=3600)
+    with extra_server(served, tmp_path, limits) as (server, path):
+        s = socket.socket(socket.AF_UNIX)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(path)
+        with s:
+            flood_without_reading(s, frame(fr.STATUS, {}), 64 << 20)
+            assert wait_until(lambda: not server.connections), "unread replies over the cap drop the client"
+
+
+def test_http_output_cap_drops_a_client_whose_unread_responses_pile_up(served: Running) -> None:
+    limits = HttpLimits(write_high_water=8 << 20, max_output_bytes=64 * 1024, write_timeout_s=3600)
+    server = HttpServer(OipRouter(served.daemon.backend), limits)
+    host, port = served.call(server.start("127.0.0.1", 0))  # type: ignore[misc]
+    try:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((host, port))
+        with s:
+            flood_without_reading(s, b"GET /v2/status HTTP/1.1\r\nhost: x\r\n\r\n", 256 << 20)
+            assert wait_until(lambda: not server.connections), "unread responses over the cap drop the client"
+    finally:
+        served.call(server.stop())
