@@ -24,7 +24,7 @@ from edgert.serve import eager, linger, memory, sockfile
 from edgert.serve import uds_frames as fr
 from edgert.serve.backend import ServingBackend, UnknownModelError, error_text, status_for
 from edgert.serve.oip_http import model_metadata_doc
-from edgert.serve.uds_limits import UdsLimits, frame_cap_for
+from edgert.serve.uds_limits import BUDGET_MIN_FRAME, FrameBudget, UdsLimits, frame_cap_for
 
 __all__ = ["UdsLimits", "UdsServer"]
 
@@ -57,6 +57,9 @@ class _Connection(asyncio.Protocol):
         self.write_paused = False
         self.reading_paused = False
         self.held_large = False  # held >= TRIM_AFTER_BYTES at some point: trim the heap at close
+        self.waiting_budget = False  # a large frame's header arrived; its body waits for the budget
+        self.reserved = 0  # budget bytes held by this connection's large frames
+        self.inflight = 0  # size of the frame whose answer is being computed in a task
         self.deadline = time.monotonic() + self.limits.idle_timeout_s
         self.write_deadline = _NO_DEADLINE
 
@@ -76,6 +79,9 @@ class _Connection(asyncio.Protocol):
         self.pending.clear()
         self.chunks.clear()
         self.buffered = 0
+        self.server.forget(self, self.reserved)
+        self.reserved = 0
+        self.waiting_budget = False
         if self.held_large:
             memory.request_trim()
 
@@ -108,7 +114,7 @@ class _Connection(asyncio.Protocol):
     # ---- framing -----------------------------------------------------------------------------
     def _hold(self) -> bool:
         """True while no more frames may be taken: replies are piling up or enough are queued."""
-        return self.write_paused or len(self.pending) >= self.limits.max_pipelined
+        return self.write_paused or self.waiting_budget or len(self.pending) >= self.limits.max_pipelined
 
     def _update_reading(self) -> None:
         transport = self.transport
@@ -137,6 +143,11 @@ class _Connection(asyncio.Protocol):
                     self._fail(fr.FrameError(exc.message, hint=FRAME_CAP_HINT) if declared > cap else exc)
                     return
                 self.need = fr.HEADER.size + body_len
+                if self.need >= BUDGET_MIN_FRAME:
+                    if not self.server.budget.reserve(self, self.need):
+                        self.waiting_budget = True  # granted() carries on
+                        break
+                    self.reserved += self.need
             if self.buffered < self.need:
                 break
             frame = self._take(self.need)
@@ -148,6 +159,22 @@ class _Connection(asyncio.Protocol):
             if not self.busy:
                 self._next()
         self._update_reading()
+
+    def granted(self) -> None:
+        """The budget now holds this connection's large frame: read its body."""
+        self.waiting_budget = False
+        if self.transport is None or self.need is None:  # gone meanwhile: give the share back
+            self.server.release(self.need or 0)
+            return
+        self.reserved += self.need
+        self.deadline = time.monotonic() + self.limits.read_timeout_s
+        self._parse()
+
+    def _answered(self, size: int) -> None:
+        """A frame of ``size`` bytes was answered: return its budget share."""
+        if size >= BUDGET_MIN_FRAME and self.reserved >= size:
+            self.reserved -= size
+            self.server.release(size)
 
     def _take(self, n: int, peek: bool = False) -> bytes:
         """The first ``n`` buffered bytes, removed unless ``peek`` (no copy when a chunk is a frame)."""
@@ -204,8 +231,10 @@ class _Connection(asyncio.Protocol):
             started = eager.start(self.server.handle(kind, meta_len, frame))
             if isinstance(started, eager.Done):
                 self._write(started.result())  # handle() never raises
+                self._answered(len(frame))
                 continue
             self.busy = True
+            self.inflight = len(frame)
             started.add_done_callback(self._done)
             return
 
@@ -216,6 +245,7 @@ class _Connection(asyncio.Protocol):
         else:
             buffers = task.result()
         self._write(buffers)
+        self._answered(self.inflight)
         self._next()
         self._parse()
 
@@ -250,8 +280,8 @@ class _Connection(asyncio.Protocol):
             if now >= self.write_deadline:
                 self._drop(f"client read no reply for {self.limits.write_timeout_s:g} s")
             return
-        if now < self.deadline or self.busy or self.pending:
-            return
+        if now < self.deadline or self.busy or self.pending or self.waiting_budget:
+            return  # waiting for the budget is the server's doing, not the client's
         if self.buffered or self.need is not None:
             self._close_with(408, f"frame not received within {self.limits.read_timeout_s:g} s")
         else:
@@ -278,6 +308,7 @@ class UdsServer:
         self.limits = limits or UdsLimits()
         #: The frame cap in force (fixed, or sized from the served models).
         self.max_frame_bytes = self.limits.max_frame_bytes or 0
+        self.budget = FrameBudget(max(self.limits.max_buffered_bytes, self.max_frame_bytes))
         self.connections: set[_Connection] = set()
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -291,8 +322,25 @@ class UdsServer:
         following models loaded after start.
         """
         if self.limits.max_frame_bytes is None and body_len > self.max_frame_bytes:
-            self.max_frame_bytes = self._auto_cap()
+            self._set_cap(self._auto_cap())
         return self.max_frame_bytes
+
+    def _set_cap(self, cap: int) -> None:
+        self.max_frame_bytes = cap
+        self.budget.total = max(self.limits.max_buffered_bytes, cap)  # one frame at the cap always fits
+
+    def release(self, size: int) -> None:
+        """Return budget bytes and let the connections waiting for them read on."""
+        for conn in self.budget.release(size):
+            conn.granted()  # type: ignore[attr-defined]
+
+    def forget(self, conn: _Connection, reserved: int) -> None:
+        """A connection went away: drop its place in the queue and return its share."""
+        granted = self.budget.cancel(conn) if conn.waiting_budget else []
+        if reserved:
+            granted += self.budget.release(reserved)
+        for other in granted:
+            other.granted()  # type: ignore[attr-defined]
 
     def _auto_cap(self) -> int:
         metas = []
@@ -314,7 +362,7 @@ class UdsServer:
         p.parent.mkdir(parents=True, exist_ok=True)
         sockfile.prepare_path(p)
         if self.limits.max_frame_bytes is None:
-            self.max_frame_bytes = self._auto_cap()
+            self._set_cap(self._auto_cap())
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _Connection(self), str(p), backlog=1024)
         self.path = p

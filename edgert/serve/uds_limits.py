@@ -9,7 +9,8 @@ body is buffered.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
 from edgert.serve.backend import ModelMeta
@@ -18,7 +19,9 @@ __all__ = [
     "AUTO_BATCH_ROWS",
     "AUTO_FRAME_MAX",
     "AUTO_FRAME_MIN",
+    "BUDGET_MIN_FRAME",
     "META_ALLOWANCE",
+    "FrameBudget",
     "UdsLimits",
     "frame_cap_for",
 ]
@@ -34,6 +37,8 @@ AUTO_FRAME_MIN = 4 * 1024 * 1024
 AUTO_FRAME_MAX = 64 * 1024 * 1024
 #: Room for the JSON meta document and alignment padding on top of the tensor bytes.
 META_ALLOWANCE = 64 * 1024
+#: Frames smaller than this skip the server-wide budget (per connection they are bounded anyway).
+BUDGET_MIN_FRAME = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class UdsLimits:
     write_high_water: int = 256 * 1024
     #: A client leaving more than this of earlier replies unread is disconnected.
     max_output_bytes: int = 16 * 1024 * 1024
+    #: Server-wide bytes of large frames being received or answered at once (never below the frame
+    #: cap). A large frame's body is read only once its size is reserved here; others wait in turn.
+    max_buffered_bytes: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.max_frame_bytes is not None and self.max_frame_bytes < 1:
@@ -67,7 +75,13 @@ class UdsLimits:
         for name in ("read_timeout_s", "idle_timeout_s", "write_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_connections", "max_pipelined", "write_high_water", "max_output_bytes"):
+        for name in (
+            "max_connections",
+            "max_pipelined",
+            "write_high_water",
+            "max_output_bytes",
+            "max_buffered_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -92,3 +106,43 @@ def frame_cap_for(metas: Iterable[ModelMeta]) -> int:
     """The automatic frame cap: the largest served request plus meta room, within the MIN/MAX bounds."""
     largest = max((_input_bytes(m) for m in metas), default=0)
     return int(min(AUTO_FRAME_MAX, max(AUTO_FRAME_MIN, math.ceil(largest) + META_ALLOWANCE)))
+
+
+class FrameBudget:
+    """Server-wide bytes for large frames: reserve before reading a body, release once answered.
+
+    A reservation that does not fit waits in FIFO order (so a big frame is not starved by small
+    ones). Whoever holds a reservation only needs its own bytes to finish, so waiting can never
+    deadlock; a holder that stalls is closed by its read timeout, which releases its share.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self.waiting: deque[tuple[Hashable, int]] = deque()
+
+    def reserve(self, owner: Hashable, size: int) -> bool:
+        """Take ``size`` bytes now (True), or queue ``owner`` for them (False: wait for release())."""
+        if not self.waiting and self.used + size <= self.total:
+            self.used += size
+            return True
+        self.waiting.append((owner, size))
+        return False
+
+    def release(self, size: int) -> list[Hashable]:
+        """Give ``size`` bytes back; returns the waiting owners whose reservations now hold, in order."""
+        self.used = max(0, self.used - size)
+        return self._grant()
+
+    def cancel(self, owner: Hashable) -> list[Hashable]:
+        """Forget ``owner``'s queued request (it went away); returns owners granted as a result."""
+        self.waiting = deque(w for w in self.waiting if w[0] is not owner)
+        return self._grant()
+
+    def _grant(self) -> list[Hashable]:
+        granted = []
+        while self.waiting and self.used + self.waiting[0][1] <= self.total:
+            owner, size = self.waiting.popleft()
+            self.used += size
+            granted.append(owner)
+        return granted

@@ -13,9 +13,13 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from edgert.errors import InputError
 from edgert.serve import uds_frames as fr
+from edgert.serve.client import Client
+from edgert.serve.uds_limits import AUTO_FRAME_MIN
 from tests.reliability.serve_proc import ServeProc, flood, wait_rss_below
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -117,4 +121,35 @@ def test_huge_declared_frames_on_four_connections_are_bounded_and_memory_returns
     assert max(peak) - base < GROWTH_LIMIT_MB, numbers
     assert ready
     assert closed_by_server == 4, numbers
+    assert after <= base * (1 + RETURN_FRACTION), numbers
+
+
+#: Connections of the many-connections abuse: each may hold a frame at the default cap.
+MANY_CONNECTIONS = 20
+
+
+def test_many_connections_with_frames_at_the_cap_stay_within_the_budget(server: ServeProc) -> None:
+    """The frame cap alone would allow 20 x 4 MiB = +84 MB; the server-wide budget bounds it."""
+    base = warm_up(server)
+    header = fr.HEADER.pack(AUTO_FRAME_MIN, fr.INFER, 0, 0, 2)
+    peak: list[float] = []
+    conns = []
+    for _ in range(MANY_CONNECTIONS):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(server.socket)
+        s.sendall(header)
+        conns.append(s)
+        flood(s, b"\0" * 65536, AUTO_FRAME_MIN - 1, server, peak)  # all but the last byte
+    peak.append(server.settle())
+    ready = server.http_ready() and server.socket_ready()
+    for s in conns:
+        s.close()
+    with Client(f"unix://{server.socket}", timeout=60) as c:  # large frames flow again
+        with pytest.raises(InputError, match="batch size 4000 exceeds"):
+            c.infer("digits-small", {"pixels": np.zeros((4000, 64), np.float32)})
+    after = wait_rss_below(server, base * (1 + RETURN_FRACTION))
+    numbers = f"RSS {base:.0f} MB -> peak {max(peak):.0f} MB -> {after:.0f} MB after"
+    print(numbers)
+    assert max(peak) - base < GROWTH_LIMIT_MB, numbers
+    assert ready
     assert after <= base * (1 + RETURN_FRACTION), numbers

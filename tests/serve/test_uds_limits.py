@@ -275,3 +275,52 @@ def test_http_output_cap_drops_a_client_whose_unread_responses_pile_up(served: R
             assert wait_until(lambda: not server.connections), "unread responses over the cap drop the client"
     finally:
         served.call(server.stop())
+
+
+def test_large_frames_take_turns_within_the_budget(served: Running, tmp_path: Path) -> None:
+    """Budget for one large frame at a time: several clients pipelining large frames all get answers."""
+    limits = UdsLimits(max_frame_bytes=256 * 1024, max_buffered_bytes=1)  # the budget becomes the cap
+    x = np.zeros((600, 64), np.float32)  # 153 KB: above the budget's small-frame threshold
+    with extra_server(served, tmp_path, limits) as (server, path):
+        assert server.budget.total == 256 * 1024
+        clients = [connect(path) for _ in range(4)]
+        try:
+            for s in clients:
+                s.sendall(frame(fr.INFER, {"m": "digits-small"}, {"pixels": x}) * 3)
+            for s in clients:
+                for _ in range(3):
+                    kind, doc, _ = read_frame(s)
+                    assert kind == fr.ERROR and "batch size 600 exceeds" in doc["error"]
+        finally:
+            for s in clients:
+                s.close()
+        assert wait_until(lambda: server.budget.used == 0 and not server.budget.waiting)
+
+
+def test_a_stalled_large_frame_holds_the_budget_only_until_its_read_timeout(
+    served: Running, tmp_path: Path
+) -> None:
+    limits = UdsLimits(max_frame_bytes=256 * 1024, max_buffered_bytes=1, read_timeout_s=0.5)
+    data = frame(fr.INFER, {"m": "digits-small"}, {"pixels": np.zeros((600, 64), np.float32)})
+    with extra_server(served, tmp_path, limits) as (server, path), connect(path) as stalled, \
+            connect(path) as s:
+        stalled.sendall(data[:1000])  # takes the whole budget, then goes quiet
+        assert wait_until(lambda: server.budget.used > 0)
+        s.sendall(data)  # waits for the budget, is not timed out meanwhile, then is answered
+        kind, doc, _ = read_frame(s)
+        assert kind == fr.ERROR and "batch size 600 exceeds" in doc["error"]
+        kind, doc, _ = read_frame(stalled)
+        assert kind == fr.ERROR and doc["status"] == 408
+
+
+def test_frame_budget_is_fifo_and_never_over_commits() -> None:
+    from edgert.serve.uds_limits import FrameBudget
+
+    b = FrameBudget(10)
+    assert b.reserve("a", 6)
+    assert not b.reserve("b", 6)  # would over-commit: waits
+    assert not b.reserve("c", 1)  # fits, but "b" is first in line
+    assert b.release(6) == ["b", "c"] and b.used == 7
+    assert not b.reserve("d", 5)
+    assert b.cancel("d") == [] and not b.waiting
+    assert b.release(7) == [] and b.used == 0
