@@ -4,7 +4,8 @@ Memory per connection is bounded (see uds_limits.UdsLimits): a frame over the ca
 its header; at most ``max_pipelined`` frames wait; while the client leaves more than
 ``write_high_water`` bytes of replies unread the server stops reading from it (back-pressure), and
 drops it after ``write_timeout_s``. Frames must arrive within ``read_timeout_s`` and idle
-connections close after ``idle_timeout_s``.
+connections close after ``idle_timeout_s``. Across connections, large frames share a budget of
+``max_buffered_bytes``: a large frame's body is read only once its size is reserved (FIFO).
 """
 
 from __future__ import annotations
