@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from edgert.engine.config import ModelConfig
 from edgert.errors import ConfigError
 from edgert.runtime import ModelOptions
+from edgert.serve.http_server import HttpLimits
+from edgert.serve.uds_limits import UdsLimits
 from edgert.tomlschema import Problems, Table, parse_listen
 
 if TYPE_CHECKING:
@@ -53,12 +55,8 @@ class HttpConfig:
     """The OIP v2 REST listener."""
 
     listen: str = DEFAULT_HTTP_LISTEN  # "" disables the listener
-    max_body_bytes: int = 64 * 1024 * 1024
-    max_header_bytes: int = 16 * 1024
-    read_timeout_s: float = 30.0  # a request must arrive completely within this (slowloris guard)
-    keepalive_timeout_s: float = 75.0
-    max_connections: int = 4096
     auth_token_file: str = ""  # bearer token; required when binding a non-loopback address
+    limits: HttpLimits = field(default_factory=HttpLimits)  # declared once, by the server
 
 
 @dataclass(frozen=True)
@@ -69,7 +67,7 @@ class SocketConfig:
     mode: int = 0o660
     owner: str = ""
     group: str = ""
-    max_frame_bytes: int = 256 * 1024 * 1024
+    limits: UdsLimits = field(default_factory=UdsLimits)  # declared once, by the server
 
 
 @dataclass(frozen=True)
@@ -158,14 +156,18 @@ def is_loopback(host: str) -> bool:
 
 
 def _parse_http(table: Table) -> HttpConfig:
+    d = HttpLimits()
     cfg = HttpConfig(
         listen=table.listen("listen", DEFAULT_HTTP_LISTEN),
-        max_body_bytes=table.integer("max_body_bytes", HttpConfig.max_body_bytes, minimum=1024),
-        max_header_bytes=table.integer("max_header_bytes", HttpConfig.max_header_bytes, minimum=1024),
-        read_timeout_s=table.number("read_timeout_s", HttpConfig.read_timeout_s, minimum=0.01),
-        keepalive_timeout_s=table.number("keepalive_timeout_s", HttpConfig.keepalive_timeout_s, minimum=0.01),
-        max_connections=table.integer("max_connections", HttpConfig.max_connections, minimum=1),
         auth_token_file=table.string("auth_token_file"),
+        limits=HttpLimits(
+            max_body_bytes=table.integer("max_body_bytes", d.max_body_bytes, minimum=1024),
+            max_header_bytes=table.integer("max_header_bytes", d.max_header_bytes, minimum=1024),
+            read_timeout_s=table.number("read_timeout_s", d.read_timeout_s, minimum=0.01),
+            keepalive_timeout_s=table.number("keepalive_timeout_s", d.keepalive_timeout_s, minimum=0.01),
+            max_connections=table.integer("max_connections", d.max_connections, minimum=1),
+            write_timeout_s=table.number("write_timeout_s", d.write_timeout_s, minimum=0.01),
+        ),
     )
     table.check_unknown()
     if cfg.listen and not cfg.auth_token_file and not is_loopback(parse_listen(cfg.listen)[0]):
@@ -178,12 +180,21 @@ def _parse_http(table: Table) -> HttpConfig:
 
 
 def _parse_socket(table: Table) -> SocketConfig:
+    u = UdsLimits()
     cfg = SocketConfig(
         path=table.string("path", DEFAULT_SOCKET_PATH),
         mode=table.octal_mode("mode", SocketConfig.mode),
         owner=table.string("owner"),
         group=table.string("group"),
-        max_frame_bytes=table.integer("max_frame_bytes", SocketConfig.max_frame_bytes, minimum=1024),
+        limits=UdsLimits(
+            # 0 (default) sizes the frame cap from the served models' inputs
+            max_frame_bytes=table.integer("max_frame_bytes", 0, minimum=0) or None,
+            read_timeout_s=table.number("read_timeout_s", u.read_timeout_s, minimum=0.01),
+            idle_timeout_s=table.number("idle_timeout_s", u.idle_timeout_s, minimum=0.01),
+            write_timeout_s=table.number("write_timeout_s", u.write_timeout_s, minimum=0.01),
+            max_connections=table.integer("max_connections", u.max_connections, minimum=1),
+            max_buffered_bytes=table.integer("max_buffered_bytes", u.max_buffered_bytes, minimum=1 << 20),
+        ),
     )
     table.check_unknown()
     return cfg

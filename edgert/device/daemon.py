@@ -26,7 +26,7 @@ from edgert.device.sdnotify import Notifier
 from edgert.device.sources import ModelSource, open_store
 from edgert.device.supervisor import Supervisor
 from edgert.errors import ConfigError, EdgertError, UnknownModelError
-from edgert.serve.http_server import HttpLimits, HttpServer
+from edgert.serve.http_server import HttpServer
 from edgert.serve.oip_http import OipRouter, metrics_router
 from edgert.serve.uds import UdsServer
 
@@ -239,14 +239,7 @@ class Daemon:
         cfg = self.config
         if cfg.http.listen:
             token = read_token(cfg.http.auth_token_file) if cfg.http.auth_token_file else None
-            limits = HttpLimits(
-                cfg.http.max_body_bytes,
-                cfg.http.max_header_bytes,
-                cfg.http.read_timeout_s,
-                cfg.http.keepalive_timeout_s,
-                cfg.http.max_connections,
-            )
-            self.http = HttpServer(OipRouter(self.backend, token=token), limits)
+            self.http = HttpServer(OipRouter(self.backend, token=token), cfg.http.limits)
             self.addresses["http"] = await self._bind(self.http, cfg.http.listen, "http.listen")
         if cfg.metrics.listen:
             self.metrics_http = HttpServer(metrics_router(self.metrics.render_prometheus))
@@ -254,7 +247,7 @@ class Daemon:
                 self.metrics_http, cfg.metrics.listen, "metrics.listen"
             )
         if cfg.socket.path:
-            self.uds = UdsServer(self.backend, max_frame_bytes=cfg.socket.max_frame_bytes)
+            self.uds = UdsServer(self.backend, cfg.socket.limits)
             try:
                 await self.uds.start(
                     cfg.socket.path, mode=cfg.socket.mode, owner=cfg.socket.owner, group=cfg.socket.group

@@ -4,6 +4,11 @@ Chosen by measurement over uvicorn (see docs/serving.md): with no ASGI layer bet
 the handler, a request costs tens of microseconds instead of hundreds. Limits are enforced while
 bytes arrive: header bytes, declared and actual body size, a per-request read deadline (slowloris),
 an idle keep-alive deadline and a connection cap. Requests on one connection are answered in order.
+
+Back-pressure: while a client leaves more than ``write_high_water`` bytes of responses unread, the
+server stops reading from it and parses no further requests (what was read but not parsed waits as
+raw bytes), so a client pipelining without reading costs a bounded amount of memory; one that reads
+nothing for ``write_timeout_s`` is dropped.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 import httptools
 
-from edgert.serve import eager, linger
+from edgert.serve import eager, linger, memory
 
 __all__ = ["HttpLimits", "HttpServer", "Request", "Response"]
 
@@ -29,6 +34,10 @@ log = logging.getLogger("edgert.serve.http")
 SWEEP_INTERVAL_S = 0.25
 #: Pipelined requests buffered per connection before we stop reading from it.
 MAX_PIPELINED = 16
+#: Received bytes are parsed in slices of this size, so parsing can stop between requests once the
+#: connection is held (without it, one 256 KiB read of tiny pipelined requests parses thousands).
+FEED_SLICE_BYTES = 16 * 1024
+_NO_DEADLINE = float("inf")
 
 _REASONS = {
     200: b"OK",
@@ -54,6 +63,12 @@ class HttpLimits:
     read_timeout_s: float = 30.0
     keepalive_timeout_s: float = 75.0
     max_connections: int = 4096
+    #: A client that reads none of its responses for this long is dropped.
+    write_timeout_s: float = 30.0
+    #: Unsent response bytes per connection above which the server stops reading from it.
+    write_high_water: int = 256 * 1024
+    #: A client leaving more than this of earlier responses unread is disconnected (a backstop).
+    max_output_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass
@@ -108,10 +123,17 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.limits = server.limits
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        # The parser holds this protocol: connection_lost drops it so that the pair (and the last
+        # request's buffers) is freed at once, not at the next full garbage collection.
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.pending: deque[tuple[Request, bool]] = deque()
         self.busy = False
         self.reading_paused = False
+        self.write_paused = False
+        self.write_deadline = _NO_DEADLINE
+        self.backlog = memoryview(b"")  # read but not yet parsed (the connection is held)
+        self.feeding = False
+        self.held_large = False  # held >= TRIM_AFTER_BYTES at some point: trim the heap at close
         self._reset()
         self.deadline = time.monotonic() + self.limits.keepalive_timeout_s
         self.in_request = False
@@ -131,23 +153,85 @@ class _Connection(asyncio.Protocol):
         if len(self.server.connections) >= self.limits.max_connections:
             self._reject(503, "too many connections; retry later")
             return
+        self.transport.set_write_buffer_limits(high=self.limits.write_high_water)  # type: ignore[union-attr]
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.transport = None
         self.pending.clear()
+        self.backlog = memoryview(b"")
+        self.parser = None
+        self._reset()
+        if self.held_large:
+            memory.request_trim()
+
+    def pause_writing(self) -> None:
+        """More than write_high_water is unsent: stop reading and answering until the client reads."""
+        self.write_paused = True
+        self.held_large = True
+        self.write_deadline = time.monotonic() + self.limits.write_timeout_s
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        """The client read its responses: answer what is queued, then read again."""
+        self.write_paused = False
+        self.write_deadline = _NO_DEADLINE
+        if not self.busy:
+            self._next()
+        self._update_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.rejected:
             return
+        if self.backlog:  # only if a read raced our pause: keep the order
+            self.backlog = memoryview(bytes(self.backlog) + data)
+            return
+        self._feed(memoryview(data))
+
+    def _hold(self) -> bool:
+        """True while no more requests may be parsed: responses pile up or enough are queued."""
+        return self.write_paused or len(self.pending) >= MAX_PIPELINED
+
+    def _feed(self, data: memoryview) -> None:
+        """Parse ``data`` slice by slice; once held, keep the rest in the backlog and stop reading."""
+        parser = self.parser
+        if parser is None:
+            return
+        self.feeding = True
         try:
-            self.parser.feed_data(data)
+            pos, size = 0, len(data)
+            while pos < size and not self.rejected:
+                if self._hold():
+                    self.backlog = data[pos:]
+                    break
+                piece = data[pos : pos + FEED_SLICE_BYTES] if size - pos > FEED_SLICE_BYTES else data[pos:]
+                pos += len(piece)
+                parser.feed_data(piece)
         except httptools.HttpParserUpgrade:
             self._reject(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
             if not self.rejected:
                 self._reject(400, f"malformed HTTP request: {exc}")
+        finally:
+            self.feeding = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Pause or resume the transport to match _hold(); parse the backlog first when released."""
+        transport = self.transport
+        if transport is None or self.feeding or self.rejected:
+            return
+        if self._hold():
+            if not self.reading_paused:
+                transport.pause_reading()
+                self.reading_paused = True
+        elif self.backlog:
+            data, self.backlog = self.backlog, memoryview(b"")
+            self._feed(data)  # ends with _update_reading again
+        elif self.reading_paused:
+            transport.resume_reading()
+            self.reading_paused = False
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -175,7 +259,12 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         declared = self.headers.get("content-length")
         # Refuse on the declared size, before a single body byte is buffered.
-        if declared is not None and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
+        if (
+            declared is not None
+            and declared.isascii()
+            and declared.isdigit()
+            and (len(declared) > 19 or int(declared) > self.limits.max_body_bytes)
+        ):
             self._reject(
                 413, f"request body of {declared} bytes exceeds the {self.limits.max_body_bytes}-byte limit"
             )
@@ -183,6 +272,8 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.body_bytes += len(body)
+        if self.body_bytes >= memory.TRIM_AFTER_BYTES:
+            self.held_large = True
         if self.body_bytes > self.limits.max_body_bytes:
             self._reject(413, f"request body exceeds the {self.limits.max_body_bytes}-byte limit")
             raise httptools.HttpParserError("body limit")
@@ -191,44 +282,45 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         path, _, query = self.url.decode("latin-1").partition("?")
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-        request = Request(self.parser.get_method().decode(), path, query, self.headers, body)
-        keep_alive = self.parser.should_keep_alive()
+        self.body = []  # the chunks are joined: free them now, not at the next request
+        parser = self.parser
+        assert parser is not None  # only called from inside parser.feed_data
+        request = Request(parser.get_method().decode(), path, query, self.headers, body)
+        keep_alive = parser.should_keep_alive()
         self.in_request = False
         self.deadline = time.monotonic() + self.limits.keepalive_timeout_s
         self.pending.append((request, keep_alive))
-        if len(self.pending) >= MAX_PIPELINED and self.transport and not self.reading_paused:
-            self.transport.pause_reading()
-            self.reading_paused = True
         if not self.busy:
             self._next()
 
     # dispatch
     def _next(self) -> None:
-        while self.pending and self.transport is not None:
+        while self.pending and self.transport is not None and not self.write_paused:
             request, keep_alive = self.pending.popleft()
+            head_only = request.method == "HEAD"
+            if len(request.body) >= memory.TRIM_AFTER_BYTES:
+                memory.request_trim()  # runs later, off the loop, once this body is freed
             try:
                 result = self.server.handler(request)
             except Exception:
                 log.exception("handler failed", extra={"path": request.path})
                 result = error_response(500, "internal error; see the daemon log")
             if isinstance(result, Response):
-                self._write(result, keep_alive)
+                self._write(result, keep_alive, head_only)
                 continue
             if asyncio.iscoroutine(result):
                 # Eager: an inference on an inline model finishes here, with no task per request.
                 started = eager.start(result)
                 if isinstance(started, eager.Done):
-                    self._write(self._outcome(started.error, started.value, request), keep_alive)
+                    self._write(self._outcome(started.error, started.value, request), keep_alive, head_only)
                     continue
                 task: asyncio.Future[Response] = started
             else:
                 task = asyncio.ensure_future(result)
             self.busy = True
-            task.add_done_callback(functools.partial(self._done, keep_alive=keep_alive))
+            task.add_done_callback(functools.partial(self._done, keep_alive=keep_alive, head_only=head_only))
             return
-        if self.reading_paused and self.transport is not None:
-            self.transport.resume_reading()
-            self.reading_paused = False
+        self._update_reading()
 
     @staticmethod
     def _outcome(error: BaseException | None, value: Response | None, request: Request | None) -> Response:
@@ -239,7 +331,7 @@ class _Connection(asyncio.Protocol):
             return error_response(500, "internal error; see the daemon log")
         return value
 
-    def _done(self, task: asyncio.Future[Response], keep_alive: bool) -> None:
+    def _done(self, task: asyncio.Future[Response], keep_alive: bool, head_only: bool = False) -> None:
         self.busy = False
         if task.cancelled():
             resp = error_response(503, "server is shutting down")
@@ -247,16 +339,22 @@ class _Connection(asyncio.Protocol):
             resp = self._outcome(task.exception(), None if task.exception() else task.result(), None)
         if self.transport is None:
             return  # the client went away mid-request; the result is dropped
-        self._write(resp, keep_alive)
+        self._write(resp, keep_alive, head_only)
         self._next()
 
-    def _write(self, resp: Response, keep_alive: bool) -> None:
+    def _write(self, resp: Response, keep_alive: bool, head_only: bool = False) -> None:
         transport = self.transport
         if transport is None:
             return
+        if transport.get_write_buffer_size() > self.limits.max_output_bytes:
+            # Backstop: back-pressure should never let unread responses grow this far.
+            self._drop(f"client left more than {self.limits.max_output_bytes} bytes of responses unread")
+            return
         length = sum(len(c) if isinstance(c, bytes) else c.nbytes for c in resp.body)
         head = _serialize_head(resp, keep_alive, length)
-        if len(resp.body) == 1 and length < 65536:
+        if head_only:  # HEAD: the headers a GET would get, and no body (RFC 9110 9.3.2)
+            transport.write(head)
+        elif len(resp.body) == 1 and length < 65536:
             transport.write(head + resp.body[0])
         else:
             transport.writelines([head, *resp.body])
@@ -266,6 +364,18 @@ class _Connection(asyncio.Protocol):
             self.transport = None
             self.server.connections.discard(self)
 
+    def _drop(self, reason: str) -> None:
+        """Abort: free our buffers now (a client that does not read would never let close() finish)."""
+        log.warning("dropping HTTP client", extra={"reason": reason})
+        transport = self.transport
+        self.held_large = True
+        self.pending.clear()
+        self.backlog = memoryview(b"")
+        if transport is not None:
+            self.transport = None
+            self.server.connections.discard(self)
+            transport.abort()
+
     def _reject(self, status: int, message: str) -> None:
         """Answer with an error and close: the stream can no longer be trusted to be in sync."""
         self.rejected = True
@@ -274,7 +384,11 @@ class _Connection(asyncio.Protocol):
             self._write(error_response(status, message), keep_alive=False)
 
     def check_deadline(self, now: float) -> None:
-        """Close connections whose request or idle deadline has passed."""
+        """Close connections whose request, idle or write deadline has passed."""
+        if self.write_paused:
+            if now >= self.write_deadline and self.transport is not None:
+                self._drop(f"client read no response for {self.limits.write_timeout_s:g} s")
+            return
         if now < self.deadline or self.busy or self.pending:
             return
         if self.in_request:

@@ -61,6 +61,8 @@ __all__ = [
     "encode_infer_response",
     "json_dumps",
     "json_loads",
+    "parse_header_length",
+    "representable_shape",
     "tensor_metadata",
 ]
 
@@ -84,6 +86,9 @@ _BY_DTYPE = {dt: name for name, dt in DATATYPES.items()}
 MAX_TENSORS = 64
 #: Most dimensions per tensor.
 MAX_RANK = 16
+#: Largest nominal byte size of a shape (zero dimensions counted as one). numpy refuses shapes
+#: whose non-zero dimensions multiply past the address space, even for an empty tensor.
+MAX_NOMINAL_BYTES = 1 << 62
 
 
 def datatype_of(dtype: Any) -> str:
@@ -130,6 +135,28 @@ def _shape(spec: Mapping[str, Any], name: str) -> tuple[int, ...]:
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
             raise _bad(f"input {name!r}: shape {shape} must hold non-negative integers")
     return tuple(shape)
+
+
+def representable_shape(shape: tuple[int, ...], dtype: np.dtype[Any], name: str) -> None:
+    """Raise InputError when no array can have ``shape`` (e.g. ``[0, 2**62, 2**62]``)."""
+    nominal = dtype.itemsize
+    for dim in shape:
+        nominal *= max(dim, 1)
+        if nominal > MAX_NOMINAL_BYTES:
+            raise _bad(
+                f"input {name!r}: shape {list(shape)} is too large to represent",
+                hint="dimensions must multiply to a size that fits in memory",
+            )
+
+
+def parse_header_length(value: str) -> int:
+    """The Inference-Header-Content-Length value as an int; InputError unless ASCII decimal digits."""
+    if not (value.isascii() and value.isdigit() and len(value) <= 19):
+        raise _bad(
+            f"Inference-Header-Content-Length must be a decimal byte count, got {value[:40]!r}",
+            hint="send the JSON header's length in bytes, e.g. Inference-Header-Content-Length: 184",
+        )
+    return int(value)
 
 
 def _element_count(
@@ -231,12 +258,14 @@ def _decode_input(spec: Any, binary: memoryview, offset: int, body_len: int) -> 
     if size is None:
         # A JSON number takes at least one byte of body, so the body length bounds the element count.
         count = _element_count(shape, body_len, name)
+        representable_shape(shape, dtype, name)  # an empty tensor's other dims are unbounded so far
         return _decode_json_data(spec.get("data"), dtype, shape, count, name), 0
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise _bad(f"input {name!r}: binary_data_size must be a non-negative integer")
     count = _element_count(
         shape, len(binary) // dtype.itemsize, name, f"the {len(binary)} bytes of binary data carry"
     )
+    representable_shape(shape, dtype, name)
     if count * dtype.itemsize != size:
         raise _bad(
             f"input {name!r}: binary_data_size {size} does not match shape {list(shape)} of {datatype} "

@@ -10,7 +10,13 @@ from urllib.parse import unquote
 
 from edgert.errors import InputError, UnknownModelError
 from edgert.serve.http_server import Request, Response, error_response
-from edgert.serve.oip_codec import decode_infer_request, encode_infer_response, json_dumps, tensor_metadata
+from edgert.serve.oip_codec import (
+    decode_infer_request,
+    encode_infer_response,
+    json_dumps,
+    parse_header_length,
+    tensor_metadata,
+)
 from edgert.serve.port import ModelMeta, ServingPort, error_text, status_for
 
 __all__ = ["OipRouter", "metrics_router", "model_metadata_doc"]
@@ -163,9 +169,7 @@ class OipRouter:
     def _check_content(req: Request, header_len: str | None) -> int | None:
         ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
         if header_len is not None:
-            if not header_len.isdigit():
-                raise InputError(f"Inference-Header-Content-Length must be an integer, got {header_len!r}")
-            return int(header_len)
+            return parse_header_length(header_len)
         if ctype not in _JSON_TYPES:
             raise _UnsupportedMedia(
                 f"content type {ctype!r} is not accepted for inference",

@@ -20,7 +20,15 @@ from typing import Any
 import numpy as np
 
 from edgert.errors import InputError
-from edgert.serve.oip_codec import DATATYPES, MAX_RANK, MAX_TENSORS, datatype_of, json_dumps, json_loads
+from edgert.serve.oip_codec import (
+    DATATYPES,
+    MAX_RANK,
+    MAX_TENSORS,
+    datatype_of,
+    json_dumps,
+    json_loads,
+    representable_shape,
+)
 
 __all__ = [
     "ERROR",
@@ -121,6 +129,7 @@ def decode_tensors(meta: Mapping[str, Any], data: memoryview, meta_len: int) -> 
             count *= dim
             if count * dtype.itemsize > len(data) - offset:
                 raise InputError(f"tensor {name!r} with shape {list(shape)} runs past the end of the frame")
+        representable_shape(shape, dtype, name)  # an empty tensor's other dims are unbounded so far
         nbytes = count * dtype.itemsize
         if nbytes > len(data) - offset:
             raise InputError(f"tensor {name!r} with shape {list(shape)} runs past the end of the frame")
