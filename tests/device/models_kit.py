@@ -27,3 +27,15 @@ def fails_at_run(out: Path, base: str = "digits_small_int8.onnx") -> Path:
     output.type.tensor_type.ClearField("shape")
     onnx.save(model, str(out))
     return out
+
+
+def flip_payload_byte(path: Path) -> None:
+    """Damage an installed package on disk (one payload bit, as a bad flash block would)."""
+    from edgert.security.package import read_header
+
+    with open(path, "r+b") as f:
+        offset = read_header(f).payload_offset + 100
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))

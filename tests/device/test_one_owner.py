@@ -30,9 +30,8 @@ from edgert.client import Client
 from edgert.errors import RollbackError, UnknownModelError
 from edgert.mqtt.signing import sign_command
 from edgert.security.audit import read_records
-from edgert.security.package import read_header
 from tests.brokers import Mosquitto
-from tests.device.models_kit import MODELS, fails_at_run
+from tests.device.models_kit import MODELS, fails_at_run, flip_payload_byte
 from tests.device.subproc import cli
 from tests.mqtt.conftest import Recorder, require_mosquitto, wait_for
 
@@ -161,14 +160,6 @@ def _cli_ok(*args: str) -> str:
     return r.stdout
 
 
-def _flip_payload_byte(path: Path) -> None:
-    with open(path, "r+b") as f:
-        offset = read_header(f).payload_offset + 100
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
-
 
 @pytest.fixture
 def device(tmp_path: Path) -> Any:
@@ -291,8 +282,8 @@ def test_boot_falls_back_and_a_model_without_a_servable_version_is_unready(devic
     _cli_ok("models", "import", str(MODELS / "digits_small_int8.onnx"), "--name", "solo", "--version", "1",
             "--state-dir", st, "--socket", str(device.sock))
     # the active packages are damaged on disk (a bad flash block): they no longer decrypt
-    _flip_payload_byte(device.state / "models" / "packages" / "digits" / "2.edgepkg")
-    _flip_payload_byte(device.state / "models" / "packages" / "solo" / "1.edgepkg")
+    flip_payload_byte(device.state / "models" / "packages" / "digits" / "2.edgepkg")
+    flip_payload_byte(device.state / "models" / "packages" / "solo" / "1.edgepkg")
     device.write_config(broken_name=True)
     device.start()  # before: the daemon exited; now it serves what it can
     device.agree("1")

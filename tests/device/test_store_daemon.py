@@ -13,19 +13,11 @@ from edgert.client import Client
 from edgert.device.importing import import_plaintext
 from edgert.security.audit import read_records, verify_dir
 from edgert.security.loader import open_keystore, open_store
-from edgert.security.package import read_header
+from tests.device.models_kit import flip_payload_byte
 from tests.device.subproc import MODELS, cli, start_daemon, stop_daemon, write_store_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-
-def _flip_payload_byte(path: Path) -> None:
-    with open(path, "r+b") as f:
-        offset = read_header(f).payload_offset + 100
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
 
 
 def _served(sock: Path, name: str) -> str:
@@ -63,7 +55,7 @@ def test_activate_and_rollback_reach_the_daemon_and_are_audited(tmp_path: Path) 
         assert r.returncode == 0, r.stderr
         assert _served(sock, "digits") == "2"
         # version 1's package is damaged on disk: the daemon refuses it and nothing changes, store included
-        _flip_payload_byte(state / "models" / "packages" / "digits" / "1.edgepkg")
+        flip_payload_byte(state / "models" / "packages" / "digits" / "1.edgepkg")
         r = cli("models", "rollback", "digits", "--config", str(config))
         assert r.returncode != 0
         assert "kept serving the previous version of digits; nothing changed" in r.stderr
