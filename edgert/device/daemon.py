@@ -286,7 +286,9 @@ class Daemon:
         deployer = self.deployer
         if deployer is None or deployer.loop is None or self.entry(name) is None:
             return
-        asyncio.run_coroutine_threadsafe(deployer.restart(name), deployer.loop)
+        future = asyncio.run_coroutine_threadsafe(deployer.restart(name), deployer.loop)
+        # The Deployer audits and reports a failed restart; retrieve it so asyncio does not log it again.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     # ---- run / stop / reload -----------------------------------------------------------------
     async def run(self, on_ready: Callable[[Daemon], None] | None = None, *, signals: bool = True) -> None:
