@@ -10,14 +10,17 @@ Times are passed in (``now``) so that tests and the controller decide the clock.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import hashlib
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
@@ -41,6 +44,26 @@ PUBLIC_FILE_MODE = 0o644
 PUBLIC_DIR_MODE = 0o755
 _VERSIONED_RE = re.compile(r"^(\d+)\.(root|targets|snapshot)\.json$")
 _HASH_BLOCK = 1 << 20
+#: Lock file (in FLEET/, not served) serialising writers: CLI commands and the controller's refreshes.
+LOCK_FILE = "repository.lock"
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+_Method = Callable[Concatenate["TufRepository", _P], _R]
+
+
+def _with_lock(method: _Method[_P, _R]) -> _Method[_P, _R]:
+    """Run a writing method under the repository lock."""
+
+    @functools.wraps(method)
+    def wrapper(self: TufRepository, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.locked():
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def hash_file(path: Path) -> tuple[int, str]:
@@ -85,6 +108,28 @@ class TufRepository:
         self.fleet = fleet
         self.key_dirs = [fleet.keys_dir, *[Path(d) for d in root_key_dirs]]
         self.fs = fs or FileSystem()
+        self._lock_depth = 0
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the fleet's repository lock (re-entrant within this object; blocks other writers)."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        fd = os.open(self.fleet.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+        finally:
+            os.close(fd)  # closing releases the lock
 
     @property
     def metadata_dir(self) -> Path:
@@ -254,6 +299,7 @@ class TufRepository:
         self._sign(tmd, signer or self.signers("timestamp", root))
         self._write("timestamp", tmd)
 
+    @_with_lock
     def publish(self, now: datetime | None = None, edit: Callable[[Targets], None] | None = None) -> int:
         """New targets version (after ``edit``), snapshot and timestamp; the targets version."""
         now = _utc(now)
@@ -270,6 +316,7 @@ class TufRepository:
         self._snapshot_and_timestamp(now, root)
         return targets.version
 
+    @_with_lock
     def refresh_timestamp(self, now: datetime | None = None) -> int:
         """A new timestamp over the current snapshot (run it within the timestamp expiry)."""
         now = _utc(now)
@@ -277,10 +324,12 @@ class TufRepository:
         self._timestamp(now, self.root(), self.metadata_path("snapshot", snap_version), snap_version)
         return self.latest_version("timestamp")
 
+    @_with_lock
     def refresh_snapshot(self, now: datetime | None = None) -> None:
         """A new snapshot and timestamp over the current targets (run it within the snapshot expiry)."""
         self._snapshot_and_timestamp(_utc(now), self.root())
 
+    @_with_lock
     def add_target(
         self, target_path: str, local_file: Path, custom: dict[str, Any], now: datetime | None = None
     ) -> TargetFile:
@@ -308,6 +357,7 @@ class TufRepository:
         self.publish(now, edit)
         return info
 
+    @_with_lock
     def rotate(self, role: str, now: datetime | None = None, *, keys: int | None = None) -> Rotation:
         """Replace ``role``'s keys through a new root version signed by the old and the new root keys.
 

@@ -154,3 +154,25 @@ def test_bad_input_is_named(tmp_path: Path) -> None:
     (fleet.path / "fleet.toml").write_text('[fleet]\nid = "f6"\n[broker]\nhost = "h"\nprot = 1\n')
     with pytest.raises(ConfigError, match="prot"):
         FleetDir.open(fleet.path)
+
+
+def _refresh_many(path: str, n: int) -> None:
+    repo = TufRepository(FleetDir.open(path))
+    for _ in range(n):
+        repo.refresh_snapshot()
+
+
+def test_concurrent_writers_are_serialised(tmp_path: Path) -> None:
+    import multiprocessing
+
+    fleet = init_fleet(tmp_path / "f", fleet_id="f7").fleet
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_refresh_many, args=(str(fleet.path), 8)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    repo = TufRepository(fleet)
+    assert repo.latest_version("snapshot") == 1 + 3 * 8
+    assert repo.latest_version("timestamp") == 1 + 3 * 8
