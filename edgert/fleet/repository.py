@@ -37,7 +37,8 @@ from edgert.fleet.keyring import (
 )
 from edgert.security.atomic import FileSystem
 
-__all__ = ["PUBLIC_DIR_MODE", "PUBLIC_FILE_MODE", "Rotation", "TufRepository", "hash_file"]
+__all__ = ["PUBLIC_DIR_MODE", "PUBLIC_FILE_MODE", "Rotation", "TufRepository", "consistent_name", "hash_file",
+           "rotate"]
 
 #: Repository files are public (a web server serves them): world-readable, owner-writable.
 PUBLIC_FILE_MODE = 0o644
@@ -421,3 +422,9 @@ def consistent_name(target_path: str, sha256: str) -> str:
     if not basename or ".." in target_path.split("/") or target_path.startswith("/"):
         raise ConfigError(f"invalid target path {target_path!r}", hint="use models/<name>/<version>.edgepkg")
     return f"{dirname}{sep}{sha256}.{basename}"
+
+
+def rotate(fleet: FleetDir, role: str, *, root_key_dirs: Sequence[Path] = (), now: datetime | None = None,
+           keys: int | None = None) -> Rotation:
+    """Rotate ``role``'s keys of ``fleet`` (see :meth:`TufRepository.rotate`)."""
+    return TufRepository(fleet, root_key_dirs=root_key_dirs).rotate(role, now, keys=keys)
