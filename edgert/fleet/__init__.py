@@ -1,0 +1,1 @@
+"""The fleet side of edgert: TUF repository, rollouts, controller, fleet state."""
