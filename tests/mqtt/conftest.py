@@ -4,7 +4,6 @@ subscriber that records what the device publishes, and a fleet command key."""
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,17 +17,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edgert.mqtt.config import MqttConfig
-from tests.brokers import CA, DEVICE_ACL, Mosquitto
+from tests.brokers import CA, DEVICE_ACL, Mosquitto, require_mosquitto
 
 FLEET, DEVICE = "f1", "dev-a"
 WAIT_S = 20.0
 
 pytestmark = pytest.mark.integration
-
-
-def require_mosquitto() -> None:
-    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
-        pytest.skip("mosquitto is not installed; run tools/install_test_brokers.sh")
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = WAIT_S, what: str = "condition") -> None:
