@@ -27,7 +27,6 @@ __all__ = [
     "DetectHints",
     "Limits",
     "Profile",
-    "ProfileFileError",
     "ProfileProblem",
     "ProviderSpec",
     "available_profiles",
@@ -42,31 +41,6 @@ VARIANTS = ("int8", "fp16", "fp32", "edgetpu")
 ENV_PROFILE_DIR = "EDGERT_PROFILE_DIR"
 #: Options onnxruntime provider entries accept: a flat table of scalars.
 _SCALAR = (str, int, float, bool)
-_HINT = "see device_profiles/README.md for the profile schema"
-
-log = logging.getLogger(__name__)
-
-
-class ProfileFileError(ConfigError):
-    """A profile file is unreadable, not TOML, or breaks the schema; ``key`` is '' for the whole file."""
-
-    def __init__(self, source: str, key: str, problem: str, *, hint: str | None = _HINT) -> None:
-        super().__init__(f"{source}: {key}: {problem}" if key else f"{source}: {problem}", hint=hint)
-        self.source = source
-        self.key = key
-        self.problem = problem
-
-
-@dataclass(frozen=True)
-class ProfileProblem:
-    """A profile file that was skipped: which file, which key ('' for the whole file) and why."""
-
-    path: str
-    key: str
-    error: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.key}: {self.error}" if self.key else f"{self.path}: {self.error}"
 
 
 @dataclass(frozen=True)
@@ -173,8 +147,11 @@ class _Checker:
     def __init__(self, source: str) -> None:
         self.source = source
 
-    def fail(self, key: str, problem: str) -> ProfileFileError:
-        return ProfileFileError(self.source, key, problem)
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(
+            f"{self.source}: {key}: {problem}",
+            hint="see device_profiles/README.md for the profile schema",
+        )
 
     def table(
         self, doc: Any, key: str, allowed: set[str], required: frozenset[str] | set[str] = frozenset()
@@ -337,19 +314,33 @@ def _read_profile_file(path: Path) -> Profile:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ProfileFileError(str(path), "", f"cannot read profile: {exc.strerror}", hint=None) from None
+        raise ConfigError(f"cannot read profile {path}: {exc.strerror}") from None
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ProfileFileError(str(path), "", f"not valid TOML: {exc}") from None
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse_profile(doc, str(path))
+
+
+@dataclass(frozen=True)
+class ProfileProblem:
+    """A profile file that was skipped: the file and the validation error, which names the key."""
+
+    path: str
+    error: str
+
+    def lines(self) -> list[str]:
+        """The error one problem per line (the validator may report several for one file)."""
+        return [line.strip() for line in self.error.splitlines() if line.strip()]
+
+
+_log = logging.getLogger(__name__)
 
 
 def scan_profiles(extra_dirs: list[Path] | None = None) -> tuple[dict[str, Profile], list[ProfileProblem]]:
     """Every usable profile in :func:`profile_dirs` by name, and every file that was skipped and why.
 
-    One bad file never hides the others: it is reported as a :class:`ProfileProblem` (file, key,
-    error) and the scan carries on.
+    One bad file never hides the others: it becomes a :class:`ProfileProblem` and the scan goes on.
     """
     found: dict[str, Profile] = {}
     problems: list[ProfileProblem] = []
@@ -359,23 +350,23 @@ def scan_profiles(extra_dirs: list[Path] | None = None) -> tuple[dict[str, Profi
         for path in sorted(directory.glob("*.toml")):
             try:
                 profile = _read_profile_file(path)
-            except ProfileFileError as exc:
-                problems.append(ProfileProblem(exc.source, exc.key, exc.problem))
+            except ConfigError as exc:
+                problems.append(ProfileProblem(str(path), exc.message))
                 continue
             found[profile.name] = profile
     return found, problems
 
 
+def _log_skipped(problems: list[ProfileProblem]) -> None:
+    for problem in problems:
+        _log.warning("skipped device profile file", extra={"path": problem.path, "error": problem.error})
+
+
 def available_profiles(extra_dirs: list[Path] | None = None) -> dict[str, Profile]:
     """All usable profiles found in :func:`profile_dirs`, by name; bad files are logged and skipped."""
     found, problems = scan_profiles(extra_dirs)
-    _log_problems(problems)
+    _log_skipped(problems)
     return found
-
-
-def _log_problems(problems: list[ProfileProblem]) -> None:
-    for problem in problems:
-        log.warning("skipped device profile %s", problem)
 
 
 def load_profile(name_or_path: str | Path, extra_dirs: list[Path] | None = None) -> Profile:
@@ -384,11 +375,12 @@ def load_profile(name_or_path: str | Path, extra_dirs: list[Path] | None = None)
     if text.endswith(".toml") or "/" in text:
         return _read_profile_file(Path(text))
     profiles, problems = scan_profiles(extra_dirs)
-    _log_problems(problems)
+    _log_skipped(problems)
     if text not in profiles:
         hint = "run 'edgert profiles list', or pass a path to a profile .toml file"
         if problems:
-            hint += "; these profile files were skipped: " + "; ".join(str(p) for p in problems)
+            skipped = "; ".join(line for p in problems for line in p.lines())
+            hint += f"; skipped profile files: {skipped}"
         raise ConfigError(
             f"unknown device profile {text!r}; available: {', '.join(sorted(profiles)) or 'none'}",
             hint=hint,

@@ -76,7 +76,7 @@ def collect() -> dict:
             for m in ranked
         ],
         # Files that could not be used; the profiles above come from every other file.
-        "profile_errors": [{"path": p.path, "key": p.key, "error": p.error} for p in problems],
+        "profile_errors": [{"path": p.path, "error": p.error} for p in problems],
     }
 
 
@@ -116,5 +116,6 @@ def doctor(as_json: bool) -> None:
     if info["profile_errors"]:
         click.echo("profile files skipped (fix or remove them; see device_profiles/README.md):")
         for e in info["profile_errors"]:
-            where = f"{e['path']}: {e['key']}" if e["key"] else e["path"]
-            click.echo(f"  ! {where}: {e['error']}")
+            for line in e["error"].splitlines():
+                if line.strip():
+                    click.echo(f"  ! {line.strip()}")

@@ -20,7 +20,8 @@ def list_profiles(as_json: bool) -> None:
 
     found, problems = scan_profiles()
     for problem in problems:
-        click.echo(f"warning: skipped profile file {problem}", err=True)
+        for line in problem.lines():
+            click.echo(f"warning: skipped profile file: {line}", err=True)
     if problems:
         click.echo("hint: fix or remove those files; see device_profiles/README.md for the schema", err=True)
     if as_json:

@@ -38,11 +38,11 @@ def test_scan_reports_each_bad_file_and_keeps_the_good_ones(profile_dir: Path) -
     assert {"cpu-generic", "jetson-orin", "mine"} <= set(found)
     by_file = {Path(p.path).name: p for p in problems}
     assert set(by_file) == {"a-bad-value.toml", "b-broken.toml"}
-    assert by_file["a-bad-value.toml"].key == "runtime.threads"
-    assert "must be >= 0" in by_file["a-bad-value.toml"].error
-    assert by_file["b-broken.toml"].key == ""
-    assert "not valid TOML" in by_file["b-broken.toml"].error
-    assert str(profile_dir / "a-bad-value.toml") in str(by_file["a-bad-value.toml"])
+    # The error names the file, the key and what is wrong.
+    bad = by_file["a-bad-value.toml"]
+    assert bad.path == str(profile_dir / "a-bad-value.toml")
+    assert bad.lines() == [f"{profile_dir / 'a-bad-value.toml'}: runtime.threads: must be >= 0 (0 = automatic), got -1"]
+    assert by_file["b-broken.toml"].lines()[0].startswith(f"{profile_dir / 'b-broken.toml'}: not valid TOML")
 
 
 def test_runtime_lookups_survive_a_bad_sibling(profile_dir: Path) -> None:
@@ -85,7 +85,7 @@ def test_doctor_reports_the_bad_file_and_still_detects(profile_dir: Path, edgert
     doc = json.loads(j.stdout)
     assert doc["profile"] == "cpu-generic"
     assert "mine" in {p["name"] for p in doc["profiles"]}
-    errors = {Path(e["path"]).name: e for e in doc["profile_errors"]}
-    assert errors["a-bad-value.toml"]["key"] == "runtime.threads"
-    assert "must be >= 0" in errors["a-bad-value.toml"]["error"]
-    assert errors["b-broken.toml"]["key"] == ""
+    errors = {Path(e["path"]).name: e["error"] for e in doc["profile_errors"]}
+    assert set(errors) == {"a-bad-value.toml", "b-broken.toml"}
+    assert "a-bad-value.toml: runtime.threads: must be >= 0" in errors["a-bad-value.toml"]
+    assert "b-broken.toml: not valid TOML" in errors["b-broken.toml"]
