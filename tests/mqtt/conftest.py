@@ -17,12 +17,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edgert.mqtt.config import MqttConfig
-from tests.brokers import CA, DEVICE_ACL, Mosquitto, require_mosquitto
+from tests.brokers import CA, DEVICE_ACL, Mosquitto
 
 FLEET, DEVICE = "f1", "dev-a"
 WAIT_S = 20.0
 
 pytestmark = pytest.mark.integration
+
+
+def require_mosquitto() -> None:
+    """Skip unless mosquitto is installed; fail instead when CI=true or EDGERT_REQUIRE_BROKERS=1."""
+    from tests.brokers import require_mosquitto as require
+
+    require()
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = WAIT_S, what: str = "condition") -> None:

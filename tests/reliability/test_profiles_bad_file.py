@@ -41,7 +41,9 @@ def test_scan_reports_each_bad_file_and_keeps_the_good_ones(profile_dir: Path) -
     # The error names the file, the key and what is wrong.
     bad = by_file["a-bad-value.toml"]
     assert bad.path == str(profile_dir / "a-bad-value.toml")
-    assert bad.lines() == [f"{profile_dir / 'a-bad-value.toml'}: runtime.threads: must be >= 0 (0 = automatic), got -1"]
+    assert len(bad.lines()) == 1
+    assert bad.lines()[0].startswith(f"{profile_dir / 'a-bad-value.toml'}: runtime.threads: must be >= 0")
+    assert bad.lines()[0].endswith("-1")
     assert by_file["b-broken.toml"].lines()[0].startswith(f"{profile_dir / 'b-broken.toml'}: not valid TOML")
 
 
