@@ -28,6 +28,7 @@ COMMANDS = {
     "daemon": ("edgert.cli.daemon:daemon", "Run the serving daemon (OIP v2 HTTP, Unix socket, MQTT sync)."),
     "demo": ("edgert.cli.daemon:demo", "Run the daemon with the bundled sample models, offline, on CPU."),
     "mqtt": ("edgert.cli.mqtt:mqtt", "Check the MQTT broker connection, TLS and ACLs."),
+    "config": ("edgert.cli.config_cmd:config", "Print the annotated example daemon config."),
 }
 
 
