@@ -82,7 +82,8 @@ done
 # systemd units: removing the link keeps deb-systemd-helper's record, so upgrades leave them disabled.
 grep -vE '^/etc/rc.\.d/' "$work/links.new" | while read -r link; do
     name="${link##*/}"
-    if grep -qxF "$name" "$work/units" && [ -L "$link" ]; then
+    template="$(printf '%s' "$name" | sed 's/@[^.]*\./@./')"  # getty@tty1.service -> getty@.service
+    if { grep -qxF "$name" "$work/units" || grep -qxF "$template" "$work/units"; } && [ -L "$link" ]; then
         rm -f "$link"
         echo "apt_install: $name (installed just now) will not start at boot"
     fi
