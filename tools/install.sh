@@ -37,6 +37,10 @@ if ! venv_ok; then
         fi
     fi
     echo "== creating $VENV with $("$PYTHON" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
+    if [ -e "$VENV" ] && [ ! -f "$VENV/pyvenv.cfg" ]; then
+        echo "error: $VENV exists and is not a virtual environment; move it away or set EDGERT_VENV" >&2
+        exit 1
+    fi
     rm -rf "$VENV"  # a half-made venv (no pip) would otherwise be reused
     "$PYTHON" -m venv "$VENV"
 fi
