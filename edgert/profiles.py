@@ -8,6 +8,7 @@ TOML and the source name; :func:`load_profile` is the thin adapter that reads th
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,11 +28,13 @@ __all__ = [
     "DetectHints",
     "Limits",
     "Profile",
+    "ProfileProblem",
     "ProviderSpec",
     "available_profiles",
     "load_profile",
     "parse_profile",
     "profile_dirs",
+    "scan_profiles",
 ]
 
 SCHEMA_VERSION = 1
@@ -300,15 +303,50 @@ def _read_profile_file(path: Path) -> Profile:
     return parse_profile(doc, str(path))
 
 
-def available_profiles(extra_dirs: list[Path] | None = None) -> dict[str, Profile]:
-    """All profiles found in :func:`profile_dirs`, by name."""
+@dataclass(frozen=True)
+class ProfileProblem:
+    """A profile file that was skipped: the file and the validation error, which names the key."""
+
+    path: str
+    error: str
+
+    def lines(self) -> list[str]:
+        """The error one problem per line (the validator may report several for one file)."""
+        return [line.strip() for line in self.error.splitlines() if line.strip()]
+
+
+_log = logging.getLogger(__name__)
+
+
+def scan_profiles(extra_dirs: list[Path] | None = None) -> tuple[dict[str, Profile], list[ProfileProblem]]:
+    """Every usable profile in :func:`profile_dirs` by name, and every file that was skipped and why.
+
+    One bad file never hides the others: it becomes a :class:`ProfileProblem` and the scan goes on.
+    """
     found: dict[str, Profile] = {}
+    problems: list[ProfileProblem] = []
     for directory in profile_dirs(extra_dirs):
         if not directory.is_dir():
             continue
         for path in sorted(directory.glob("*.toml")):
-            profile = _read_profile_file(path)
+            try:
+                profile = _read_profile_file(path)
+            except ConfigError as exc:
+                problems.append(ProfileProblem(str(path), exc.message))
+                continue
             found[profile.name] = profile
+    return found, problems
+
+
+def _log_skipped(problems: list[ProfileProblem]) -> None:
+    for problem in problems:
+        _log.warning("skipped device profile file", extra={"path": problem.path, "error": problem.error})
+
+
+def available_profiles(extra_dirs: list[Path] | None = None) -> dict[str, Profile]:
+    """All usable profiles found in :func:`profile_dirs`, by name; bad files are logged and skipped."""
+    found, problems = scan_profiles(extra_dirs)
+    _log_skipped(problems)
     return found
 
 
@@ -317,10 +355,15 @@ def load_profile(name_or_path: str | Path, extra_dirs: list[Path] | None = None)
     text = str(name_or_path)
     if text.endswith(".toml") or "/" in text:
         return _read_profile_file(Path(text))
-    profiles = available_profiles(extra_dirs)
+    profiles, problems = scan_profiles(extra_dirs)
+    _log_skipped(problems)
     if text not in profiles:
+        hint = "run 'edgert profiles list', or pass a path to a profile .toml file"
+        if problems:
+            skipped = "; ".join(line for p in problems for line in p.lines())
+            hint += f"; skipped profile files: {skipped}"
         raise ConfigError(
             f"unknown device profile {text!r}; available: {', '.join(sorted(profiles)) or 'none'}",
-            hint="run 'edgert profiles list', or pass a path to a profile .toml file",
+            hint=hint,
         )
     return profiles[text]

@@ -17,19 +17,58 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+#: The broker binaries; the EDGERT_TEST_* variables point the tests at other builds (or at nothing).
+MOSQUITTO = os.environ.get("EDGERT_TEST_MOSQUITTO") or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+RABBITMQ_SERVER = os.environ.get("EDGERT_TEST_RABBITMQ_SERVER") or "/usr/lib/rabbitmq/bin/rabbitmq-server"
 RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
+#: Set to 1 (tools/test.sh does) to make a missing broker fail the tests instead of skipping them;
+#: CI=true (set by GitHub Actions, GitLab CI and most others) does the same.
+ENV_REQUIRE_BROKERS = "EDGERT_REQUIRE_BROKERS"
+INSTALL_HINT = "run tools/install_test_brokers.sh (or bash tools/test.sh, which does)"
 START_TIMEOUT_S = 10.0
 RABBIT_START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
+
+
+def brokers_required() -> bool:
+    """True when a missing broker must fail the tests: in CI, or when EDGERT_REQUIRE_BROKERS=1."""
+    truthy = ("1", "true", "yes")
+    return (
+        os.environ.get(ENV_REQUIRE_BROKERS, "").lower() in truthy
+        or os.environ.get("CI", "").lower() in truthy
+    )
+
+
+def broker_missing(what: str) -> NoReturn:
+    """Skip the calling test because ``what`` is missing; fail it loudly when brokers are required."""
+    import pytest
+
+    if brokers_required():
+        pytest.fail(
+            f"{what} is not installed, and this run requires the real brokers "
+            f"({ENV_REQUIRE_BROKERS}=1 or CI=true): {INSTALL_HINT}",
+            pytrace=False,
+        )
+    pytest.skip(f"{what} is not installed; {INSTALL_HINT}")
+
+
+def mosquitto_installed() -> bool:
+    """True if the mosquitto binary the tests use exists and is executable."""
+    return os.access(MOSQUITTO, os.X_OK)
+
+
+def require_mosquitto() -> None:
+    """Skip (or, when brokers are required, fail) the calling test unless mosquitto is installed."""
+    if not mosquitto_installed():
+        broker_missing(f"mosquitto ({MOSQUITTO})")
 
 
 def free_port() -> int:
@@ -306,8 +345,22 @@ pattern read edgert/v1/+/devices/%u/cmd
 
 # -- RabbitMQ -----------------------------------------------------------------------------------
 def rabbitmq_available() -> bool:
-    """True if Debian's rabbitmq-server is installed."""
-    return os.path.exists(RABBITMQ_SERVER) and shutil.which("epmd") is not None
+    """True if Debian's rabbitmq-server is installed.
+
+    When brokers are required (:func:`brokers_required`) a missing install fails the calling test
+    here instead of returning False, so callers that skip on False fail loudly in CI.
+    """
+    if os.path.exists(RABBITMQ_SERVER) and shutil.which("epmd") is not None:
+        return True
+    if brokers_required():
+        broker_missing(f"rabbitmq-server ({RABBITMQ_SERVER}, with epmd)")
+    return False
+
+
+def require_rabbitmq() -> None:
+    """Skip (or, when brokers are required, fail) the calling test unless rabbitmq-server is installed."""
+    if not rabbitmq_available():
+        broker_missing(f"rabbitmq-server ({RABBITMQ_SERVER}, with epmd)")
 
 
 @dataclass

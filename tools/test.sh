@@ -1,30 +1,31 @@
 #!/usr/bin/env bash
-# Install everything the test suite needs and run the whole suite.
-#   - Debian packages: mosquitto (+ clients), socat, rabbitmq-server, systemd (for systemd-analyze)
-#   - Python: edgert in editable mode with the dev and litert extras
+# Install everything the test suite needs and run the whole suite (CI runs this through .ci/run).
+#   - Debian packages: mosquitto (+ clients), socat, rabbitmq-server, systemd (for systemd-analyze),
+#     installed without starting them or enabling them at boot (tools/apt_install.sh)
+#   - Python: edgert in editable mode with the dev and litert extras, in .venv (tools/install.sh),
+#     never in the system Python (PEP 668); PYTHON picks the interpreter that creates the venv
 # Extra arguments go to pytest (e.g. `bash tools/test.sh -k runtime -x`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"
+VENV="${EDGERT_VENV:-$PWD/.venv}"
+export EDGERT_VENV="$VENV"
 
 echo "== installing Debian test dependencies"
 bash tools/install_test_brokers.sh
-# systemd-analyze verifies the shipped unit file (PID 1 need not be systemd)
-if ! command -v systemd-analyze >/dev/null 2>&1; then
-    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd
-fi
 
 echo "== installing edgert[dev,litert]"
-"$PYTHON" -m pip install --disable-pip-version-check -q -e ".[dev,litert]"
+bash tools/install.sh dev,litert
+PY="$VENV/bin/python"
 
 echo "== lint: ruff and mypy"
-"$PYTHON" -m ruff check edgert tests tools
-"$PYTHON" -m mypy
+"$PY" -m ruff check edgert tests tools
+"$PY" -m mypy
 
 echo "== running the test suite"
+# The brokers were installed above: a broker test that cannot find one fails instead of skipping.
+export EDGERT_REQUIRE_BROKERS=1
 set +e
-"$PYTHON" -m pytest "$@"
+"$PY" -m pytest "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -41,10 +41,11 @@ def collect() -> dict:
     from edgert import __version__
     from edgert.backends import litert, onnx
     from edgert.detect import HostFileSystem, rank_profiles
-    from edgert.profiles import available_profiles
+    from edgert.profiles import scan_profiles
 
     providers = onnx.available_providers()
-    ranked = rank_profiles(available_profiles().values(), HostFileSystem(), providers)
+    found, problems = scan_profiles()
+    ranked = rank_profiles(found.values(), HostFileSystem(), providers)
     chosen = next((m for m in ranked if m.matched), None)
     lite_mod, lite_errors = litert.interpreter_module()
     return {
@@ -74,6 +75,8 @@ def collect() -> dict:
             }
             for m in ranked
         ],
+        # Files that could not be used; the profiles above come from every other file.
+        "profile_errors": [{"path": p.path, "error": p.error} for p in problems],
     }
 
 
@@ -110,3 +113,9 @@ def doctor(as_json: bool) -> None:
         mark = "*" if p["name"] == info["profile"] else ("+" if p["matched"] else "-")
         click.echo(f"  {mark} {p['name']:<16} " + "; ".join(p["reasons"]))
     click.echo("(* chosen, + matches, - does not match)")
+    if info["profile_errors"]:
+        click.echo("profile files skipped (fix or remove them; see device_profiles/README.md):")
+        for e in info["profile_errors"]:
+            for line in e["error"].splitlines():
+                if line.strip():
+                    click.echo(f"  ! {line.strip()}")

@@ -25,6 +25,7 @@ COMMANDS = {
     "package": ("edgert.cli.package:package", "Create and inspect encrypted model packages (.edgepkg)."),
     "audit": ("edgert.cli.audit:audit", "Verify and read the tamper-evident audit log."),
     "capture": ("edgert.cli.capture:capture", "Sealed data capture (fleet side: open captures)."),
+    "config": ("edgert.cli.config_cmd:config", "Print the annotated example daemon config."),
     "daemon": ("edgert.cli.daemon:daemon", "Run the serving daemon (OIP v2 HTTP, Unix socket, MQTT sync)."),
     "demo": ("edgert.cli.daemon:demo", "Run the daemon with the bundled sample models, offline, on CPU."),
     "mqtt": ("edgert.cli.mqtt:mqtt", "Check the MQTT broker connection, TLS and ACLs."),

@@ -15,10 +15,15 @@ def profiles() -> None:
 @profiles.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_profiles(as_json: bool) -> None:
-    """List the installed device profiles."""
-    from edgert.profiles import available_profiles
+    """List the installed device profiles; files that cannot be used are named on stderr."""
+    from edgert.profiles import scan_profiles
 
-    found = available_profiles()
+    found, problems = scan_profiles()
+    for problem in problems:
+        for line in problem.lines():
+            click.echo(f"warning: skipped profile file: {line}", err=True)
+    if problems:
+        click.echo("hint: fix or remove those files; see device_profiles/README.md for the schema", err=True)
     if as_json:
         echo_json(
             [{"name": p.name, "description": p.description, "source": p.source} for p in found.values()]

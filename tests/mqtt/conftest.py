@@ -4,7 +4,6 @@ subscriber that records what the device publishes, and a fleet command key."""
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,8 +26,10 @@ pytestmark = pytest.mark.integration
 
 
 def require_mosquitto() -> None:
-    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
-        pytest.skip("mosquitto is not installed; run tools/install_test_brokers.sh")
+    """Skip unless mosquitto is installed; fail instead when CI=true or EDGERT_REQUIRE_BROKERS=1."""
+    from tests.brokers import require_mosquitto as require
+
+    require()
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = WAIT_S, what: str = "condition") -> None:

@@ -52,6 +52,8 @@ TOPIC = f"edgert/v1/{FLEET}/devices/{DEVICE}"
 OUTAGE_S = float(os.environ.get("EDGERT_E2E_OUTAGE_S", "3"))
 READY_TIMEOUT_S = 60.0
 SUB_TIMEOUT_S = 20
+#: Pause between requests while a mosquitto_sub reader runs (the loop ends as soon as it exits).
+INFER_PACE_S = 0.02
 
 
 @dataclass
@@ -74,17 +76,26 @@ class Device:
     def sock(self) -> Path:
         return self.tmp / "edgert.sock"
 
-    def sub(self, channel: str, count: int, timeout: int = SUB_TIMEOUT_S) -> list[dict[str, Any]]:
-        """Read ``count`` messages from the device's ``channel`` with the real mosquitto_sub CLI."""
+    def sub_start(self, channel: str, count: int, timeout: int = SUB_TIMEOUT_S) -> subprocess.Popen[str]:
+        """Start the real mosquitto_sub CLI reading ``count`` messages from the device's ``channel``."""
         ca, cert, key = self.fleet_tls
-        out = subprocess.run(
+        return subprocess.Popen(
             ["mosquitto_sub", "-h", "localhost", "-p", str(self.broker.port), "-V", "mqttv5",
              "--cafile", str(ca), "--cert", str(cert), "--key", str(key), "-i", f"mon-{time.monotonic_ns()}",
              "-t", f"{TOPIC}/{channel}", "-C", str(count), "-W", str(timeout)],
-            capture_output=True, text=True, timeout=timeout + 10,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        assert out.returncode == 0, f"mosquitto_sub failed ({out.returncode}): {out.stderr}"
-        return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+    @staticmethod
+    def sub_result(proc: subprocess.Popen[str], timeout: int = SUB_TIMEOUT_S) -> list[dict[str, Any]]:
+        """Wait for a :meth:`sub_start` reader and return the JSON documents it printed."""
+        out, err = proc.communicate(timeout=timeout + 10)
+        assert proc.returncode == 0, f"mosquitto_sub failed ({proc.returncode}): {err}"
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def sub(self, channel: str, count: int, timeout: int = SUB_TIMEOUT_S) -> list[dict[str, Any]]:
+        """Read ``count`` messages from the device's ``channel`` with the real mosquitto_sub CLI."""
+        return self.sub_result(self.sub_start(channel, count, timeout), timeout)
 
     def command(self, payload: bytes, corr: bytes, timeout: float = 20.0) -> dict[str, Any]:
         """Publish a command as the fleet and return the reply correlated by MQTT 5 correlation data."""
@@ -265,10 +276,22 @@ def test_status_and_telemetry_are_readable_with_mosquitto_sub(device: Device) ->
     assert status["v"] == 1 and status["state"] == "online" and status["device"] == DEVICE
     assert status["models"] == {"digits": "2"} and status["providers"] == ["CPUExecutionProvider"]
     x = np.load(MODELS / "digits_test.npz")["x"][:4]
+    # Telemetry counts are per-interval deltas. Requests sent before mosquitto_sub has subscribed may
+    # land in a reading it never sees (the flake of issue 9 #22), so keep serving until the reader has
+    # its messages: the condition is the reader finishing, not a time.
+    reader = device.sub_start("telemetry", 8)
+    served = 0
     with Client(f"unix://{device.sock}") as c:
-        for _ in range(5):
+        while True:
             c.infer("digits", {"pixels": x})
-    docs = device.sub("telemetry", 8)
+            served += 1
+            try:
+                reader.wait(timeout=INFER_PACE_S)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    docs = device.sub_result(reader)
+    assert served > 0 and len(docs) == 8
     assert all(d["v"] == 1 and d["device"] == DEVICE for d in docs)
     seqs = [d["seq"] for d in docs]
     assert seqs == sorted(seqs) and len(set(d["boot"] for d in docs)) == 1
