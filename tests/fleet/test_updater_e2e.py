@@ -252,3 +252,40 @@ def test_a_fleet_rollback_to_a_lower_version_is_rolled_back(rig: Rig) -> None:
     rig.deploy(3, "2")  # the fleet's signed rollback: a higher seq naming a lower version
     assert rig.device.wait_final(3) == "rolled-back"
     assert rig.device.served() == ("2", "2")
+
+
+def test_an_update_interrupted_mid_download_resumes_after_a_restart(rig: Rig) -> None:
+    data = rig.add_package("2", MODELS / "digits_large_int8.onnx")
+    served: list[int] = []
+    real = rig.ctl.server.answer
+    cut = len(data) // 2
+    answering = threading.Event()
+    answering.set()
+
+    def answer(device: str, payload: bytes):  # the controller goes silent past half of the package
+        reply = real(device, payload)
+        if reply is not None and reply.total == len(data) and reply.status == "ok":
+            if reply.offset >= cut and not answering.is_set():
+                return None
+            served.append(len(reply.data))
+        return reply
+
+    answering.clear()
+    rig.ctl.server.answer = answer  # type: ignore[method-assign]
+    assert rig.device.link is not None
+    rig.device.link.requester.timeout_s = 0.3
+    rig.deploy(1, "2")
+    up = rig.device.updater
+    assert up is not None
+    wait_for(lambda: bool(up.job and up.job.get("error")), what="the download to stall")
+    rig.device.stop_updater()  # the daemon dies here; only its files survive
+    (part,) = rig.device.paths.partial.glob("*.part")
+    have = part.stat().st_size
+    assert 0 < have and sum(served) == have
+    assert json.loads(rig.device.paths.state_file.read_text())["job"]["doc"]["seq"] == 1
+    served.clear()
+    answering.set()
+    rig.device.start_updater()
+    assert rig.device.wait_final(1) == "active"
+    assert rig.device.served() == ("2", "2")
+    assert sum(served) == len(data) - have, "the download resumed from its partial file"
