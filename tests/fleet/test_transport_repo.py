@@ -100,7 +100,7 @@ def test_broker_down_mid_download_resumes(tmp_path: Path, setup, fleet_broker: M
     assert info is not None
     before = ctl.server.counters["bytes"]
     path = up.download_target(info)
-    assert restarted.is_set() and dev.requester.counters["retries"] > 0, "the outage really happened"
+    assert restarted.is_set() and dev.link.connects >= 2, "the broker really went down mid-download"
     assert Path(path).read_bytes() == pkg
     served = ctl.server.counters["bytes"] - before
     # Resumed, not restarted: at most a few chunks are sent twice.
