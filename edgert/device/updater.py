@@ -451,7 +451,8 @@ class DeviceUpdater:
             raise SecurityError(f"the wrapped-key record for {doc.target} is not JSON: {exc}") from None
         except Exception as exc:
             raise _Transient(f"cannot fetch the wrapped-key record for {doc.target}: {exc}") from None
-        if not isinstance(record, dict) or record.get("recipient") != mine:
+        record = _key_record(record, doc, m.digest)
+        if record.get("recipient") != mine:
             raise SecurityError(f"the wrapped-key record for {doc.target} is not for this device ({mine})")
         spliced = path.with_suffix(".spliced")
         add_recipient(path, spliced, record, self.fs)
@@ -466,6 +467,18 @@ class DeviceUpdater:
         except StoreError:
             return False
         return active is not None and compare_versions(doc.version, active) < 0
+
+
+def _key_record(doc: Any, want: DesiredState, manifest_sha256: str) -> dict[str, Any]:
+    """The wrapped-key record inside the fleet's key-record document (edgert.fleet.keyrecords), checked."""
+    if isinstance(doc, dict) and isinstance(doc.get("record"), dict):
+        if (doc.get("v"), doc.get("target"), doc.get("model"), doc.get("version"),
+                doc.get("manifest_sha256")) != (1, want.target, want.model, want.version, manifest_sha256):
+            raise SecurityError(f"the wrapped-key record for {want.target} is for another package build")
+        doc = doc["record"]
+    if not isinstance(doc, dict):
+        raise SecurityError(f"the wrapped-key record for {want.target} is not a JSON object")
+    return doc
 
 
 def parse_desired_raw(doc: Mapping[str, Any]) -> DesiredState:

@@ -235,7 +235,9 @@ def test_a_package_without_this_device_gets_its_wrapped_key_on_demand(rig: Rig) 
     key = header.key_for(rig.escrow)  # what the controller does with the escrow key
     record = envelope.wrap_key(key, rig.device.keys.wrap_public, header.manifest.binding)
     assert record["recipient"] == fingerprint(rig.device.keys.wrap_public)
-    rig.records[(DEVICE, "models/digits/2.edgepkg")] = json.dumps(record).encode()
+    rig.records[(DEVICE, "models/digits/2.edgepkg")] = json.dumps({  # edgert.fleet.keyrecords' document
+        "v": 1, "target": "models/digits/2.edgepkg", "device": DEVICE, "model": "digits", "version": "2",
+        "manifest_sha256": header.manifest.digest, "record": record}).encode()
     rig.deploy(1, "2")
     assert rig.device.wait_final(1) == "active"
     assert rig.device.served() == ("2", "2")
