@@ -220,7 +220,31 @@ class Daemon:
             audit_head=self.audit.head,
         )
         self.deployer.events.append(lambda doc: sync.emit_event(_event_bytes(doc)))
+        updater = self._updater(sync)
+        if updater is not None:
+            sync.add_route(updater)
+            self.services.append(updater)  # started after sync, stopped before it
         return sync
+
+    def _updater(self, sync: Any) -> Any:
+        """The fleet model updater, when the device has a command key and a TUF root to trust."""
+        from edgert.device.updater import DeviceUpdater, UpdaterPaths
+        from edgert.mqtt.signing import load_public_key
+
+        cfg = self.config.mqtt
+        assert cfg is not None and self.deployer is not None and self.source is not None
+        paths = UpdaterPaths(self._state_root())
+        if not cfg.sync.command_key_file or not paths.root_file.is_file():
+            log.info("fleet model updates off: they need [mqtt] command_key_file and the fleet's TUF root "
+                     "at %s (installed at provisioning)", paths.root_file)
+            return None
+        return DeviceUpdater.over_mqtt(
+            lambda topic, payload: sync.link.publish(topic, payload, qos=1),
+            fleet=cfg.sync.fleet, device=cfg.sync.device_id, state_dir=self._state_root(),
+            groups=[cfg.sync.group] if cfg.sync.group else [],
+            command_key=load_public_key(cfg.sync.command_key_file),
+            store=self.source.store, deployer=self.deployer,
+            emit=lambda doc: sync.emit_event(_event_bytes(doc)))
 
     def _build_deployer(self, source: ModelSource) -> Deployer:
         profile = getattr(self.runtime, "profile", None)

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -53,6 +53,18 @@ MAX_SPOOLED_BYTES = MAX_PAYLOAD_BYTES - len(_REPLAYED_SUFFIX)
 PACKET_TOO_LARGE = 0x95
 
 
+class MessageRoute(Protocol):
+    """Something else on the device that listens on MQTT topics (the updater)."""
+
+    def subscriptions(self) -> list[str]:
+        """Topics (or filters) to subscribe on every connect."""
+        ...
+
+    def handle_message(self, topic: str, payload: bytes) -> bool:
+        """Take a message if it is this route's; True when it was. Must not block."""
+        ...
+
+
 def _empty() -> Mapping[str, Any]:
     return {}
 
@@ -84,6 +96,7 @@ class SyncService:
         self.spool = spool or Spool(spool_file, cfg.sync.spool_max_records)
         self.status_provider, self.stats_provider = status_provider, stats_provider
         self.audit_head = audit_head
+        self._routes: list[MessageRoute] = []
         self.device_stats = device_stats or DeviceStats(disk_path=str(Path(self.spool.path).parent))
         # Without a log source from the daemon, keep our own tail of the edgert.* log records.
         self._log_ring = LogRing() if log_tail is None else None
@@ -234,9 +247,19 @@ class SyncService:
         }
 
     # -- network callbacks -------------------------------------------------------------------
+    def add_route(self, route: MessageRoute) -> None:
+        """Deliver messages on ``route.subscriptions()`` to ``route.handle_message`` (e.g. the updater).
+
+        Call before :meth:`start`; routes are subscribed on every (re)connect.
+        """
+        self._routes.append(route)
+
     def _on_connect(self, session_present: bool) -> None:
         self._replay_upto = self.spool.last_id()
         self.link.subscribe(self.cmd_topic, qos=1)
+        for route in self._routes:
+            for topic in route.subscriptions():
+                self.link.subscribe(topic, qos=1)
         info = self.status_provider()
         self.link.publish(
             self.status_topic,
@@ -260,6 +283,12 @@ class SyncService:
 
     def _on_message(self, topic: str, payload: bytes, props: Any) -> None:
         if topic != self.cmd_topic:
+            for route in self._routes:
+                try:
+                    if route.handle_message(topic, payload):  # must not block the network thread
+                        return
+                except Exception:  # one bad message must never stop the MQTT thread
+                    log.exception("message handler failed", extra={"topic": topic})
             return
         corr = getattr(props, "CorrelationData", None) if props is not None else None
         corr = bytes(corr) if corr else None
