@@ -55,10 +55,15 @@ class SimDevice:
         return f"edgert/v1/{FLEET}/devices/{self.name}/{ch}"
 
     def start(self) -> SimDevice:
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{self.name}",
-                        protocol=MQTTProtocolVersion.MQTTv5)
-        c.will_set(self.topic("status"), json.dumps({"v": 1, "state": "offline", "device": self.name}),
-                   qos=1, retain=True)
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"sim-{self.name}", protocol=MQTTProtocolVersion.MQTTv5
+        )
+        c.will_set(
+            self.topic("status"),
+            json.dumps({"v": 1, "state": "offline", "device": self.name}),
+            qos=1,
+            retain=True,
+        )
         ready = threading.Event()
 
         def on_connect(cl: Any, u: Any, f: Any, rc: Any, p: Any) -> None:
@@ -83,14 +88,31 @@ class SimDevice:
 
     def status(self) -> None:
         assert self.client is not None
-        self.client.publish(self.topic("status"), json.dumps(
-            {"v": 1, "state": "online", "device": self.name, "ts": time.time(), "models": {MODEL: self.version}}),
-            qos=1, retain=True)
+        self.client.publish(
+            self.topic("status"),
+            json.dumps(
+                {
+                    "v": 1,
+                    "state": "online",
+                    "device": self.name,
+                    "ts": time.time(),
+                    "models": {MODEL: self.version},
+                }
+            ),
+            qos=1,
+            retain=True,
+        )
 
     def event(self, doc: dict[str, Any], state: str, **kw: Any) -> None:
         assert self.client is not None
-        body = {"event": "update", "rollout": doc["rollout"], "model": doc["model"], "version": doc["version"],
-                "state": state, **kw}
+        body = {
+            "event": "update",
+            "rollout": doc["rollout"],
+            "model": doc["model"],
+            "version": doc["version"],
+            "state": state,
+            **kw,
+        }
         self.client.publish(self.topic("events"), json.dumps(body), qos=1)
 
     def on_message(self, client: Any, userdata: Any, msg: paho.MQTTMessage) -> None:
@@ -109,9 +131,21 @@ class SimDevice:
         if doc["shadow"] is not None:
             agreement, ratio = self.shadow or (1.0, 1.0)
             assert self.client is not None
-            self.client.publish(self.topic("events"), json.dumps(
-                {"event": "shadow", "rollout": doc["rollout"], "model": MODEL, "version": doc["version"],
-                 "agreement": agreement, "latency_ratio": ratio, "samples": 200}), qos=1)
+            self.client.publish(
+                self.topic("events"),
+                json.dumps(
+                    {
+                        "event": "shadow",
+                        "rollout": doc["rollout"],
+                        "model": MODEL,
+                        "version": doc["version"],
+                        "agreement": agreement,
+                        "latency_ratio": ratio,
+                        "samples": 200,
+                    }
+                ),
+                qos=1,
+            )
             return
         for s in ("downloading", "verifying", "installing"):
             self.event(doc, s, **({"progress": "1/1"} if s == "downloading" else {}))
@@ -125,9 +159,18 @@ class SimDevice:
         self.active_at = time.monotonic()
         self.event(doc, "active")
         assert self.client is not None
-        self.client.publish(self.topic("telemetry"), json.dumps(
-            {"v": 1, "device": self.name, "seq": 1, "models": {MODEL: {"version": self.version,
-                                                                        "latency_s": {"p99": 4e-05}}}}), qos=1)
+        self.client.publish(
+            self.topic("telemetry"),
+            json.dumps(
+                {
+                    "v": 1,
+                    "device": self.name,
+                    "seq": 1,
+                    "models": {MODEL: {"version": self.version, "latency_s": {"p99": 4e-05}}},
+                }
+            ),
+            qos=1,
+        )
 
 
 @pytest.fixture
@@ -162,10 +205,16 @@ class Fleet:
 
     def controller(self, cid: str = "ctl-a", ttl: float = 15.0) -> ControllerService:
         db = open_db(self.db_path)
-        broker = BrokerConfig(host="127.0.0.1", port=self.broker.port, client_id=f"fleet-{cid}",
-                              reconnect_min=0.05, reconnect_max=0.5)
-        svc = ControllerService(ControllerSettings(FLEET, controller_id=cid, lease_ttl_s=ttl, tick_s=0.05),
-                                db, self.key, broker)
+        broker = BrokerConfig(
+            host="127.0.0.1",
+            port=self.broker.port,
+            client_id=f"fleet-{cid}",
+            reconnect_min=0.05,
+            reconnect_max=0.5,
+        )
+        svc = ControllerService(
+            ControllerSettings(FLEET, controller_id=cid, lease_ttl_s=ttl, tick_s=0.05), db, self.key, broker
+        )
         svc.start()
         assert svc.link.wait_connected(WAIT_S)
         t = threading.Thread(target=svc.run, daemon=True)
@@ -190,7 +239,9 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet_factory(tmp_path: Path, broker: Mosquitto, key: Ed25519PrivateKey) -> Iterator[Callable[..., Fleet]]:
+def fleet_factory(
+    tmp_path: Path, broker: Mosquitto, key: Ed25519PrivateKey
+) -> Iterator[Callable[..., Fleet]]:
     made: list[Fleet] = []
 
     def make(n: int, **sim: Any) -> Fleet:
@@ -206,7 +257,9 @@ def fleet_factory(tmp_path: Path, broker: Mosquitto, key: Ed25519PrivateKey) -> 
 def deploy(db: FleetDB, version: str = "2", **kw: Any) -> str:
     args: dict[str, Any] = {"waves": (0.1, 0.5, 1.0), "wait_healthy_s": 60.0, "max_failure_rate": 0.05}
     args.update(kw)
-    return create_rollout(db, fleet=FLEET, group=GROUP, model=MODEL, version=version, now=time.time(), **args).id
+    return create_rollout(
+        db, fleet=FLEET, group=GROUP, model=MODEL, version=version, now=time.time(), **args
+    ).id
 
 
 def group_doc(rec: Recorder, pub: Ed25519PublicKey) -> dict[str, Any] | None:
@@ -233,8 +286,11 @@ def test_rollout_advances_wave_by_wave_and_publishes_the_group_deployment(fleet_
     doc = group_doc(rec, key.public_key())
     assert doc is not None and doc["version"] == "2" and doc["target"] == "models/digits/2.edgepkg"
     assert doc["seq"] > max(d.got[0][1]["seq"] for d in fl.devices.values())
-    wait_for(lambda: all(not m.payload for d in fl.names
-                         for m in rec.on(f"devices/{d}/assignment")[-1:]), WAIT_S, "assignments cleared")
+    wait_for(
+        lambda: all(not m.payload for d in fl.names for m in rec.on(f"devices/{d}/assignment")[-1:]),
+        WAIT_S,
+        "assignments cleared",
+    )
     st = fl.db.device_status(FLEET)
     assert all(st[d]["versions"] == {MODEL: "2"} and st[d]["p99"] == {MODEL: 4e-05} for d in fl.names)
     kinds = [e["kind"] for e in fl.db.events(FLEET, rollout=rid, limit=1000)]
@@ -247,7 +303,7 @@ def test_rollout_halts_at_the_failure_threshold(fleet_factory, broker, key) -> N
 
     fl = fleet_factory(20)
     for d in fl.names:
-        fl.devices[d].behaviour = (lambda doc, d=d: "fail" if d in bad and doc["wave"] > 0 else "ok")
+        fl.devices[d].behaviour = lambda doc, d=d: "fail" if d in bad and doc["wave"] > 0 else "ok"
     rec = Recorder(broker.port)
     fl.start_devices()
     rid = deploy(fl.db, waves=(0.1, 1.0), max_failure_rate=0.2, min_attempts=5)
@@ -279,8 +335,11 @@ def test_offline_device_blocks_then_times_out_and_catches_up(fleet_factory, brok
     wait_for(lambda: fl.devices[offline].version == "2", WAIT_S, "the offline device catches up")
     wait_for(lambda: fl.db.device_status(FLEET)[offline]["versions"] == {MODEL: "2"}, WAIT_S, "status stored")
     # its late events are still recorded against the rollout (the group doc names it)
-    wait_for(lambda: {x["device"]: x["state"] for x in fl.db.rollout_devices(rid)}[offline] == "active",
-             WAIT_S, "late success recorded")
+    wait_for(
+        lambda: {x["device"]: x["state"] for x in fl.db.rollout_devices(rid)}[offline] == "active",
+        WAIT_S,
+        "late success recorded",
+    )
     assert [e["kind"] for e in fl.db.events(FLEET, rollout=rid, limit=1000)].count("halt") == 0
 
 
@@ -298,8 +357,9 @@ def test_shadow_gate_promotes_or_halts(fleet_factory, broker, key) -> None:
 
     for dev in fl.devices.values():
         dev.shadow = (0.91, 1.2)
-    rid2 = deploy(fl.db, version="3", waves=(0.5, 1.0), shadow_percent=10.0, min_agreement=0.98,
-                  max_latency_ratio=1.5)
+    rid2 = deploy(
+        fl.db, version="3", waves=(0.5, 1.0), shadow_percent=10.0, min_agreement=0.98, max_latency_ratio=1.5
+    )
     wait_for(lambda: fl.state(rid2) == "halted", WAIT_S, "shadow gate halt")
     r = fl.db.rollout(rid2)
     assert r is not None and r.reason == "shadow agreement 0.9100 < 0.98"
