@@ -39,6 +39,7 @@ from edgert.fleet.planner import (
     shadow_gate,
 )
 from edgert.mqtt.config import BrokerConfig
+from edgert.mqtt.repo_protocol import assignment_topic
 from edgert.mqtt.topics import PREFIX, check_id, deployment_topic, parse_topic
 
 __all__ = [
@@ -79,11 +80,6 @@ class Attachment(Protocol):
 
     def handle(self, topic: str, payload: bytes, publish: Publish) -> None:
         """One message on those filters (network thread: return quickly or hand off)."""
-
-
-def assignment_topic(fleet: str, device: str) -> str:
-    """Retained per-device desired state during a rollout."""
-    return f"{PREFIX}/{check_id(fleet, 'fleet id')}/devices/{check_id(device, 'device id')}/assignment"
 
 
 @dataclass(frozen=True)

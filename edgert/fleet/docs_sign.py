@@ -8,16 +8,14 @@ prints Unicode. ``issued`` is whole unix seconds, so no float formatting is invo
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from collections.abc import Mapping
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgert.errors import SignatureError
+from edgert.mqtt.repo_protocol import desired_signed_bytes, sign_desired_state, verify_desired_signature
 
 __all__ = [
     "DOC_VERSION",
@@ -63,17 +61,13 @@ def desired_state(
 
 
 def canonical_bytes(doc: Mapping[str, Any]) -> bytes:
-    """The signed bytes: canonical JSON of ``doc`` without ``sig``."""
-    body = {k: v for k, v in doc.items() if k != "sig"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("ascii")
+    """The signed bytes: the one definition both sides use (``repo_protocol.desired_signed_bytes``)."""
+    return desired_signed_bytes(doc)
 
 
 def sign_document(doc: Mapping[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
-    """Return a copy of ``doc`` with ``sig`` (base64 Ed25519 over :func:`canonical_bytes`)."""
-    out = {k: v for k, v in doc.items() if k != "sig"}
-    out["sig"] = base64.b64encode(key.sign(canonical_bytes(out))).decode("ascii")
-    return out
+    """Return a copy of ``doc`` with ``sig`` (what devices verify with ``verify_desired_signature``)."""
+    return sign_desired_state(doc, key)
 
 
 def encode(doc: Mapping[str, Any]) -> bytes:
@@ -92,8 +86,8 @@ def verify_document(payload: bytes | Mapping[str, Any], key: Ed25519PublicKey) -
             doc = dict(payload)
         if not isinstance(doc, dict) or doc.get("v") != DOC_VERSION or not isinstance(doc.get("sig"), str):
             raise ValueError("shape")
-        key.verify(base64.b64decode(doc["sig"], validate=True), canonical_bytes(doc))
-    except (ValueError, TypeError, RecursionError, binascii.Error, InvalidSignature):
+        verify_desired_signature(doc, key)
+    except (ValueError, TypeError, RecursionError, SignatureError):
         raise SignatureError("desired-state document is not validly signed by the fleet command key",
                              hint="check that the device pins the fleet's command public key") from None
     return doc
