@@ -164,3 +164,34 @@ def devices_list_cmd(fleet_dir: Path, as_json: bool) -> None:
         return
     for r in records:
         click.echo(f"{r.device}: groups {', '.join(r.groups)}, {r.x25519}, enrolled {r.enrolled}")
+
+
+@fleet.command("serve")
+@fleet_option
+@click.option("--db", "db_url", envvar="EDGERT_FLEET_DB", default=None,
+              help="Fleet state: default DIR/fleet.sqlite; postgresql://… lets several controllers share it.")
+@click.option("--controller-id", default=None, help="This replica's name (default: random).")
+def serve_cmd(fleet_dir: Path, db_url: str | None, controller_id: str | None) -> None:
+    """Run the fleet controller: rollouts, fleet state, and the repository devices fetch over MQTT."""
+    from edgert.cli.fleet_rollout import run_controller
+    from edgert.fleet.fleetdir import FleetDir
+    from edgert.fleet.service import MetadataKeeper, RepoAttachment
+
+    fd = FleetDir.open(fleet_dir)
+    keeper = MetadataKeeper(fd)
+    keeper.start()
+    try:
+        run_controller(fleet=fd.id, db_url=db_url or str(fd.db_path), broker=fd.broker,
+                       command_key=str(fd.command_key_path), controller_id=controller_id,
+                       devices_dir=str(fd.devices_dir), attachments=[RepoAttachment(fd)])
+    finally:
+        keeper.stop()
+
+
+def _register_rollouts() -> None:
+    from edgert.cli.fleet_rollout import register
+
+    register(fleet, serve_command=False)
+
+
+_register_rollouts()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -13,16 +14,44 @@ from edgert.cli.common import echo_json
 
 __all__ = ["register"]
 
-db_option = click.option(
-    "--db",
-    "db_url",
-    envvar="EDGERT_FLEET_DB",
-    required=True,
-    help="Fleet state: an SQLite file path, or postgresql://… (env EDGERT_FLEET_DB).",
-)
-fleet_option = click.option(
-    "--fleet-id", "fleet", envvar="EDGERT_FLEET_ID", required=True, help="Fleet id (env EDGERT_FLEET_ID)."
-)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fleet_target(func: F) -> F:
+    """``--fleet DIR`` (the fleet directory: its id, its fleet.sqlite and devices), or ``--fleet-id``
+    and ``--db`` (e.g. a PostgreSQL URL shared by several controllers); the command gets ``fleet`` (the
+    id) and ``db_url``."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, fleet_dir: str | None, fleet_id: str | None, db_url: str | None,
+                **kwargs: Any) -> Any:
+        fleet, db = resolve_target(fleet_dir, fleet_id, db_url)
+        return func(*args, fleet=fleet, db_url=db, **kwargs)
+
+    wrapper = click.option("--db", "db_url", envvar="EDGERT_FLEET_DB", default=None,
+                           help="Fleet state: an SQLite file or postgresql://… (default: DIR/fleet.sqlite; "
+                                "env EDGERT_FLEET_DB).")(wrapper)
+    wrapper = click.option("--fleet-id", "fleet_id", envvar="EDGERT_FLEET_ID", default=None,
+                           help="Fleet id (default: the fleet directory's; env EDGERT_FLEET_ID).")(wrapper)
+    wrapper = click.option("--fleet", "fleet_dir", envvar="EDGERT_FLEET", default=None,
+                           type=click.Path(file_okay=False),
+                           help="The fleet directory ('edgert fleet init'; env EDGERT_FLEET).")(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+def resolve_target(fleet_dir: str | None, fleet_id: str | None, db_url: str | None) -> tuple[str, str]:
+    """(fleet id, db URL) from the fleet directory and/or the explicit options."""
+    from edgert.errors import ConfigError
+
+    if fleet_dir:
+        from edgert.fleet.fleetdir import FleetDir
+
+        fd = FleetDir.open(fleet_dir)
+        return fleet_id or fd.id, db_url or str(fd.db_path)
+    if not fleet_id or not db_url:
+        raise ConfigError("say which fleet: --fleet DIR, or both --fleet-id and --db",
+                          hint="'edgert fleet init DIR' makes a fleet directory")
+    return fleet_id, db_url
 
 
 def _open(db_url: str, devices_dir: str | None = None, fleet: str | None = None) -> Any:
@@ -35,8 +64,7 @@ def _open(db_url: str, devices_dir: str | None = None, fleet: str | None = None)
 
 
 @click.command("deploy")
-@fleet_option
-@db_option
+@fleet_target
 @click.option("--group", required=True, help="Device group to update.")
 @click.option("--model", required=True, help="Model name.")
 @click.option("--version", "version", required=True, help="Version to roll out.")
@@ -129,8 +157,7 @@ def deploy(
 
 
 @click.command("rollback")
-@fleet_option
-@db_option
+@fleet_target
 @click.option("--group", required=True)
 @click.option("--model", required=True)
 def rollback(fleet: str, db_url: str, group: str, model: str) -> None:
@@ -147,8 +174,7 @@ def rollback(fleet: str, db_url: str, group: str, model: str) -> None:
 
 def _pause_cmd(name: str, paused: bool) -> click.Command:
     @click.command(name)
-    @fleet_option
-    @db_option
+    @fleet_target
     @click.option("--group", required=True)
     @click.option("--model", default=None, help="Only the rollout of this model.")
     def cmd(fleet: str, db_url: str, group: str, model: str | None) -> None:
@@ -232,8 +258,7 @@ def _age(age: float | None) -> str:
 
 
 @click.command("status")
-@fleet_option
-@db_option
+@fleet_target
 @click.option("--group", default=None)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--watch", default=None, type=float, help="Redraw every N seconds (live display).")
@@ -257,8 +282,7 @@ def status(fleet: str, db_url: str, group: str | None, as_json: bool, watch: flo
 
 
 @click.command("serve")
-@fleet_option
-@db_option
+@fleet_target
 @click.option("--host", default="127.0.0.1", show_default=True, help="MQTT broker host.")
 @click.option("--port", default=None, type=int, help="MQTT broker port (1883, or 8883 with --ca-file).")
 @click.option("--ca-file", default=None)

@@ -1,0 +1,202 @@
+"""Issue 11 "done when": fleet init → model add → serve → deploy, end to end.
+
+Real processes only: mosquitto, `edgert fleet serve` (controller + repository over MQTT), and two real
+`edgert daemon` devices whose keys were made on the device. The devices fetch TUF metadata and the
+signed package over MQTT, install it through the Deployer and serve the new version; the fleet's
+status shows them. A device that joined the group after `model add` installs with a key record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgert.client import Client
+from tests.brokers import Mosquitto
+from tests.device.models_kit import MODELS
+from tests.device.subproc import cli
+from tests.mqtt.conftest import require_mosquitto, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+FLEET, GROUP = "acme", "lab"
+READY_TIMEOUT_S = 60.0
+UPDATE_TIMEOUT_S = 90.0
+
+
+def _ok(*args: str) -> str:
+    r = cli(*args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+class Device:
+    """A device with its own keys, a local model v1, and a daemon that follows the fleet."""
+
+    def __init__(self, tmp: Path, name: str, fleet: Path, broker_port: int) -> None:
+        self.name, self.dir = name, tmp / name
+        self.state, self.sock = self.dir / "state", self.dir / "edgert.sock"
+        self.config = self.dir / "edgert.toml"
+        self.proc: subprocess.Popen[bytes] | None = None
+        st = str(self.state)
+        _ok("keys", "init", "--state-dir", st)
+        keys = json.loads(_ok("keys", "show", "--json", "--state-dir", st))
+        self.x25519 = keys["wrap_public_key"]
+        _ok("models", "import", str(MODELS / "digits_small_int8.onnx"), "--name", "digits", "--version", "1",
+            "--state-dir", st, "--socket", str(self.sock))
+        # What provisioning installs: the fleet's TUF root, command key and publisher key.
+        (self.state / "tuf").mkdir(mode=0o700)
+        shutil.copy(fleet / "repository" / "metadata" / "1.root.json", self.state / "tuf" / "root.json")
+        publisher = (fleet / "public" / "publisher.pub").read_text().strip()
+        self.config.write_text(f"""
+[daemon]
+profile = "cpu-generic"
+state_dir = "{self.state}"
+drain_timeout_s = 5
+[http]
+listen = "127.0.0.1:0"
+[metrics]
+listen = ""
+[socket]
+path = "{self.sock}"
+mode = "0600"
+[security]
+trusted_publishers = ["{publisher}"]
+[mqtt]
+host = "127.0.0.1"
+port = {broker_port}
+fleet = "{FLEET}"
+device_id = "{name}"
+group = "{GROUP}"
+command_key_file = "{fleet / "public" / "command.pub.pem"}"
+telemetry_interval = 0.5
+reconnect_min = 0.1
+reconnect_max = 1.0
+[[models]]
+name = "digits"
+""")
+
+    def start(self) -> None:
+        log = open(self.dir / "daemon.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgert.cli.main", "daemon", "--config",
+                                      str(self.config)], stdout=subprocess.DEVNULL, stderr=log)
+        log.close()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            assert self.proc.poll() is None, self.log()[-3000:]
+            try:
+                with Client(f"unix://{self.sock}") as c:
+                    if c.ready():
+                        return
+            except Exception:
+                pass
+            assert time.monotonic() < deadline, "daemon did not become ready"
+            time.sleep(0.05)
+
+    def served(self) -> str | None:
+        try:
+            with Client(f"unix://{self.sock}") as c:
+                return str(c.metadata("digits")["versions"][0])
+        except Exception:
+            return None
+
+    def store_active(self) -> str:
+        listed = json.loads(_ok("models", "list", "--json", "--state-dir", str(self.state),
+                                "--socket", str(self.sock)))
+        return str(next(e for e in listed if e["name"] == "digits")["active"])
+
+    def log(self) -> str:
+        return (self.dir / "daemon.log").read_text(errors="replace")
+
+    def stop(self) -> int:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return 0
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Any:
+    require_mosquitto()
+    broker = Mosquitto(tmp_path / "broker").start()
+    fleet = tmp_path / "fleet"
+    procs: list[Any] = []
+    try:
+        yield tmp_path, broker, fleet, procs
+    finally:
+        for p in procs:
+            if isinstance(p, Device):
+                p.stop()
+            elif p.poll() is None:
+                p.send_signal(signal.SIGINT)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        broker.stop()
+
+
+def test_fleet_init_model_add_serve_deploy(rig: Any) -> None:
+    tmp, broker, fleet, procs = rig
+    _ok("fleet", "init", str(fleet), "--id", FLEET, "--broker-port", str(broker.port))
+    devices = [Device(tmp, f"dev-{i}", fleet, broker.port) for i in (1, 2)]
+    _ok("fleet", "devices", "add", "dev-1", "--fleet", str(fleet), "--groups", GROUP,
+        "--x25519", devices[0].x25519)
+    # v2 is wrapped for dev-1 only; dev-2 joins the group later and gets a key record on demand
+    _ok("fleet", "model", "add", str(MODELS / "digits_large_int8.onnx"),
+        str(MODELS / "digits_large_fp32.onnx"), "--fleet", str(fleet), "--name", "digits", "--version", "2",
+        "--groups", GROUP)
+    _ok("fleet", "devices", "add", "dev-2", "--fleet", str(fleet), "--groups", GROUP,
+        "--x25519", devices[1].x25519)
+    for d in devices:
+        procs.append(d)
+        d.start()
+        assert d.served() == "1"
+    log = open(tmp / "controller.log", "ab")
+    controller = subprocess.Popen([sys.executable, "-m", "edgert.cli.main", "fleet", "serve", "--fleet",
+                                   str(fleet)], stdout=subprocess.DEVNULL, stderr=log,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log.close()
+    procs.append(controller)
+    # the controller sees both devices' retained status before the rollout starts
+    wait_for(lambda: len(json.loads(_ok("fleet", "status", "--fleet", str(fleet), "--json"))["devices"]) >= 2,
+             timeout=READY_TIMEOUT_S, what="both devices in the fleet status")
+    out = _ok("fleet", "deploy", "--fleet", str(fleet), "--group", GROUP, "--model", "digits",
+              "--version", "2", "--waves", "50%,100%", "--wait-healthy", "60s", "--max-failure-rate", "0%",
+              "--json")
+    rollout = json.loads(out)
+    assert rollout["devices"] == 2 and rollout["version"] == "2", rollout
+
+    def updated() -> bool:
+        assert controller.poll() is None, (tmp / "controller.log").read_text()[-3000:]
+        return all(d.served() == "2" for d in devices)
+
+    wait_for(updated, timeout=UPDATE_TIMEOUT_S, what="both devices serving digits 2")
+    for d in devices:
+        assert d.store_active() == "2"  # the Deployer committed the store after the swap
+
+    def report() -> dict[str, Any]:
+        return dict(json.loads(_ok("fleet", "status", "--fleet", str(fleet), "--json")))
+
+    wait_for(lambda: report()["rollouts"][0]["state"] == "complete", timeout=UPDATE_TIMEOUT_S,
+             what="rollout complete")
+    status = report()
+    assert [w["devices"] for w in status["rollouts"][0]["waves"]] == [1, 1]
+    assert all(w["active"] == w["devices"] and w["failed"] == 0 for w in status["rollouts"][0]["waves"])
+    assert set(status["devices"]) >= {"dev-1", "dev-2"}
+    errors = [line for d in devices for line in d.log().splitlines() if '"level": "ERROR"' in line]
+    assert not errors, errors[:5]
