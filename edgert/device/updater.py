@@ -396,6 +396,10 @@ class DeviceUpdater:
     def _apply(self, doc: DesiredState, job: dict[str, Any]) -> str:
         from tuf.api import exceptions as tuf_errors
 
+        if self._already_active(doc):
+            # A newer document for what already serves (e.g. the group's final state after this device's
+            # wave): nothing to fetch or swap; report it once so the fleet's view stays "active".
+            return self._finish(doc, "active")
         try:
             path, fetcher = self._download(doc, job)
         except tuf_errors.ExpiredMetadataError as exc:
@@ -416,6 +420,14 @@ class DeviceUpdater:
             doc.model, doc.version, origin="updater", reason="update", allow_downgrade=downgrade))
         self._event(doc, "healthy")
         return self._finish(doc, "rolled-back" if downgrade else "active")
+
+    def _already_active(self, doc: DesiredState) -> bool:
+        from edgert.errors import StoreError
+
+        try:
+            return bool(self.store.entry(doc.model).active == doc.version)
+        except StoreError:
+            return False
 
     def _download(self, doc: DesiredState, job: dict[str, Any]) -> tuple[Path, Any]:
         updater, fetcher = self._tuf()

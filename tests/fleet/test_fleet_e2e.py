@@ -198,5 +198,7 @@ def test_fleet_init_model_add_serve_deploy(rig: Any) -> None:
     assert [w["devices"] for w in status["rollouts"][0]["waves"]] == [1, 1]
     assert all(w["active"] == w["devices"] and w["failed"] == 0 for w in status["rollouts"][0]["waves"])
     assert set(status["devices"]) >= {"dev-1", "dev-2"}
-    errors = [line for d in devices for line in d.log().splitlines() if '"level": "ERROR"' in line]
+    logs = [json.loads(line) for d in devices for line in d.log().splitlines() if line.startswith("{")]
+    assert any(r.get("msg") == "model deployed" for r in logs)  # the JSON log lines are read
+    errors = [r for r in logs if r.get("level") == "error"]
     assert not errors, errors[:5]
