@@ -283,6 +283,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--plots", type=Path, default=None, help="write PNGs into this directory")
+    ap.add_argument(
+        "--baseline", type=Path, default=None, help="JSON MobileNetV2 rows: run this checkout too"
+    )
     args = ap.parse_args()
     report: dict = {"cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as d:
@@ -304,6 +307,9 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
     bench_cold_start(report)
+    from bench_json_tensors import run as bench_json_mobilenet
+
+    report["mobilenet_json"] = bench_json_mobilenet(args.quick, args.baseline)
     print(json.dumps(report, indent=2))
     if args.plots:
         plots(dist, curve, args.plots)

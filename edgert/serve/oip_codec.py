@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from edgert.errors import InputError
+from edgert.serve import json_tensors
+from edgert.serve.json_tensors import PackedData
 
 try:  # orjson is in the `fast` extra; the stdlib is the fallback
     import orjson
@@ -181,6 +183,8 @@ def _params(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
 def _decode_json_data(
     data: Any, dtype: np.dtype[Any], shape: tuple[int, ...], count: int, name: str
 ) -> np.ndarray:
+    if isinstance(data, PackedData):
+        return _decode_packed(data.values, dtype, shape, count, name)
     if not isinstance(data, list):
         raise _bad(f"input {name!r}: 'data' must be a JSON array")
     if data and not isinstance(data[0], list) and len(data) != count:
@@ -197,6 +201,37 @@ def _decode_json_data(
     return arr.reshape(shape)
 
 
+def _decode_packed(
+    values: np.ndarray, dtype: np.dtype[Any], shape: tuple[int, ...], count: int, name: str
+) -> np.ndarray:
+    """Flat numbers already in a C buffer: the same checks and messages as the list path."""
+    if values.size != count:
+        raise _bad(f"input {name!r}: 'data' has {values.size} elements but shape {list(shape)} needs {count}")
+    if dtype.kind in "iu" and values.size:
+        info = np.iinfo(dtype)
+        if values.min() < info.min or values.max() > info.max:  # np.array raises OverflowError here
+            raise _bad(
+                f"input {name!r}: 'data' does not hold {datatype_of(dtype)} values (or is ragged)",
+                hint="send a flat list of numbers in row-major order",
+            )
+    return values.astype(dtype).reshape(shape)
+
+
+def _parse_header(view: memoryview, header_length: int) -> Any:
+    """The JSON document: simdjson for a large all-JSON body (numeric data packed), else orjson/json."""
+    if header_length == len(view) and header_length >= json_tensors.MIN_BYTES and json_tensors.available():
+        obj = view.obj  # the body itself when it is bytes: no copy
+        doc = json_tensors.parse_request(
+            obj if isinstance(obj, bytes) and len(obj) == len(view) else bytes(view)
+        )
+        if doc is not None:
+            return doc
+    try:
+        return json_loads(view[:header_length])
+    except (ValueError, TypeError) as exc:
+        raise _bad(f"request body is not valid JSON: {exc}") from None
+
+
 def decode_infer_request(
     body: bytes | bytearray | memoryview, header_length: int | None = None
 ) -> InferRequest:
@@ -208,10 +243,7 @@ def decode_infer_request(
         raise _bad(
             f"Inference-Header-Content-Length {header_length} is larger than the {len(view)}-byte body"
         )
-    try:
-        doc = json_loads(view[:header_length])
-    except (ValueError, TypeError) as exc:
-        raise _bad(f"request body is not valid JSON: {exc}") from None
+    doc = _parse_header(view, header_length)
     if not isinstance(doc, dict):
         raise _bad("request body must be a JSON object with an 'inputs' list")
     binary = view[header_length:]

@@ -145,6 +145,9 @@ class OipRouter:
         try:
             hlen = self._check_content(req, header_len)
             decoded = decode_infer_request(req.body, hlen)
+            # The inputs are decoded (copied out of the body): free the body now, not after the
+            # inference, so a queue of large requests holds each request's tensor and no more.
+            req.body = b""
             request_id = decoded.id or request_id
             outcome = await self.backend.infer(
                 name, decoded.inputs, version=version, outputs=decoded.output_names, request_id=request_id

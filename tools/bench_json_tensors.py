@@ -1,0 +1,225 @@
+"""MobileNetV2 int8 over OIP JSON (a 1.6 MB request) against bare onnxruntime, in one interleaved run.
+
+Rows (issue 10, DESIGN §5): p50 at one client, server CPU per request, RSS idle / peak at 32 clients /
+after the run (and how long it took to come back within 15% of idle). ``--baseline PATH`` runs a second
+daemon from another checkout (e.g. /work/main) side by side, interleaved request by request, so both
+trees see the same load from whatever else runs on this shared machine.
+
+    python tools/bench_json_tensors.py [--quick] [--baseline /work/main]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import psutil
+from loadgen import throughput
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = REPO / "models" / "mobilenetv2_int8.onnx"
+#: RSS counts as back at idle within this fraction (issue 10).
+RSS_BACK_FRACTION = 0.15
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def json_request(x: np.ndarray) -> bytes:
+    """The request as tritonclient / orjson clients write it: shortest float32 reprs, 1.6 MB."""
+    body = orjson.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel()}]},
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
+    return (
+        b"POST /v2/models/mobilenet/infer HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+
+
+class Daemon:
+    """An edgert daemon from ``tree`` serving MobileNetV2 on its own port, in its own process."""
+
+    def __init__(self, tree: Path, tmp: Path) -> None:
+        tmp.mkdir()
+        self.port = free_port()
+        cfg = tmp / "edgert.toml"
+        cfg.write_text(f"""
+[daemon]
+profile = "cpu-generic"
+state_dir = "{tmp / "state"}"
+allow_plaintext = true
+log_level = "warning"
+[http]
+listen = "127.0.0.1:{self.port}"
+[metrics]
+listen = ""
+[socket]
+path = ""
+[[models]]
+name = "mobilenet"
+path = "{MODEL}"
+""")
+        env = dict(os.environ, PYTHONPATH=str(tree))
+        cmd = [sys.executable, "-m", "edgert.cli.main", "daemon", "-c", str(cfg)]
+        self.proc = subprocess.Popen(cmd, env=env)
+        self.ps = psutil.Process(self.proc.pid)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                self.sock = socket.create_connection(("127.0.0.1", self.port))
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError(f"daemon from {tree} did not listen")
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+
+    def call(self, req: bytes) -> bytes:
+        self.sock.sendall(req)
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(self.buf[:end]).lower()
+                i = head.find(b"content-length:")
+                n = int(head[i + 15 : head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None])
+                if len(self.buf) >= end + 4 + n:
+                    body = bytes(self.buf[end + 4 : end + 4 + n])
+                    del self.buf[: end + 4 + n]
+                    if not head.startswith(b"http/1.1 200"):
+                        raise RuntimeError(body[:300])
+                    return body
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+
+    def cpu(self) -> float:
+        t = self.ps.cpu_times()
+        return t.user + t.system
+
+    def rss_mb(self) -> float:
+        return self.ps.memory_info().rss / 1e6
+
+    def stop(self) -> None:
+        self.sock.close()
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def one_client(daemons: dict[str, Daemon], req: bytes, x: np.ndarray, n: int) -> dict:
+    """Interleaved: bare session.run, then each daemon, per round; p50 and CPU per request each."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    lat: dict[str, list[float]] = {"bare": [], **{k: [] for k in daemons}}
+    cpu: dict[str, float] = dict.fromkeys(lat, 0.0)
+    for i in range(n + 5):
+        t, c = time.perf_counter(), time.process_time()
+        sess.run(None, {"input": x})
+        if i >= 5:
+            lat["bare"].append(time.perf_counter() - t)
+            cpu["bare"] += time.process_time() - c
+        for name, d in daemons.items():
+            c0 = d.cpu()
+            t = time.perf_counter()
+            d.call(req)
+            if i >= 5:
+                lat[name].append(time.perf_counter() - t)
+                cpu[name] += d.cpu() - c0
+    bare = float(np.median(lat["bare"]))
+    out = {}
+    for name, xs in lat.items():
+        p50 = float(np.median(xs))
+        out[name] = {
+            "p50_ms": round(p50 * 1e3, 2),
+            "ratio_to_bare": round(p50 / bare, 2),
+            "cpu_ms_per_req": round(cpu[name] / n * 1e3, 2),
+            "cpu_ratio_to_bare": round(cpu[name] / cpu["bare"], 2),
+        }
+    return out
+
+
+def load_and_memory(d: Daemon, req: bytes, body_len: int, clients: int, secs: float) -> dict:
+    """RSS idle, peak during ``clients`` concurrent clients, and after; time to get back within 15%."""
+    idle = d.rss_mb()
+    peak = [idle]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], d.rss_mb())
+            time.sleep(0.01)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    rps, gen_cpu = throughput(req, d.port, clients, secs)
+    stop.set()
+    th.join()
+    after = d.rss_mb()
+    t0 = time.monotonic()
+    back = None
+    while time.monotonic() - t0 < 10:
+        if d.rss_mb() <= idle * (1 + RSS_BACK_FRACTION):
+            back = round(time.monotonic() - t0, 2)
+            break
+        time.sleep(0.05)
+    return {
+        "clients": clients,
+        "req_per_s": round(rps, 1),
+        "loadgen_cpu_cores": round(gen_cpu, 2),
+        "rss_idle_mb": round(idle, 1),
+        "rss_peak_mb": round(peak[0], 1),
+        "peak_per_inflight_x_request": round((peak[0] - idle) * 1e6 / clients / body_len, 2),
+        "rss_right_after_mb": round(after, 1),
+        "rss_after_10s_mb": round(d.rss_mb(), 1),
+        "s_to_within_15pct_of_idle": back,
+    }
+
+
+def run(quick: bool, baseline: Path | None) -> dict:
+    """All rows, every tree side by side."""
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    req = json_request(x)
+    body_len = len(req) - req.find(b"\r\n\r\n") - 4
+    trees = {"edgert": REPO, **({"baseline": baseline} if baseline else {})}
+    report: dict = {"request_bytes": body_len, "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory() as tmpdir:
+        daemons = {k: Daemon(v, Path(tmpdir) / k) for k, v in trees.items()}
+        try:
+            for d in daemons.values():
+                for _ in range(3):
+                    d.call(req)  # warm-up; also checks the answer is a 200
+            report["one_client"] = one_client(daemons, req, x, 40 if quick else 200)
+            for name, d in daemons.items():
+                report[f"load_{name}"] = load_and_memory(d, req, body_len, 32, 3.0 if quick else 6.0)
+        finally:
+            for d in daemons.values():
+                d.stop()
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--baseline", type=Path, default=None, help="another checkout to run side by side")
+    args = ap.parse_args()
+    print(json.dumps(run(args.quick, args.baseline), indent=2))
+
+
+if __name__ == "__main__":
+    main()
