@@ -1,7 +1,7 @@
 #!/bin/sh
 # Install what the test suite runs for real, from Debian/Ubuntu packages: mosquitto (MQTT 5 and 3.1.1)
 # and RabbitMQ with its MQTT plugin (3.1.1 compatibility test), mosquitto_sub and socat for the
-# end-to-end daemon test, and systemd for systemd-analyze (the unit-file checks; PID 1 need not be
+# end-to-end daemon test, PostgreSQL for the fleet-state tests, and systemd for systemd-analyze (the unit-file checks; PID 1 need not be
 # systemd). Needs root (or sudo) when something is missing.
 # The packages' services are not used (tests start private brokers on free ports), so nothing is
 # started and nothing is enabled at boot: tools/apt_install.sh leaves the machine's services as found.
@@ -16,6 +16,8 @@ fi
 command -v socat >/dev/null 2>&1 || missing="$missing socat"
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing="$missing rabbitmq-server"
 command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
+# postgresql: fleet state shared by several controllers (tests run a private, unprivileged cluster).
+ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$missing postgresql"
 if [ -n "$missing" ]; then
     # shellcheck disable=SC2086  # word splitting of the package list is intended
     sh tools/apt_install.sh $missing

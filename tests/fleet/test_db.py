@@ -21,6 +21,7 @@ import pytest
 
 from edgert.errors import ConfigError
 from edgert.fleet.db import FleetDB, FleetStateError, Rollout, import_device_records, open_db
+from tests.brokers import broker_missing
 
 PG_START_TIMEOUT_S = 60
 
@@ -36,7 +37,7 @@ class PostgresCluster:
     def __init__(self) -> None:
         bindir = pg_bindir()
         if bindir is None:
-            pytest.skip("PostgreSQL is not installed: apt-get install -y postgresql")
+            broker_missing("PostgreSQL (initdb/pg_ctl)")  # fails instead of skipping in CI
         self.bindir = bindir
         self.dir = Path(tempfile.mkdtemp(prefix="edgert-pg-"))
         self.data = self.dir / "data"
