@@ -19,6 +19,7 @@ import enum
 import errno
 import hashlib
 import json
+import logging
 import struct
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -64,6 +65,7 @@ OP_TIMEOUTS_S: dict[str, float] = {
     "install_commit": 120.0,
     "finish": 10.0,
 }
+log = logging.getLogger("edgert.provision")
 READ_BLOCK = 4096
 PORTS_HINT = "'edgert provision ports' lists the ports present"
 _OFFSET = struct.Struct(">Q")
@@ -300,6 +302,7 @@ class DeviceSession:
         except EdgertError as exc:
             answer = _error(frame.seq, _code_for(exc), exc.message, exc.hint)
         except Exception as exc:  # never let one request kill the agent; no details that could leak
+            log.exception("provisioning request failed")
             answer = _error(frame.seq, ErrorCode.INTERNAL, type(exc).__name__, None)
         self._last, self._last_answer = key, answer
         return answer
