@@ -337,7 +337,7 @@ class Agent:
         self._transfer = None
         self._step_done("install")
         self._audit("install", model=manifest.name, version=manifest.version, active=outcome.version)
-        return {"model": manifest.name, "version": manifest.version, "note": outcome.note}
+        return {"model": manifest.name, "version": manifest.version, "note": outcome.message}
 
     def op_finish(self, args: dict[str, Any]) -> dict[str, Any]:
         """Lock provisioning; the agent stops. Re-provisioning needs :func:`factory_reset`."""

@@ -70,7 +70,10 @@ def run_flow(host: HostSession, bundle: Bundle, *, device_id: str | None = None,
     report.enrolled, report.cert_fingerprint = bool(enr.get("enrolled")), enr.get("cert_fingerprint")
     st = step("selftest", lambda: host.request("selftest"))
     report.selftest_latency_ms, report.provider = st.get("latency_ms_p50"), st.get("provider")
-    report.broker_reachable = st.get("broker_reachable", enr.get("broker_reachable"))
+    # Enrollment is itself a round trip through the broker with the claim; selftest then tries the
+    # device's own credential (a client certificate needs a TLS broker).
+    reached = [v for v in (enr.get("broker_reachable"), st.get("broker_reachable")) if v is not None]
+    report.broker_reachable = any(reached) if reached else None
     if package is not None:
         data = Path(package).read_bytes()
 

@@ -13,19 +13,27 @@ from dataclasses import dataclass, field
 from edgert.provision.session import DeviceSession
 
 
+_HELD: dict[int, int] = {}
+
+
 def pty_pair() -> tuple[int, str]:
-    """(leader fd, follower path) with the follower in raw mode (what a USB-serial line gives)."""
+    """(leader fd, follower path) with the follower in raw mode (what a USB-serial line gives).
+
+    A follower fd stays open (closed by :func:`close_pair`): otherwise the leader sees a hang-up
+    between one opener closing and the next opening, and Linux drops or errors on what is in flight.
+    """
     leader, follower = os.openpty()
     tty.setraw(follower)
-    path = os.ttyname(follower)
-    os.close(follower)  # reopened by path; keeping our fd open would keep the line up after the peer goes
-    return leader, path
+    _HELD[leader] = follower
+    return leader, os.ttyname(follower)
 
 
-def _keep_open(path: str) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
-    tty.setraw(fd)
-    return fd
+def close_pair(leader: int) -> None:
+    """Close a pair made by :func:`pty_pair`."""
+    follower = _HELD.pop(leader, None)
+    if follower is not None:
+        os.close(follower)
+    os.close(leader)
 
 
 class DeviceThread:

@@ -20,7 +20,7 @@ from edgert.provision.session import (
     RemoteError,
     open_port,
 )
-from tests.provision.ptys import DeviceThread, pty_pair
+from tests.provision.ptys import DeviceThread, close_pair, pty_pair
 
 
 class Device:
@@ -56,7 +56,7 @@ def link() -> Iterator[tuple[Device, Any, DeviceThread]]:
     with open_port(path) as port:
         yield dev, port, thread
     thread.close()
-    os.close(leader)
+    close_pair(leader)
 
 
 def test_hello_request_and_error(link: Any) -> None:
@@ -117,7 +117,7 @@ def test_no_answer_names_agent_and_baud() -> None:
         assert "no answer from device" in str(info.value) and "115200" in str(info.value)
         assert isinstance(info.value, ProvisionError)
     finally:
-        os.close(leader)
+        close_pair(leader)
 
 
 def test_missing_port_names_next_step() -> None:
