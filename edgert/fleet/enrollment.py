@@ -90,13 +90,23 @@ class Claim:
     def from_json(cls, doc: Any, source: str) -> Claim:
         """Validate a stored claim document."""
         try:
-            return cls(str(doc["id"]), str(doc["fleet"]), str(doc["secret_sha256"]),
-                       tuple(str(g) for g in doc["groups"]), str(doc["expires"]), int(doc["max_uses"]),
-                       int(doc.get("uses", 0)), bool(doc.get("revoked", False)), str(doc.get("created", "")),
-                       tuple(str(d) for d in doc.get("devices", ())))
+            return cls(
+                str(doc["id"]),
+                str(doc["fleet"]),
+                str(doc["secret_sha256"]),
+                tuple(str(g) for g in doc["groups"]),
+                str(doc["expires"]),
+                int(doc["max_uses"]),
+                int(doc.get("uses", 0)),
+                bool(doc.get("revoked", False)),
+                str(doc.get("created", "")),
+                tuple(str(d) for d in doc.get("devices", ())),
+            )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"claim record {source} is malformed ({type(exc).__name__})",
-                              hint="revoke it and create a new claim") from None
+            raise ConfigError(
+                f"claim record {source} is malformed ({type(exc).__name__})",
+                hint="revoke it and create a new claim",
+            ) from None
 
     @property
     def expires_at(self) -> datetime:
@@ -108,26 +118,34 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def check_claim(claim: Claim, secret: str, *, fleet: str, groups: tuple[str, ...] | list[str],
-                now: datetime) -> None:
+def check_claim(
+    claim: Claim, secret: str, *, fleet: str, groups: tuple[str, ...] | list[str], now: datetime
+) -> None:
     """Raise ClaimError unless ``secret`` opens ``claim`` for ``groups`` in ``fleet`` at ``now`` (pure)."""
     if not hmac.compare_digest(claim.secret_sha256, _hash(secret)):
         raise ClaimError(f"claim {claim.id}: wrong secret")
     if claim.fleet != fleet:
-        raise ClaimError(f"claim {claim.id} belongs to fleet {claim.fleet}, not {fleet}",
-                         hint="use a bundle made for this fleet")
+        raise ClaimError(
+            f"claim {claim.id} belongs to fleet {claim.fleet}, not {fleet}",
+            hint="use a bundle made for this fleet",
+        )
     if claim.revoked:
         raise ClaimError(f"claim {claim.id} was revoked", hint="ask the fleet operator for a new bundle")
     if now >= claim.expires_at:
-        raise ClaimError(f"claim {claim.id} expired on {claim.expires}",
-                         hint="ask the fleet operator for a new bundle")
+        raise ClaimError(
+            f"claim {claim.id} expired on {claim.expires}", hint="ask the fleet operator for a new bundle"
+        )
     if claim.uses >= claim.max_uses:
-        raise ClaimError(f"claim {claim.id} is used up ({claim.uses} of {claim.max_uses} devices enrolled)",
-                         hint="ask the fleet operator for a new bundle")
+        raise ClaimError(
+            f"claim {claim.id} is used up ({claim.uses} of {claim.max_uses} devices enrolled)",
+            hint="ask the fleet operator for a new bundle",
+        )
     extra = sorted(set(groups) - set(claim.groups))
     if not groups or extra:
-        raise ClaimError(f"claim {claim.id} does not allow groups {extra or '(none)'}",
-                         hint=f"allowed groups: {', '.join(claim.groups)}")
+        raise ClaimError(
+            f"claim {claim.id} does not allow groups {extra or '(none)'}",
+            hint=f"allowed groups: {', '.join(claim.groups)}",
+        )
 
 
 def _claims_dir(fleet: FleetDir) -> Path:
@@ -148,12 +166,19 @@ def _locked(fleet: FleetDir) -> Iterator[None]:
 
 
 def _write(fleet: FleetDir, claim: Claim) -> None:
-    FileSystem().atomic_write(_path(fleet, claim.id), [json.dumps(claim.to_json(), indent=2).encode()],
-                              mode=0o600, step="claim")
+    FileSystem().atomic_write(
+        _path(fleet, claim.id), [json.dumps(claim.to_json(), indent=2).encode()], mode=0o600, step="claim"
+    )
 
 
-def create_claim(fleet: FleetDir, *, groups: list[str] | tuple[str, ...], lifetime: timedelta, uses: int,
-                 now: datetime | None = None) -> tuple[Claim, str]:
+def create_claim(
+    fleet: FleetDir,
+    *,
+    groups: list[str] | tuple[str, ...],
+    lifetime: timedelta,
+    uses: int,
+    now: datetime | None = None,
+) -> tuple[Claim, str]:
     """A new claim and its secret (shown once: it goes into the bundle, only its hash is kept)."""
     if not groups:
         raise ConfigError("a claim needs at least one group", hint="pass --groups G[,G...]")
@@ -162,12 +187,21 @@ def create_claim(fleet: FleetDir, *, groups: list[str] | tuple[str, ...], lifeti
     if uses < 1:
         raise ConfigError(f"--uses must be at least 1, got {uses}")
     if lifetime > MAX_CLAIM_LIFETIME:
-        raise ConfigError(f"a claim may live at most {MAX_CLAIM_LIFETIME.days} days",
-                          hint="claims are for one install trip; make a new bundle for the next")
+        raise ConfigError(
+            f"a claim may live at most {MAX_CLAIM_LIFETIME.days} days",
+            hint="claims are for one install trip; make a new bundle for the next",
+        )
     now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
     secret = base64.urlsafe_b64encode(secrets.token_bytes(24)).decode().rstrip("=")
-    claim = Claim(CLAIM_PREFIX + secrets.token_hex(6), fleet.id, _hash(secret), tuple(groups),
-                  (now + lifetime).strftime(_TS), uses, created=now.strftime(_TS))
+    claim = Claim(
+        CLAIM_PREFIX + secrets.token_hex(6),
+        fleet.id,
+        _hash(secret),
+        tuple(groups),
+        (now + lifetime).strftime(_TS),
+        uses,
+        created=now.strftime(_TS),
+    )
     with _locked(fleet):
         _write(fleet, claim)
     return claim, secret
@@ -179,7 +213,9 @@ def load_claim(fleet: FleetDir, claim_id: str) -> Claim:
     try:
         return Claim.from_json(json.loads(p.read_text(encoding="utf-8")), str(p))
     except FileNotFoundError:
-        raise ClaimError(f"unknown claim {claim_id}", hint="'edgert provision claims list' shows them") from None
+        raise ClaimError(
+            f"unknown claim {claim_id}", hint="'edgert provision claims list' shows them"
+        ) from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"claim record {p} is unreadable: {exc}") from None
 
@@ -198,8 +234,16 @@ def revoke_claim(fleet: FleetDir, claim_id: str) -> Claim:
     return claim
 
 
-def use_claim(fleet: FleetDir, claim_id: str, secret: str, *, device: str, groups: tuple[str, ...],
-              now: datetime, on_accept: Callable[[Claim], None]) -> Claim:
+def use_claim(
+    fleet: FleetDir,
+    claim_id: str,
+    secret: str,
+    *,
+    device: str,
+    groups: tuple[str, ...],
+    now: datetime,
+    on_accept: Callable[[Claim], None],
+) -> Claim:
     """Check the claim and, under the claims lock, run ``on_accept`` then count the use.
 
     A device that enrolls again with the same claim (its first answer was lost) does not use it twice.
@@ -207,8 +251,13 @@ def use_claim(fleet: FleetDir, claim_id: str, secret: str, *, device: str, group
     with _locked(fleet):
         claim = load_claim(fleet, claim_id)
         again = device in claim.devices
-        check_claim(replace(claim, uses=claim.uses - 1) if again else claim, secret, fleet=fleet.id,
-                    groups=groups, now=now)
+        check_claim(
+            replace(claim, uses=claim.uses - 1) if again else claim,
+            secret,
+            fleet=fleet.id,
+            groups=groups,
+            now=now,
+        )
         on_accept(claim)
         if not again:
             claim = replace(claim, uses=claim.uses + 1, devices=(*claim.devices, device))
@@ -228,15 +277,17 @@ def enroll_reply_topic(fleet: str, claim_id: str) -> str:
 
 def claim_acl(fleet: str) -> str:
     """Mosquitto ACL lines that confine every claim user (username = claim id) to its own two topics."""
-    return (f"pattern write {PREFIX}/{fleet}/enroll/%u/request\n"
-            f"pattern read {PREFIX}/{fleet}/enroll/%u/reply\n")
+    return (
+        f"pattern write {PREFIX}/{fleet}/enroll/%u/request\npattern read {PREFIX}/{fleet}/enroll/%u/reply\n"
+    )
 
 
 class EnrollmentHandler:
     """Controller attachment: answers enrollment requests (``topics(fleet)`` / ``handle(...)``)."""
 
-    def __init__(self, fleet: FleetDir, *, clock: Callable[[], datetime] | None = None,
-                 cert_days: int | None = None) -> None:
+    def __init__(
+        self, fleet: FleetDir, *, clock: Callable[[], datetime] | None = None, cert_days: int | None = None
+    ) -> None:
         self.fleet = fleet
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self.cert_days = cert_days
@@ -269,12 +320,16 @@ class EnrollmentHandler:
 
             def accept(_claim: Claim) -> None:
                 kw = {"days": self.cert_days} if self.cert_days else {}
-                cert.append(sign_device_csr(self.fleet.ca_key_path, self.fleet.ca_cert_path, csr, device,
-                                            now=self.clock(), **kw))
+                cert.append(
+                    sign_device_csr(
+                        self.fleet.ca_key_path, self.fleet.ca_cert_path, csr, device, now=self.clock(), **kw
+                    )
+                )
                 add_device(self.fleet, device, groups=groups, x25519=x25519, now=self.clock(), replace=True)
 
-            use_claim(self.fleet, claim_id, secret, device=device, groups=groups, now=self.clock(),
-                      on_accept=accept)
+            use_claim(
+                self.fleet, claim_id, secret, device=device, groups=groups, now=self.clock(), on_accept=accept
+            )
         except EdgertError as exc:
             self.counters["refused"] += 1
             log.info("enrollment refused", extra={"claim": claim_id, "device": device, "reason": exc.message})

@@ -44,9 +44,15 @@ def _toml(value: Any) -> str:
 class Agent:
     """Operations on one device's state directory and config file (no port: see :func:`serve`)."""
 
-    def __init__(self, state_dir: Path, config_path: Path = DEFAULT_CONFIG_PATH, *,
-                 fs: FileSystem | None = None, profile: str = "auto",
-                 clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        config_path: Path = DEFAULT_CONFIG_PATH,
+        *,
+        fs: FileSystem | None = None,
+        profile: str = "auto",
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         self.root, self.config_path, self.fs, self.profile = Path(state_dir), Path(config_path), fs, profile
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self.dir = self.root / "provision"
@@ -76,7 +82,9 @@ class Agent:
         from edgert.security.loader import open_keystore
 
         if not paths.keys_dir(self.root).exists():
-            raise DeviceRefusal(ErrorCode.OUT_OF_ORDER, "the device has no keys yet", hint="run the keys step")
+            raise DeviceRefusal(
+                ErrorCode.OUT_OF_ORDER, "the device has no keys yet", hint="run the keys step"
+            )
         return open_keystore(self.root)
 
     def _audit(self, event: str, **fields: Any) -> None:
@@ -90,8 +98,11 @@ class Agent:
         done = self.state().get("steps", {})
         for s in steps:
             if not done.get(s):
-                raise DeviceRefusal(ErrorCode.OUT_OF_ORDER, f"the {s} step has not been done",
-                                    hint=f"run the steps in order: {', '.join(STEPS)}")
+                raise DeviceRefusal(
+                    ErrorCode.OUT_OF_ORDER,
+                    f"the {s} step has not been done",
+                    hint=f"run the steps in order: {', '.join(STEPS)}",
+                )
 
     # -- dispatch -----------------------------------------------------------------------------------
     def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -99,17 +110,25 @@ class Agent:
         if op == "info":
             return self.info()
         if self.state().get("locked"):
-            raise DeviceRefusal(ErrorCode.LOCKED, f"device {self.state().get('device_id')} is already provisioned",
-                                hint="re-provisioning needs a factory reset on the device: "
-                                     "'edgert provision factory-reset --yes'")
+            raise DeviceRefusal(
+                ErrorCode.LOCKED,
+                f"device {self.state().get('device_id')} is already provisioned",
+                hint="re-provisioning needs a factory reset on the device: "
+                "'edgert provision factory-reset --yes'",
+            )
         ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-            "keys": self.op_keys, "configure": self.op_configure, "enroll": self.op_enroll,
-            "selftest": self.op_selftest, "install_begin": self.op_install_begin,
-            "install_commit": self.op_install_commit, "finish": self.op_finish,
+            "keys": self.op_keys,
+            "configure": self.op_configure,
+            "enroll": self.op_enroll,
+            "selftest": self.op_selftest,
+            "install_begin": self.op_install_begin,
+            "install_commit": self.op_install_commit,
+            "finish": self.op_finish,
         }
         if op not in ops:
-            raise DeviceRefusal(ErrorCode.UNKNOWN_OP, f"no operation {op!r}",
-                                hint=f"operations: info, {', '.join(ops)}")
+            raise DeviceRefusal(
+                ErrorCode.UNKNOWN_OP, f"no operation {op!r}", hint=f"operations: info, {', '.join(ops)}"
+            )
         try:
             return ops[op](args)
         except (KeyError, TypeError, ValueError) as exc:
@@ -119,10 +138,16 @@ class Agent:
         """Model, serial, profile, edgert version, provisioned or not, key fingerprints."""
         st = self.state()
         out: dict[str, Any] = {
-            "model": _read_first("/proc/device-tree/model", "/sys/class/dmi/id/product_name") or platform.machine(),
-            "serial": _read_first("/proc/device-tree/serial-number", "/sys/class/dmi/id/product_serial") or "",
-            "hostname": platform.node(), "edgert": __version__, "provisioned": bool(st.get("locked")),
-            "device_id": st.get("device_id"), "steps": st.get("steps", {}), "fingerprints": {},
+            "model": _read_first("/proc/device-tree/model", "/sys/class/dmi/id/product_name")
+            or platform.machine(),
+            "serial": _read_first("/proc/device-tree/serial-number", "/sys/class/dmi/id/product_serial")
+            or "",
+            "hostname": platform.node(),
+            "edgert": __version__,
+            "provisioned": bool(st.get("locked")),
+            "device_id": st.get("device_id"),
+            "steps": st.get("steps", {}),
+            "fingerprints": {},
         }
         with contextlib.suppress(Exception):
             from edgert.detect import detect
@@ -162,8 +187,12 @@ class Agent:
         fs = self._fs()
         broker = b["broker"]
         mqtt: dict[str, Any] = {
-            "host": broker["host"], "port": int(broker["port"]), "protocol": str(broker.get("protocol", "5")),
-            "fleet": b["fleet"], "device_id": device_id, "group": groups[0],
+            "host": broker["host"],
+            "port": int(broker["port"]),
+            "protocol": str(broker.get("protocol", "5")),
+            "fleet": b["fleet"],
+            "device_id": device_id,
+            "group": groups[0],
             "command_key_file": str(fleet_dir / "command.pub.pem"),
             "telemetry_interval": float(b.get("telemetry_interval", 60.0)),
         }
@@ -174,21 +203,39 @@ class Agent:
         publisher = parse_publisher_key(b["publisher"])
         if broker.get("ca_pem"):
             fs.atomic_write(fleet_dir / "ca.pem", [broker["ca_pem"].encode()], mode=0o600, step="ca")
-        fs.atomic_write(fleet_dir / "command.pub.pem", [b["command_pem"].encode()], mode=0o600, step="command")
+        fs.atomic_write(
+            fleet_dir / "command.pub.pem", [b["command_pem"].encode()], mode=0o600, step="command"
+        )
         fs.atomic_write(fleet_dir / "capture.pub", [b["capture"].encode()], mode=0o600, step="capture")
         ensure_private_dir(self.root / "tuf")
-        fs.atomic_write(self.root / "tuf" / "root.json", [base64.b64decode(b["tuf_root"])], mode=0o600,
-                        step="tuf-root")
+        fs.atomic_write(
+            self.root / "tuf" / "root.json", [base64.b64decode(b["tuf_root"])], mode=0o600, step="tuf-root"
+        )
         trust_publisher(self.root, publisher)
         self._write_config(mqtt)
         self._step_done("configure", fleet=b["fleet"], groups=groups, mqtt=mqtt)
-        self._audit("configure", device=device_id, fleet=b["fleet"], groups=",".join(groups),
-                    config=str(self.config_path))
-        return {"config": str(self.config_path), "device_id": device_id, "fleet": b["fleet"], "groups": groups}
+        self._audit(
+            "configure",
+            device=device_id,
+            fleet=b["fleet"],
+            groups=",".join(groups),
+            config=str(self.config_path),
+        )
+        return {
+            "config": str(self.config_path),
+            "device_id": device_id,
+            "fleet": b["fleet"],
+            "groups": groups,
+        }
 
     def _config_text(self, mqtt: dict[str, Any]) -> str:
-        lines = ["# written by 'edgert provision'; see packaging/edgert.toml for every key", "[daemon]",
-                 f"state_dir = {_toml(str(self.root))}", "", "[mqtt]"]
+        lines = [
+            "# written by 'edgert provision'; see packaging/edgert.toml for every key",
+            "[daemon]",
+            f"state_dir = {_toml(str(self.root))}",
+            "",
+            "[mqtt]",
+        ]
         lines += [f"{k} = {_toml(v)}" for k, v in mqtt.items()]
         return "\n".join(lines) + "\n"
 
@@ -201,15 +248,19 @@ class Agent:
         self._fs().atomic_write(self.config_path, [text.encode()], mode=0o640, step="config")
         st = self.state()
         if Path(self.root / "edgert.toml") != self.config_path:
-            self._fs().atomic_write(self.root / "edgert.toml", [text.encode()], mode=0o600, step="config-copy")
+            self._fs().atomic_write(
+                self.root / "edgert.toml", [text.encode()], mode=0o600, step="config-copy"
+            )
         self._save(mqtt=mqtt, steps=st.get("steps", {}))
 
     def op_enroll(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Install the claim; with ``connect`` (default) enroll now and switch to the device's own certificate."""
+        """Install the claim; with ``connect`` (default) enroll now and switch to the own certificate."""
         self._need("configure")
         claim = {"id": str(args["claim_id"]), "secret": str(args["claim_secret"])}
         ensure_private_dir(self.dir)
-        self._fs().atomic_write(self.dir / "claim.json", [json.dumps(claim).encode()], mode=0o600, step="claim")
+        self._fs().atomic_write(
+            self.dir / "claim.json", [json.dumps(claim).encode()], mode=0o600, step="claim"
+        )
         out: dict[str, Any] = {"claim_installed": True, "enrolled": False, "broker_reachable": False}
         self._audit("claim_installed", claim=claim["id"])
         if args.get("connect", True):
@@ -221,13 +272,24 @@ class Agent:
         st, keys = self.state(), self._keys()
         mqtt = dict(st["mqtt"])
         try:
-            cert = enroll_with_claim(mqtt, claim["id"], claim["secret"], device=st["device_id"],
-                                     groups=st["groups"], csr=keys.tls_csr(st["device_id"]).decode(),
-                                     x25519=keys.public_summary()["wrap_public_key"], timeout=timeout)
+            cert = enroll_with_claim(
+                mqtt,
+                claim["id"],
+                claim["secret"],
+                device=st["device_id"],
+                groups=st["groups"],
+                csr=keys.tls_csr(st["device_id"]).decode(),
+                x25519=keys.public_summary()["wrap_public_key"],
+                timeout=timeout,
+            )
         except EdgertError as exc:
             self._audit("enroll_failed", claim=claim["id"], reason=exc.message)
-            return {"enrolled": False, "broker_reachable": "connect" not in exc.message,
-                    "error": exc.message, "hint": exc.hint}
+            return {
+                "enrolled": False,
+                "broker_reachable": "connect" not in exc.message,
+                "error": exc.message,
+                "hint": exc.hint,
+            }
         tls = ensure_private_dir(self.root / "tls")
         self._fs().atomic_write(tls / "device.crt", [cert.encode()], mode=0o600, step="cert")
         if mqtt.get("ca_file"):  # TLS broker: the device's own certificate replaces the claim
@@ -258,16 +320,23 @@ class Agent:
             t0 = time.perf_counter()
             model.infer(feeds)
             times.append(time.perf_counter() - t0)
-        out: dict[str, Any] = {"model": SELFTEST_MODEL, "provider": model.provider,
-                               "latency_ms_p50": round(sorted(times)[len(times) // 2] * 1000, 3)}
+        out: dict[str, Any] = {
+            "model": SELFTEST_MODEL,
+            "provider": model.provider,
+            "latency_ms_p50": round(sorted(times)[len(times) // 2] * 1000, 3),
+        }
         st = self.state()
         if st.get("mqtt") and args.get("broker", True):
             claim = self._claim()
             ok, detail = broker_check(st["mqtt"], claim, timeout=float(args.get("timeout", 10.0)))
             out.update(broker_reachable=ok, broker_detail=detail, credential="claim" if claim else "device")
         self._step_done("selftest")
-        self._audit("selftest", provider=model.provider, latency_ms_p50=out["latency_ms_p50"],
-                    broker_reachable=out.get("broker_reachable"))
+        self._audit(
+            "selftest",
+            provider=model.provider,
+            latency_ms_p50=out["latency_ms_p50"],
+            broker_reachable=out.get("broker_reachable"),
+        )
         return out
 
     def _claim(self) -> dict[str, str] | None:
@@ -282,9 +351,16 @@ class Agent:
         """Start (or resume) receiving a package; answers the offset to continue from."""
         self._need("keys")
         size, digest = int(args["size"]), str(args["sha256"]).lower()
-        if not 0 < size <= MAX_PACKAGE_BYTES or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
-            raise DeviceRefusal(ErrorCode.BAD_ARGS, f"package size {size} or hash is invalid",
-                                hint=f"packages up to {MAX_PACKAGE_BYTES} bytes")
+        if (
+            not 0 < size <= MAX_PACKAGE_BYTES
+            or len(digest) != 64
+            or not all(c in "0123456789abcdef" for c in digest)
+        ):
+            raise DeviceRefusal(
+                ErrorCode.BAD_ARGS,
+                f"package size {size} or hash is invalid",
+                hint=f"packages up to {MAX_PACKAGE_BYTES} bytes",
+            )
         incoming = ensure_private_dir(self.dir / "incoming")
         part = incoming / f"{digest}.part"
         have = part.stat().st_size if part.exists() else 0
@@ -299,7 +375,9 @@ class Agent:
         """One chunk of the current transfer (a repeated or stale chunk is ignored)."""
         t = self._transfer
         if t is None:
-            raise DeviceRefusal(ErrorCode.OUT_OF_ORDER, "no transfer in progress", hint="send install_begin first")
+            raise DeviceRefusal(
+                ErrorCode.OUT_OF_ORDER, "no transfer in progress", hint="send install_begin first"
+            )
         part: Path = t["path"]
         have = part.stat().st_size if part.exists() else 0
         if offset == have and have + len(chunk) <= t["size"]:
@@ -318,21 +396,32 @@ class Agent:
 
         t = self._transfer
         if t is None:
-            raise DeviceRefusal(ErrorCode.OUT_OF_ORDER, "no transfer in progress", hint="send install_begin first")
+            raise DeviceRefusal(
+                ErrorCode.OUT_OF_ORDER, "no transfer in progress", hint="send install_begin first"
+            )
         part: Path = t["path"]
         h = hashlib.sha256()
         with open(part, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         if part.stat().st_size != t["size"] or h.hexdigest() != t["sha256"]:
-            raise DeviceRefusal(ErrorCode.TRANSFER, f"received {part.stat().st_size} of {t['size']} bytes "
-                                "or the SHA-256 differs", hint="run the install step again; it resumes")
+            raise DeviceRefusal(
+                ErrorCode.TRANSFER,
+                f"received {part.stat().st_size} of {t['size']} bytes or the SHA-256 differs",
+                hint="run the install step again; it resumes",
+            )
         keys = self._keys()
         with open_audit(self.root, keys) as audit:
             store = open_store(self.root, keys, audit)
             manifest = store.install(part, activate=False)
-            outcome = deploy_from_cli(store, manifest.name, manifest.version, socket_path=None,
-                                      profile=self.profile, audit=audit.append)
+            outcome = deploy_from_cli(
+                store,
+                manifest.name,
+                manifest.version,
+                socket_path=None,
+                profile=self.profile,
+                audit=audit.append,
+            )
         part.unlink()
         self._transfer = None
         self._step_done("install")
@@ -348,7 +437,9 @@ class Agent:
         return {"device_id": st.get("device_id"), "locked": True, "enrolled": bool(st.get("enrolled"))}
 
 
-def factory_reset(state_dir: Path, config_path: Path = DEFAULT_CONFIG_PATH, *, wipe_keys: bool = False) -> None:
+def factory_reset(
+    state_dir: Path, config_path: Path = DEFAULT_CONFIG_PATH, *, wipe_keys: bool = False
+) -> None:
     """Unlock provisioning and remove what it wrote (config, claim, fleet material); audited."""
     import shutil
 

@@ -52,18 +52,29 @@ class Bundle:
     def check_fresh(self, now: datetime) -> None:
         """ProvisionError naming the date if the bundle (its claim) has expired."""
         if now >= self.expires_at:
-            raise ProvisionError(f"bundle expired on {self.expires}",
-                                 hint="ask the fleet operator for a new one ('edgert provision bundle create')")
+            raise ProvisionError(
+                f"bundle expired on {self.expires}",
+                hint="ask the fleet operator for a new one ('edgert provision bundle create')",
+            )
 
     def to_json(self) -> dict[str, Any]:
         """The file's document."""
         return {
-            "v": BUNDLE_VERSION, "fleet": self.fleet,
-            "broker": {"host": self.broker_host, "port": self.broker_port, "protocol": self.broker_protocol,
-                       "ca_pem": self.broker_ca_pem},
-            "tuf_root": base64.b64encode(self.tuf_root).decode(), "publisher": self.publisher,
-            "command_pem": self.command_pem, "capture": self.capture, "groups": list(self.groups),
-            "claim": {"id": self.claim_id, "secret": self.claim_secret}, "expires": self.expires,
+            "v": BUNDLE_VERSION,
+            "fleet": self.fleet,
+            "broker": {
+                "host": self.broker_host,
+                "port": self.broker_port,
+                "protocol": self.broker_protocol,
+                "ca_pem": self.broker_ca_pem,
+            },
+            "tuf_root": base64.b64encode(self.tuf_root).decode(),
+            "publisher": self.publisher,
+            "command_pem": self.command_pem,
+            "capture": self.capture,
+            "groups": list(self.groups),
+            "claim": {"id": self.claim_id, "secret": self.claim_secret},
+            "expires": self.expires,
             "telemetry_interval": self.telemetry_interval,
         }
 
@@ -72,17 +83,32 @@ class Bundle:
         """Validate a bundle document."""
         try:
             if doc.get("v") != BUNDLE_VERSION:
-                raise ConfigError(f"{source}: bundle format {doc.get('v')!r}, this edgert reads {BUNDLE_VERSION}",
-                                  hint="make the bundle with the same edgert version")
+                raise ConfigError(
+                    f"{source}: bundle format {doc.get('v')!r}, this edgert reads {BUNDLE_VERSION}",
+                    hint="make the bundle with the same edgert version",
+                )
             b = doc["broker"]
-            return cls(str(doc["fleet"]), str(b["host"]), int(b["port"]), str(b.get("protocol", "5")),
-                       b.get("ca_pem"), base64.b64decode(doc["tuf_root"], validate=True), str(doc["publisher"]),
-                       str(doc["command_pem"]), str(doc["capture"]), tuple(str(g) for g in doc["groups"]),
-                       str(doc["claim"]["id"]), str(doc["claim"]["secret"]), str(doc["expires"]),
-                       float(doc.get("telemetry_interval", 60.0)))
+            return cls(
+                str(doc["fleet"]),
+                str(b["host"]),
+                int(b["port"]),
+                str(b.get("protocol", "5")),
+                b.get("ca_pem"),
+                base64.b64decode(doc["tuf_root"], validate=True),
+                str(doc["publisher"]),
+                str(doc["command_pem"]),
+                str(doc["capture"]),
+                tuple(str(g) for g in doc["groups"]),
+                str(doc["claim"]["id"]),
+                str(doc["claim"]["secret"]),
+                str(doc["expires"]),
+                float(doc.get("telemetry_interval", 60.0)),
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ConfigError(f"{source} is not a valid site bundle ({type(exc).__name__}: {exc})",
-                              hint="make a new one with 'edgert provision bundle create'") from None
+            raise ConfigError(
+                f"{source} is not a valid site bundle ({type(exc).__name__}: {exc})",
+                hint="make a new one with 'edgert provision bundle create'",
+            ) from None
 
     def device_public(self) -> dict[str, Any]:
         """What the device's ``configure`` step receives (everything but the claim)."""
@@ -91,8 +117,15 @@ class Bundle:
         return doc
 
 
-def create_bundle(fleet_path: str | Path, *, groups: list[str], lifetime: timedelta, uses: int,
-                  now: datetime | None = None, telemetry_interval: float = 60.0) -> Bundle:
+def create_bundle(
+    fleet_path: str | Path,
+    *,
+    groups: list[str],
+    lifetime: timedelta,
+    uses: int,
+    now: datetime | None = None,
+    telemetry_interval: float = 60.0,
+) -> Bundle:
     """Make a claim in the fleet and a bundle around it (reads only public fleet files and the root)."""
     from edgert.fleet.enrollment import create_claim
     from edgert.fleet.fleetdir import FleetDir
@@ -100,21 +133,36 @@ def create_bundle(fleet_path: str | Path, *, groups: list[str], lifetime: timede
     fleet = FleetDir.open(fleet_path)
     unknown = [g for g in groups if fleet.groups and g not in fleet.groups]
     if unknown:
-        raise ConfigError(f"fleet {fleet.id} has no group {', '.join(unknown)}",
-                          hint=f"groups: {', '.join(sorted(fleet.groups))}")
+        raise ConfigError(
+            f"fleet {fleet.id} has no group {', '.join(unknown)}",
+            hint=f"groups: {', '.join(sorted(fleet.groups))}",
+        )
     now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
     ca_pem = Path(fleet.broker.ca_file).read_text(encoding="ascii") if fleet.broker.ca_file else None
     claim, secret = create_claim(fleet, groups=groups, lifetime=lifetime, uses=uses, now=now)
-    return Bundle(fleet.id, fleet.broker.host, fleet.broker.port, fleet.broker.protocol, ca_pem,
-                  fleet.root_bytes(), fleet.publisher_public,
-                  fleet.command_public_key_path.read_text(encoding="ascii"), fleet.capture_public,
-                  tuple(groups), claim.id, secret, claim.expires, telemetry_interval)
+    return Bundle(
+        fleet.id,
+        fleet.broker.host,
+        fleet.broker.port,
+        fleet.broker.protocol,
+        ca_pem,
+        fleet.root_bytes(),
+        fleet.publisher_public,
+        fleet.command_public_key_path.read_text(encoding="ascii"),
+        fleet.capture_public,
+        tuple(groups),
+        claim.id,
+        secret,
+        claim.expires,
+        telemetry_interval,
+    )
 
 
 def write_bundle(bundle: Bundle, path: str | Path) -> None:
     """Write the bundle atomically, mode 0600 (it holds the claim secret)."""
-    FileSystem().atomic_write(Path(path), [json.dumps(bundle.to_json(), indent=1).encode()], mode=0o600,
-                              step="bundle")
+    FileSystem().atomic_write(
+        Path(path), [json.dumps(bundle.to_json(), indent=1).encode()], mode=0o600, step="bundle"
+    )
 
 
 def load_bundle(path: str | Path, *, now: datetime | None = None) -> Bundle:
@@ -123,8 +171,10 @@ def load_bundle(path: str | Path, *, now: datetime | None = None) -> Bundle:
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"bundle {p} does not exist",
-                          hint="make one with 'edgert provision bundle create --fleet DIR -o FILE'") from None
+        raise ConfigError(
+            f"bundle {p} does not exist",
+            hint="make one with 'edgert provision bundle create --fleet DIR -o FILE'",
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read bundle {p}: {exc.strerror}") from None
     if len(raw) > MAX_BUNDLE_BYTES:

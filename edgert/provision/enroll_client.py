@@ -18,7 +18,9 @@ def _client(mqtt: dict[str, Any], username: str | None, password: str | None, cl
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-    proto = MQTTProtocolVersion.MQTTv5 if str(mqtt.get("protocol", "5")) == "5" else MQTTProtocolVersion.MQTTv311
+    proto = (
+        MQTTProtocolVersion.MQTTv5 if str(mqtt.get("protocol", "5")) == "5" else MQTTProtocolVersion.MQTTv311
+    )
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto)
     if username:
         c.username_pw_set(username, password)
@@ -39,21 +41,28 @@ def _connect(mqtt: dict[str, Any], client: Any, timeout: float) -> None:
     try:
         client.connect(mqtt["host"], int(mqtt["port"]), keepalive=30)
     except (OSError, ValueError) as exc:
-        raise ProvisionError(f"cannot connect to broker {mqtt['host']}:{mqtt['port']}: {exc}",
-                             hint="check the device's network and the broker address in the bundle") from None
+        raise ProvisionError(
+            f"cannot connect to broker {mqtt['host']}:{mqtt['port']}: {exc}",
+            hint="check the device's network and the broker address in the bundle",
+        ) from None
     client.loop_start()
     if not done.wait(timeout):
         client.loop_stop()
-        raise ProvisionError(f"cannot connect to broker {mqtt['host']}:{mqtt['port']}: no CONNACK in {timeout:g} s",
-                             hint="check the device's network and firewall")
+        raise ProvisionError(
+            f"cannot connect to broker {mqtt['host']}:{mqtt['port']}: no CONNACK in {timeout:g} s",
+            hint="check the device's network and firewall",
+        )
     if getattr(result[0], "is_failure", False):
         client.loop_stop()
-        raise ProvisionError(f"broker refused the connection: {result[0]}",
-                             hint="the claim may be revoked or unknown to the broker; ask for a new bundle")
+        raise ProvisionError(
+            f"broker refused the connection: {result[0]}",
+            hint="the claim may be revoked or unknown to the broker; ask for a new bundle",
+        )
 
 
-def broker_check(mqtt: dict[str, Any], claim: dict[str, str] | None, *,
-                 timeout: float = CONNECT_TIMEOUT_S) -> tuple[bool, str]:
+def broker_check(
+    mqtt: dict[str, Any], claim: dict[str, str] | None, *, timeout: float = CONNECT_TIMEOUT_S
+) -> tuple[bool, str]:
     """(reachable, detail): connect once with the claim if one is installed, else the device's credential."""
     user, pw = (claim["id"], claim["secret"]) if claim else (None, None)
     c = _client(mqtt, user, pw, f"edgert-check-{secrets.token_hex(4)}")
@@ -66,8 +75,17 @@ def broker_check(mqtt: dict[str, Any], claim: dict[str, str] | None, *,
     return True, f"connected to {mqtt['host']}:{mqtt['port']}"
 
 
-def enroll_with_claim(mqtt: dict[str, Any], claim_id: str, secret: str, *, device: str, groups: list[str],
-                      csr: str, x25519: str, timeout: float = 15.0) -> str:
+def enroll_with_claim(
+    mqtt: dict[str, Any],
+    claim_id: str,
+    secret: str,
+    *,
+    device: str,
+    groups: list[str],
+    csr: str,
+    x25519: str,
+    timeout: float = 15.0,
+) -> str:
     """Send the CSR with the claim; return the device certificate (PEM). ProvisionError on refusal."""
     from edgert.fleet.enrollment import enroll_reply_topic, enroll_request_topic
 
@@ -93,12 +111,21 @@ def enroll_with_claim(mqtt: dict[str, Any], claim_id: str, secret: str, *, devic
         c.subscribe(enroll_reply_topic(fleet, claim_id), qos=1)
         if not subscribed.wait(timeout):
             raise ProvisionError("the broker did not confirm the enrollment subscription")
-        req = {"v": 1, "nonce": nonce, "device": device, "groups": list(groups), "csr": csr, "x25519": x25519,
-               "secret": secret}
+        req = {
+            "v": 1,
+            "nonce": nonce,
+            "device": device,
+            "groups": list(groups),
+            "csr": csr,
+            "x25519": x25519,
+            "secret": secret,
+        }
         c.publish(enroll_request_topic(fleet, claim_id), json.dumps(req).encode(), qos=1)
         if not got.wait(timeout):
-            raise ProvisionError(f"no enrollment answer from the fleet controller in {timeout:g} s",
-                                 hint="is the fleet controller running with enrollment attached?")
+            raise ProvisionError(
+                f"no enrollment answer from the fleet controller in {timeout:g} s",
+                hint="is the fleet controller running with enrollment attached?",
+            )
     finally:
         c.disconnect()
         c.loop_stop()

@@ -120,7 +120,11 @@ def max_encoded_size(max_payload: int = MAX_PAYLOAD) -> int:
 
 
 def encode_frame(
-    msg_type: int, seq: int, payload: bytes = b"", *, version: int = PROTOCOL_VERSION,
+    msg_type: int,
+    seq: int,
+    payload: bytes = b"",
+    *,
+    version: int = PROTOCOL_VERSION,
     max_payload: int = MAX_PAYLOAD,
 ) -> bytes:
     """The wire bytes of one frame, with a delimiter before and after it."""

@@ -14,7 +14,9 @@ class LocalPort:
     """Bytes written go straight to a :class:`DeviceSession`; its answers come back on read."""
 
     def __init__(self, agent: Any) -> None:
-        self.session = DeviceSession(agent.handle, agent.data, hello_info={"agent": f"edgert {__version__} (local)"})
+        self.session = DeviceSession(
+            agent.handle, agent.data, hello_info={"agent": f"edgert {__version__} (local)"}
+        )
         self.buf = bytearray()
         self.timeout: float | None = 0.0
 

@@ -189,8 +189,14 @@ Progress = Callable[[int, int], None]
 class HostSession:
     """The technician's side of a session over an open port."""
 
-    def __init__(self, port: Port, *, baud: int = DEFAULT_BAUD, attempts: int = ATTEMPTS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        port: Port,
+        *,
+        baud: int = DEFAULT_BAUD,
+        attempts: int = ATTEMPTS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.port, self.baud, self.attempts, self.clock = port, baud, attempts, clock
         self.decoder = FrameDecoder()
         self.seq = 0
@@ -205,8 +211,9 @@ class HostSession:
     def _exchange(self, msg_type: MsgType, payload: bytes, extra_timeout: float = 0.0) -> dict[str, Any]:
         seq = self._next_seq()
         wire = encode_frame(msg_type, seq, payload)
-        ex = Exchange(wire, seq, timeout=timeout_for(len(wire), self.baud) + extra_timeout,
-                      attempts=self.attempts)
+        ex = Exchange(
+            wire, seq, timeout=timeout_for(len(wire), self.baud) + extra_timeout, attempts=self.attempts
+        )
         self._write(ex.send(self.clock()))
         while True:
             now = self.clock()
@@ -240,8 +247,9 @@ class HostSession:
         payload = json.dumps({"op": op, "args": dict(args or {})}, separators=(",", ":")).encode()
         return self._exchange(MsgType.REQUEST, payload, OP_TIMEOUTS_S.get(op, 0.0))
 
-    def send_file(self, name: str, data: bytes, *, progress: Progress | None = None,
-                  chunk: int = CHUNK_SIZE) -> dict[str, Any]:
+    def send_file(
+        self, name: str, data: bytes, *, progress: Progress | None = None, chunk: int = CHUNK_SIZE
+    ) -> dict[str, Any]:
         """Push ``data`` in chunks, resuming where the device already has it; install_begin's answer."""
         digest = hashlib.sha256(data).hexdigest()
         begin = self.request("install_begin", {"name": name, "size": len(data), "sha256": digest})
@@ -265,9 +273,15 @@ DataHandler = Callable[[int, bytes], dict[str, Any]]
 class DeviceSession:
     """The device's side (pure): bytes in, bytes out; operations run through the handlers given."""
 
-    def __init__(self, on_request: Handler, on_data: DataHandler, *,
-                 versions: tuple[int, ...] = (PROTOCOL_VERSION,), hello_info: Mapping[str, Any] | None = None,
-                 max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(
+        self,
+        on_request: Handler,
+        on_data: DataHandler,
+        *,
+        versions: tuple[int, ...] = (PROTOCOL_VERSION,),
+        hello_info: Mapping[str, Any] | None = None,
+        max_payload: int = MAX_PAYLOAD,
+    ) -> None:
         self.on_request, self.on_data = on_request, on_data
         self.versions = versions
         self.hello_info = dict(hello_info or {})
@@ -295,8 +309,12 @@ class DeviceSession:
             return b""
         try:
             result = self._dispatch(frame)
-            answer = encode_frame(MsgType.ACK, frame.seq, json.dumps(result, separators=(",", ":")).encode(),
-                                  max_payload=self.max_payload)
+            answer = encode_frame(
+                MsgType.ACK,
+                frame.seq,
+                json.dumps(result, separators=(",", ":")).encode(),
+                max_payload=self.max_payload,
+            )
         except DeviceRefusal as exc:
             answer = _error(frame.seq, exc.code, exc.message, exc.hint)
         except EdgertError as exc:
@@ -311,8 +329,11 @@ class DeviceSession:
         if frame.type == MsgType.HELLO:
             return self._hello(frame)
         if self.version is None or frame.version != self.version:
-            raise DeviceRefusal(ErrorCode.VERSION, f"frame version {frame.version}; send HELLO first",
-                                hint="upgrade edgert so both sides speak the same protocol version")
+            raise DeviceRefusal(
+                ErrorCode.VERSION,
+                f"frame version {frame.version}; send HELLO first",
+                hint="upgrade edgert so both sides speak the same protocol version",
+            )
         if frame.type == MsgType.DATA:
             if len(frame.payload) < _OFFSET.size:
                 raise DeviceRefusal(ErrorCode.BAD_ARGS, "DATA frame without an offset")
@@ -333,7 +354,8 @@ class DeviceSession:
                 ErrorCode.VERSION,
                 f"the device speaks protocol versions {sorted(self.versions)}, "
                 f"the technician {sorted(offered)}",
-                hint="upgrade edgert on the older side (laptop or device image)")
+                hint="upgrade edgert on the older side (laptop or device image)",
+            )
         self.version = max(common)
         return {"version": self.version, "max_payload": self.max_payload, **self.hello_info}
 
@@ -370,8 +392,9 @@ def open_port(url: str, baud: int = DEFAULT_BAUD, *, timeout: float = 0.05) -> I
     try:
         yield port
     except serial.SerialException as exc:
-        raise ProvisionError(f"serial port {url} failed: {exc}",
-                             hint="check the cable; the device may have been unplugged") from None
+        raise ProvisionError(
+            f"serial port {url} failed: {exc}", hint="check the cable; the device may have been unplugged"
+        ) from None
     finally:
         with contextlib.suppress(Exception):
             port.apply_settings(saved)
@@ -382,12 +405,14 @@ def open_port(url: str, baud: int = DEFAULT_BAUD, *, timeout: float = 0.05) -> I
 def _port_error(url: str, exc: Exception) -> ProvisionError:
     code = getattr(exc, "errno", None)
     if code == errno.EACCES:
-        return ProvisionError(f"permission denied on {url}",
-                              hint="add your user to the dialout group (sudo usermod -aG dialout $USER), "
-                                   "then log in again")
+        return ProvisionError(
+            f"permission denied on {url}",
+            hint="add your user to the dialout group (sudo usermod -aG dialout $USER), then log in again",
+        )
     if code == errno.ENOENT:
         return ProvisionError(f"no serial port {url}", hint=PORTS_HINT)
     if code == errno.EBUSY:
-        return ProvisionError(f"{url} is busy",
-                              hint="close other programs using it (screen, minicom, ModemManager)")
+        return ProvisionError(
+            f"{url} is busy", hint="close other programs using it (screen, minicom, ModemManager)"
+        )
     return ProvisionError(f"cannot open {url}: {exc}", hint=PORTS_HINT)

@@ -36,10 +36,18 @@ class FlowReport:
     steps: list[dict[str, Any]] = field(default_factory=list)
 
 
-def run_flow(host: HostSession, bundle: Bundle, *, device_id: str | None = None,
-             groups: list[str] | None = None, package: Path | None = None, finish: bool = True,
-             on_step: StepHook | None = None, progress: Progress | None = None,
-             clock: Callable[[], float] = time.monotonic) -> FlowReport:
+def run_flow(
+    host: HostSession,
+    bundle: Bundle,
+    *,
+    device_id: str | None = None,
+    groups: list[str] | None = None,
+    package: Path | None = None,
+    finish: bool = True,
+    on_step: StepHook | None = None,
+    progress: Progress | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> FlowReport:
     """info → keys → configure → enroll → selftest → [install] → finish; raises at the first failure."""
     report, t0 = FlowReport(), clock()
     hook = on_step or (lambda *_: None)
@@ -63,10 +71,16 @@ def run_flow(host: HostSession, bundle: Bundle, *, device_id: str | None = None,
     keys = step("keys", lambda: host.request("keys", {"device_id": device}))
     report.device_id = device
     report.fingerprints = {k: v for k, v in keys.items() if k.endswith("fingerprint")}
-    step("configure", lambda: host.request("configure", {"bundle": bundle.device_public(),
-                                                          "groups": groups or list(bundle.groups)}))
-    enr = step("enroll", lambda: host.request("enroll", {"claim_id": bundle.claim_id,
-                                                          "claim_secret": bundle.claim_secret}))
+    step(
+        "configure",
+        lambda: host.request(
+            "configure", {"bundle": bundle.device_public(), "groups": groups or list(bundle.groups)}
+        ),
+    )
+    enr = step(
+        "enroll",
+        lambda: host.request("enroll", {"claim_id": bundle.claim_id, "claim_secret": bundle.claim_secret}),
+    )
     report.enrolled, report.cert_fingerprint = bool(enr.get("enrolled")), enr.get("cert_fingerprint")
     st = step("selftest", lambda: host.request("selftest"))
     report.selftest_latency_ms, report.provider = st.get("latency_ms_p50"), st.get("provider")

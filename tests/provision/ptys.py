@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 from edgert.provision.session import DeviceSession
 
-
 _HELD: dict[int, int] = {}
 
 

@@ -32,12 +32,15 @@ class EnrollController:
     def __init__(self, port: int, fleet: FleetDir) -> None:
         self.handler = EnrollmentHandler(fleet)
         self.ready = threading.Event()
-        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id="ctl", protocol=MQTTProtocolVersion.MQTTv5)
+        self.c = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id="ctl", protocol=MQTTProtocolVersion.MQTTv5
+        )
         self.c.username_pw_set(CONTROLLER_USER, CONTROLLER_PW)
         self.c.on_connect = lambda c, *a: [c.subscribe(t, qos=1) for t in self.handler.topics(fleet.id)]
         self.c.on_subscribe = lambda *a: self.ready.set()
         self.c.on_message = lambda c, u, m: self.handler.handle(
-            m.topic, m.payload, lambda t, p, r: c.publish(t, p, qos=1, retain=r))
+            m.topic, m.payload, lambda t, p, r: c.publish(t, p, qos=1, retain=r)
+        )
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
         assert self.ready.wait(20), "controller did not subscribe"
@@ -70,13 +73,17 @@ def make_site(tmp: Path, *, uses: int = 5, lifetime: timedelta = timedelta(days=
     bundle = create_bundle(tmp / "fleet", groups=["default"], lifetime=lifetime, uses=uses)
     write_bundle(bundle, tmp / "site.bundle")
     acl = f"user {CONTROLLER_USER}\ntopic readwrite edgert/#\n\n" + claim_acl(FLEET)
-    broker = Mosquitto(tmp / "broker", port=port, acl=acl,
-                       passwords={CONTROLLER_USER: CONTROLLER_PW, bundle.claim_id: bundle.claim_secret}).start()
+    broker = Mosquitto(
+        tmp / "broker",
+        port=port,
+        acl=acl,
+        passwords={CONTROLLER_USER: CONTROLLER_PW, bundle.claim_id: bundle.claim_secret},
+    ).start()
     return Site(tmp, fleet, bundle, tmp / "site.bundle", broker, EnrollController(port, fleet))
 
 
 class Link:
-    """Two pty pairs joined by a :class:`FaultProxy`: ``host_path`` for the technician, ``device_path`` for the agent."""
+    """Two pty pairs joined by a :class:`FaultProxy`: ``host_path`` (technician), ``device_path`` (agent)."""
 
     def __init__(self, faults: Faults | None = None) -> None:
         self.a, self.host_path = pty_pair()
@@ -107,13 +114,18 @@ with open_port(sys.argv[1]) as port:
 """
 
 
-def start_agent(device_path: str, state: Path, config: Path, *, kill_at: str | None = None) -> subprocess.Popen[bytes]:
+def start_agent(
+    device_path: str, state: Path, config: Path, *, kill_at: str | None = None
+) -> subprocess.Popen[bytes]:
     """The agent in its own process, on the device end of the link; returns once the port is open."""
     env = dict(os.environ)
     if kill_at:
         env["KILL_AT_STEP"] = kill_at
-    proc = subprocess.Popen([sys.executable, "-c", AGENT_SCRIPT, device_path, str(state), str(config)],
-                            stdout=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", AGENT_SCRIPT, device_path, str(state), str(config)],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert line.strip() == b"ready", f"agent did not start: {line!r}"

@@ -32,15 +32,26 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> FleetDir:
 
 def _request(claim_id: str, secret: str, device: str, groups: list[str] | None = None) -> bytes:
     keys = DeviceKeys.generate()
-    return json.dumps({"v": 1, "nonce": device, "device": device, "groups": groups or ["default"],
-                       "csr": keys.tls_csr(device).decode(), "x25519": format_public_key(keys.wrap_public),
-                       "secret": secret}).encode()
+    return json.dumps(
+        {
+            "v": 1,
+            "nonce": device,
+            "device": device,
+            "groups": groups or ["default"],
+            "csr": keys.tls_csr(device).decode(),
+            "x25519": format_public_key(keys.wrap_public),
+            "secret": secret,
+        }
+    ).encode()
 
 
 def _enroll(handler: EnrollmentHandler, claim_id: str, secret: str, device: str, **kw: Any) -> dict[str, Any]:
     out: list[bytes] = []
-    handler.handle(enroll_request_topic("f1", claim_id), _request(claim_id, secret, device, **kw),
-                   lambda t, p, r: out.append(p))
+    handler.handle(
+        enroll_request_topic("f1", claim_id),
+        _request(claim_id, secret, device, **kw),
+        lambda t, p, r: out.append(p),
+    )
     assert len(out) == 1
     return dict(json.loads(out[0]))
 

@@ -42,9 +42,15 @@ def _package_for(site: Site, wrap_public: str, models_dir: Path) -> bytes:
     from edgert.security.keys import parse_public_key
 
     out = io.BytesIO()
-    create_package([source(models_dir / "digits_small_int8.onnx")], out, name="digits", version="3",
-                   recipients=[parse_public_key(wrap_public)],
-                   signer=load_publisher_key(site.fleet.publisher_key_path), now=datetime.now(timezone.utc))
+    create_package(
+        [source(models_dir / "digits_small_int8.onnx")],
+        out,
+        name="digits",
+        version="3",
+        recipients=[parse_public_key(wrap_public)],
+        signer=load_publisher_key(site.fleet.publisher_key_path),
+        now=datetime.now(timezone.utc),
+    )
     return out.getvalue()
 
 
@@ -56,9 +62,21 @@ def test_full_flow_over_pty(site: Site, tmp_path: Path, models_dir: Path) -> Non
         with open_port(link.host_path) as port:
             host = HostSession(port)
             steps: list[tuple[str, str]] = []
-            report = run_flow(host, site.bundle, device_id="gw-7", finish=False,
-                              on_step=lambda s, p, d: steps.append((s, p)))
-            assert [s for s, p in steps if p == "ok"] == ["hello", "info", "keys", "configure", "enroll", "selftest"]
+            report = run_flow(
+                host,
+                site.bundle,
+                device_id="gw-7",
+                finish=False,
+                on_step=lambda s, p, d: steps.append((s, p)),
+            )
+            assert [s for s, p in steps if p == "ok"] == [
+                "hello",
+                "info",
+                "keys",
+                "configure",
+                "enroll",
+                "selftest",
+            ]
             assert report.enrolled and report.broker_reachable and report.selftest_latency_ms is not None
             assert report.provider == "CPUExecutionProvider"
             # the fleet CA signed a certificate for gw-7 over the device's own TLS key
@@ -83,8 +101,15 @@ def test_full_flow_over_pty(site: Site, tmp_path: Path, models_dir: Path) -> Non
         stop_agent(agent)
         link.close()
     events = agent_events(state)
-    for e in ("provision_keys", "provision_configure", "provision_claim_installed", "provision_enrolled",
-              "provision_selftest", "provision_install", "provision_finish"):
+    for e in (
+        "provision_keys",
+        "provision_configure",
+        "provision_claim_installed",
+        "provision_enrolled",
+        "provision_selftest",
+        "provision_install",
+        "provision_finish",
+    ):
         assert e in events, e
     assert oct((state / "provision" / "state.json").stat().st_mode & 0o777) == "0o600"
 
@@ -185,6 +210,7 @@ def test_claim_holder_cannot_act_as_a_device(site: Site) -> None:
     watcher.subscribe("edgert/#", qos=1)
     assert got.wait(20)
     got.clear()
+
     def claim_publish(topic: str) -> None:
         connected = threading.Event()
         claim = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"claimer-{len(topic)}")
@@ -202,8 +228,11 @@ def test_claim_holder_cannot_act_as_a_device(site: Site) -> None:
             claim.loop_stop()
 
     try:
-        for topic in ("edgert/v1/f1/devices/gw-x/status", "edgert/v1/f1/devices/gw-x/telemetry",
-                      "edgert/v1/f1/enroll/claim-other/request"):
+        for topic in (
+            "edgert/v1/f1/devices/gw-x/status",
+            "edgert/v1/f1/devices/gw-x/telemetry",
+            "edgert/v1/f1/enroll/claim-other/request",
+        ):
             claim_publish(topic)
         # control: the one topic it may use does arrive (so the watcher would have seen the others)
         claim_publish(f"edgert/v1/f1/enroll/{site.bundle.claim_id}/request")
