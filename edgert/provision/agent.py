@@ -25,7 +25,7 @@ from typing import Any
 from edgert import __version__, paths
 from edgert.errors import EdgertError
 from edgert.provision.enroll_client import broker_check, enroll_with_claim
-from edgert.provision.session import DeviceRefusal, DeviceSession, ErrorCode
+from edgert.provision.session import DeviceRefusal, DeviceSession, ErrorCode, read_available
 from edgert.security.atomic import FileSystem, ensure_private_dir
 
 __all__ = ["DEFAULT_CONFIG_PATH", "SELFTEST_MODEL", "Agent", "factory_reset", "serve"]
@@ -464,7 +464,7 @@ def serve(port: Any, agent: Agent, *, should_stop: Callable[[], bool] = lambda: 
     session = DeviceSession(agent.handle, agent.data, hello_info={"agent": f"edgert {__version__}"})
     port.timeout = 0.1
     while not should_stop():
-        data = port.read(65536)
+        data = read_available(port)
         if data:
             out = session.receive(data)
             if out:

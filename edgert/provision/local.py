@@ -25,6 +25,11 @@ class LocalPort:
         self.buf += self.session.receive(bytes(data))
         return len(data)
 
+    @property
+    def in_waiting(self) -> int:
+        """Bytes ready to read."""
+        return len(self.buf)
+
     def read(self, size: int = 1) -> bytes:
         """Answers waiting (never blocks)."""
         out = bytes(self.buf[:size])

@@ -42,6 +42,7 @@ __all__ = [
     "NoAnswerError",
     "RemoteError",
     "open_port",
+    "read_available",
     "timeout_for",
 ]
 
@@ -66,7 +67,7 @@ OP_TIMEOUTS_S: dict[str, float] = {
     "finish": 10.0,
 }
 log = logging.getLogger("edgert.provision")
-READ_BLOCK = 4096
+READ_BLOCK = 65536
 PORTS_HINT = "'edgert provision ports' lists the ports present"
 _OFFSET = struct.Struct(">Q")
 
@@ -182,8 +183,24 @@ class Port(Protocol):
 
     def read(self, size: int = 1) -> bytes: ...
 
+    @property
+    def in_waiting(self) -> int: ...
+
 
 Progress = Callable[[int, int], None]
+
+
+def read_available(port: Port) -> bytes:
+    """Wait up to ``port.timeout`` for one byte, then take whatever else has arrived, without waiting.
+
+    (pyserial's ``read(n)`` waits for all ``n`` bytes or the timeout: a short answer would cost the
+    whole timeout on every chunk.)
+    """
+    first = port.read(1)
+    if not first:
+        return b""
+    waiting = int(getattr(port, "in_waiting", 0) or 0)
+    return first + port.read(min(waiting, READ_BLOCK)) if waiting else first
 
 
 class HostSession:
@@ -222,7 +239,7 @@ class HostSession:
                 self._write(ex.send(now))
                 continue
             self.port.timeout = min(0.05, max(0.001, ex.deadline - now))
-            data = self.port.read(READ_BLOCK)
+            data = read_available(self.port)
             for frame in self.decoder.feed(data) if data else []:
                 done, result, resend = ex.on_frame(frame, self.clock())
                 if resend is not None:
