@@ -1,0 +1,1 @@
+"""Field provisioning: frame codec, session protocol, device agent, technician flow (docs/provisioning.md)."""
