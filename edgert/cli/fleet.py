@@ -174,6 +174,7 @@ def devices_list_cmd(fleet_dir: Path, as_json: bool) -> None:
 def serve_cmd(fleet_dir: Path, db_url: str | None, controller_id: str | None) -> None:
     """Run the fleet controller: rollouts, fleet state, and the repository devices fetch over MQTT."""
     from edgert.cli.fleet_rollout import run_controller
+    from edgert.fleet.enrollment import EnrollmentHandler
     from edgert.fleet.fleetdir import FleetDir
     from edgert.fleet.service import MetadataKeeper, RepoAttachment
 
@@ -183,7 +184,8 @@ def serve_cmd(fleet_dir: Path, db_url: str | None, controller_id: str | None) ->
     try:
         run_controller(fleet=fd.id, db_url=db_url or str(fd.db_path), broker=fd.broker,
                        command_key=str(fd.command_key_path), controller_id=controller_id,
-                       devices_dir=str(fd.devices_dir), attachments=[RepoAttachment(fd)])
+                       devices_dir=str(fd.devices_dir),
+                       attachments=[RepoAttachment(fd), EnrollmentHandler(fd)])
     finally:
         keeper.stop()
 
