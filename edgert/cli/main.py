@@ -30,7 +30,7 @@ COMMANDS = {
     "demo": ("edgert.cli.daemon:demo", "Run the daemon with the bundled sample models, offline, on CPU."),
     "mqtt": ("edgert.cli.mqtt:mqtt", "Check the MQTT broker connection, TLS and ACLs."),
     "fleet": ("edgert.cli.fleet:fleet", "Fleet side: repository, devices, keys, rollouts, controller."),
-    "provision": ("edgert.cli.provision:provision", "Provision devices over a serial cable; site bundles, claims."),
+    "provision": ("edgert.cli.provision:provision", "Provision devices over a serial cable."),
 }
 
 
