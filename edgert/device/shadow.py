@@ -248,3 +248,90 @@ def shadow_event(runner: ShadowRunner, snap: Mapping[str, Any],
     if seq is not None:
         event["seq"] = seq
     return event
+
+
+class ShadowPhase:
+    """The updater's shadow step: start a candidate, report it every ``report_s``, stop it.
+
+    Which models are in shadow (model -> the desired-state document) lives in ``shadows``, a dict inside
+    the updater's persisted state (``save`` writes it), so a restarted daemon resumes the evaluation.
+    Runs on the updater's worker thread; the Deployer calls go to the daemon's loop.
+    """
+
+    def __init__(self, *, deployer: Any, emit: Callable[[dict[str, Any]], None], shadows: dict[str, Any],
+                 save: Callable[[], None], lock: threading.Lock, clock: Callable[[], float],
+                 report_s: float) -> None:
+        self.deployer, self.emit, self.shadows, self.save = deployer, emit, shadows, save
+        self.lock, self.clock, self.report_s = lock, clock, report_s
+        self._sent: dict[str, int] = {}  # model -> samples in the last report
+        self._due: dict[str, float] = {}
+
+    def start(self, doc: Mapping[str, Any], *, allow_downgrade: bool = False) -> None:
+        """Load the document's version as a shadow of its model (the version is installed)."""
+        model, version = str(doc["model"]), str(doc["version"])
+        percent = float((doc.get("shadow") or {}).get("percent", 0.0))
+        self.deployer.run_threadsafe(self.deployer.start_shadow(
+            model, version, percent, origin="updater", rollout=str(doc.get("rollout", ""))[:64],
+            allow_downgrade=allow_downgrade))
+        with self.lock:
+            self.shadows[model] = dict(doc)
+            self.save()
+        self._sent[model], self._due[model] = 0, self.clock() + self.report_s
+
+    def end(self, model: str, version: str | None) -> bool:
+        """Stop the shadow of ``model`` (final report first); True when it evaluated ``version``."""
+        doc = self.shadows.get(model)
+        if doc is None:
+            return False
+        self.report(force=True)
+        try:
+            self.deployer.run_threadsafe(self.deployer.stop_shadow(model, origin="updater"))
+        finally:
+            with self.lock:
+                self.shadows.pop(model, None)
+                self.save()
+            self._sent.pop(model, None), self._due.pop(model, None)
+        return version is not None and doc.get("version") == version
+
+    def resume(self) -> list[tuple[dict[str, Any], str]]:
+        """Start again the shadows persisted before a restart; (document, reason) of those that failed."""
+        failed = []
+        for model, doc in list(self.shadows.items()):
+            if model in self.deployer.shadows:
+                continue
+            try:
+                self.start(doc)
+            except Exception as exc:
+                reason = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+                with self.lock:
+                    self.shadows.pop(model, None)
+                    self.save()
+                failed.append((dict(doc), str(reason)[:300]))
+        return failed
+
+    def report(self, *, force: bool = False) -> None:
+        """Emit a ``shadow`` event for each model whose numbers changed and whose report is due."""
+        now = self.clock()
+        for model in list(self.shadows):
+            runner = self.deployer.shadows.get(model)
+            if runner is None or not (force or now >= self._due.get(model, 0.0)):
+                continue
+            self._due[model] = now + self.report_s
+            snap = runner.snapshot()
+            if snap["samples"] == self._sent.get(model):
+                continue
+            event = shadow_event(runner, snap, seq=self.shadows[model].get("seq"))
+            if event is None:
+                continue
+            self._sent[model] = snap["samples"]
+            try:
+                self.emit(event)
+            except Exception:  # an event sink must never stop the evaluation
+                log.exception("shadow event sink failed")
+
+    def wait_s(self, wait: float | None) -> float | None:
+        """How long the updater's worker may sleep: ``wait``, shortened to the next report when shadowing."""
+        if not self.shadows:
+            return wait
+        until = max(0.05, min(self._due.values(), default=self.clock()) - self.clock())
+        return until if wait is None else min(wait, until)
