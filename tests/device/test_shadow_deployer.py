@@ -55,7 +55,8 @@ def test_live_requests_feed_the_shadow_and_callers_get_the_serving_version(rig: 
     assert (snap["offered"], snap["sampled"], snap["samples"], snap["skipped"]) == (120, 60, 60, 0)
     small = Runtime("cpu-generic").load(MODELS / "digits_small_fp32.onnx")  # version 3
     sampled = range(1, len(x), 2)  # 50 %: every second request, deterministically
-    truth = np.mean([small.run({"pixels": x[i:i + 1]})["logits"].argmax() == want[i].argmax() for i in sampled])
+    truth = np.mean([small.run({"pixels": x[i:i + 1]})["logits"].argmax() == want[i].argmax()
+                     for i in sampled])
     assert snap["agreement"] == pytest.approx(float(truth)) and 0.8 < snap["agreement"] < 1.0
     assert snap["latency_ratio"] is not None and snap["latency_ratio"] > 0
     final = rig.deployer.run_threadsafe(rig.deployer.stop_shadow("digits"))
@@ -70,7 +71,8 @@ def test_a_candidate_below_the_anti_rollback_floor_is_refused_first(rig: Rig) ->
     with pytest.raises(RollbackError):
         rig.deployer.run_threadsafe(rig.deployer.start_shadow("digits", "1", 100.0))
     assert rig.deployer.shadows == {} and rig.state() == ("2", "2")
-    runner = rig.deployer.run_threadsafe(rig.deployer.start_shadow("digits", "1", 100.0, allow_downgrade=True))
+    runner = rig.deployer.run_threadsafe(
+        rig.deployer.start_shadow("digits", "1", 100.0, allow_downgrade=True))
     assert runner.version == "1" and rig.state() == ("2", "2")
 
 
