@@ -125,6 +125,7 @@ class Daemon:
         self.build_sync = build_sync  # False when the caller plugs its own sync service in
         self.notifier = notifier or Notifier()
         self._store_factory = store_factory
+        self.shadows: dict[str, Any] = {}  # Deployer.shadows: candidates in shadow evaluation (ShadowRunner)
         self.backend = ServingAdapter(self)
         self.http: HttpServer | None = None
         self.metrics_http: HttpServer | None = None
@@ -255,6 +256,7 @@ class Daemon:
             models=lambda: self.config.models,
             cascades=lambda: self.config.cascades,
             preferred_variants=tuple(getattr(profile, "variants", ()) or ()),
+            shadows=self.shadows,
         )
         deployer.loop = self._loop
         return deployer
@@ -384,6 +386,9 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        for name in list(self.shadows):
+            if self.deployer is not None:
+                await self.deployer.stop_shadow(name, origin="shutdown")
         await asyncio.to_thread(self.engine.close)
         if self.capture is not None:
             await asyncio.to_thread(self.capture.close)

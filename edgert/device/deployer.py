@@ -168,6 +168,7 @@ class Deployer:
         cascades: Callable[[], Sequence[CascadeEntry]] = tuple,
         preferred_variants: Sequence[str] = (),
         max_warm_latency_s: float = DEFAULT_MAX_WARM_LATENCY_S,
+        shadows: dict[str, Any] | None = None,
     ) -> None:
         self.source = source  # edgert.device.sources.ModelSource
         self.target = target
@@ -180,6 +181,8 @@ class Deployer:
         self.unavailable: dict[str, Unavailable] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._state: dict[str, _ModelState] = {}
+        #: Candidates in shadow evaluation by model name (ShadowRunner); the serving adapter reads it.
+        self.shadows: dict[str, Any] = shadows if shadows is not None else {}
 
     # ---- lookups -----------------------------------------------------------------------------
     def entry(self, name: str) -> ModelEntry:
@@ -421,6 +424,58 @@ class Deployer:
                      "error": item.reason})
         log.error("model has no servable version; it is not served",
                   extra={"model": entry.name, "version": version, "error": item.reason})
+
+    # ---- shadow evaluation (edgert.device.shadow) -------------------------------------------------
+    async def start_shadow(self, name: str, version: str, percent: float, *, origin: str = "updater",
+                           rollout: str = "", allow_downgrade: bool = False) -> Any:
+        """Load ``version`` through the floor, load and health steps and run it in shadow on ``percent``
+        of the requests to ``name``; it never serves a caller and the store is not committed."""
+        from edgert.device.shadow import ShadowRunner
+
+        entry = self.entry(name)
+        if self.target is None:
+            raise EdgertError("shadow evaluation needs the running daemon", hint="start the daemon")
+        async with self._st(name).lock:
+            served, stage = self._served(name), "floor"
+            try:
+                version = self.source.resolve_version(entry, version)
+                if entry.from_store:
+                    self.source.check_activate(entry, version, allow_downgrade=allow_downgrade)
+                stage = "load"
+                model, variant, _ = await self._load(entry, version)
+                stage = "health"
+                try:
+                    await asyncio.to_thread(health_check, model, self.source.golden(entry, version),
+                                            self.max_warm_latency_s)
+                    runner = ShadowRunner(model, name=name, version=version, percent=percent, rollout=rollout,
+                                          variant=variant)
+                except BaseException:
+                    await asyncio.to_thread(model.close)
+                    raise
+            except BaseException as exc:
+                self._failed(name, version, served, stage, exc, origin, "shadow")
+                raise
+            runner.start()
+            old, self.shadows[name] = self.shadows.get(name), runner
+        if old is not None:
+            await asyncio.to_thread(old.close)
+        self.audit("model_shadow_started", model=name, version=version, serving=served, percent=percent,
+                   variant=variant, origin=origin, rollout=rollout)
+        self._event({"event": "model_shadow_started", "model": name, "version": version, "serving": served,
+                     "percent": percent, "variant": variant, "origin": origin})
+        return runner
+
+    async def stop_shadow(self, name: str, *, origin: str = "updater") -> dict[str, Any] | None:
+        """Stop the shadow evaluation of ``name``, if any; its final numbers (None when none ran)."""
+        runner = self.shadows.pop(name, None)
+        if runner is None:
+            return None
+        await asyncio.to_thread(runner.close)
+        snap: dict[str, Any] = runner.snapshot()
+        self.audit("model_shadow_stopped", model=name, version=runner.version, origin=origin,
+                   samples=snap["samples"], errors=snap["errors"], agreement=snap["agreement"],
+                   latency_ratio=snap["latency_ratio"])
+        return snap
 
     # ---- other threads --------------------------------------------------------------------------
     def run_threadsafe(self, coro: Coroutine[Any, Any, Any], timeout: float = DEPLOY_TIMEOUT_S) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ class ServingAdapter:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.engine = daemon.engine
+        self.shadows = daemon.shadows  # the Deployer's candidates in shadow evaluation, by model name
 
     def live(self) -> bool:
         """The process is up."""
@@ -101,7 +103,9 @@ class ServingAdapter:
         outputs: Sequence[str] | None = None,
         request_id: str | None = None,
     ) -> InferOutcome:
-        """One request through the engine."""
+        """One request through the engine (offered to a shadow candidate of ``name`` once answered)."""
+        shadow = self.shadows.get(name)  # one lookup; None unless a fleet shadow evaluation runs
+        start = time.perf_counter() if shadow is not None else 0.0
         try:
             result = await self.engine.infer(
                 name,
@@ -117,6 +121,8 @@ class ServingAdapter:
             capture.offer(
                 name, inputs, result.outputs, version=result.model_version, request_id=request_id or ""
             )
+        if shadow is not None and not getattr(result, "cached", False):
+            shadow.offer(inputs, result.outputs, time.perf_counter() - start)  # never blocks or raises
         return result
 
     async def load(self, name: str, version: str | None = None, *, allow_downgrade: bool = False) -> None:

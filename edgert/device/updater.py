@@ -14,6 +14,10 @@ spliced into the header) -> ``installing`` (``store.install(activate=False)``) -
 check, swap, commit) -> ``healthy`` and ``active`` (``rolled-back`` when the fleet asked for a lower
 version), or ``failed`` with the reason while the old version keeps serving.
 
+With ``"shadow": {"percent": P}`` the installed version runs as a shadow candidate instead
+(:mod:`edgert.device.shadow`, ``healthy`` with ``"shadow": true``, then ``shadow`` events); the promotion
+(same version, no shadow) stops it and deploys what is installed; any other document stops it too.
+
 Crash safety: the job and the last applied ``seq`` live in ``<state>/tuf/updater.json``, written
 atomically; every step is idempotent (TUF re-verifies the cached download, the store accepts the same
 build again, the Deployer does nothing when that version already serves), so after a SIGKILL the job
@@ -35,6 +39,7 @@ from urllib.parse import quote
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edgert.device.shadow import ShadowPhase
 from edgert.errors import EdgertError, ModelError, SecurityError, SignatureError, SyncError
 from edgert.mqtt.repo_protocol import assignment_topic, reply_topic, verify_desired_signature
 from edgert.mqtt.topics import deployment_topic
@@ -58,6 +63,8 @@ MAX_KEY_RECORD_BYTES = 16 * 1024
 #: Largest package downloaded, whatever TUF says (bytes).
 MAX_PACKAGE_BYTES = 2 << 30
 STATE_VERSION = 1
+#: How often a running shadow evaluation is reported (seconds; only when it has new samples).
+SHADOW_REPORT_S = 5.0
 
 
 class DesiredStateRejected(SecurityError):
@@ -188,7 +195,8 @@ class DeviceUpdater:
                  clock: Callable[[], float] = time.monotonic, metadata_url: str = "mqtt:metadata/",
                  targets_url: str = "mqtt:targets/", keys_url: str = "mqtt:keys/",
                  max_attempts: int = MAX_ATTEMPTS,
-                 retry_s: tuple[float, float] = (RETRY_MIN_S, RETRY_MAX_S)) -> None:
+                 retry_s: tuple[float, float] = (RETRY_MIN_S, RETRY_MAX_S),
+                 shadow_report_s: float = SHADOW_REPORT_S) -> None:
         self.fleet, self.device, self.key, self.paths = fleet, device, command_key, paths
         self.fetcher_factory, self.store, self.deployer, self.emit = fetcher_factory, store, deployer, emit
         self.repo_replies, self.clock = repo_replies, clock
@@ -205,6 +213,9 @@ class DeviceUpdater:
         self._thread: threading.Thread | None = None
         self._next_try = 0.0
         self._state = self._load_state()
+        self.shadow = ShadowPhase(deployer=deployer, emit=emit, shadows=self._state.setdefault("shadows", {}),
+                                  save=self._save_state, lock=self._lock, clock=clock,
+                                  report_s=shadow_report_s)
 
     @classmethod
     def over_mqtt(cls, publish: Callable[[str, bytes], Any], *, fleet: str, device: str,
@@ -305,13 +316,16 @@ class DeviceUpdater:
             self._thread = None
 
     def _run(self) -> None:
+        for doc, reason in self.shadow.resume():
+            self._event(parse_desired_raw(doc), "failed", reason=f"shadow evaluation not resumed: {reason}")
         while not self._stop.is_set():
             try:
                 self.run_pending()
+                self.shadow.report()
             except Exception:  # the worker must survive anything one update does
                 log.exception("update step failed unexpectedly")
             wait = max(0.05, self._next_try - self.clock()) if self.job else None
-            self._wake.wait(wait)
+            self._wake.wait(self.shadow.wait_s(wait))
             self._wake.clear()
 
     def run_pending(self) -> str | None:
@@ -357,14 +371,14 @@ class DeviceUpdater:
             if self.job is job:
                 self._save_state()
 
-    def _finish(self, doc: DesiredState, state: str, reason: str | None = None) -> str:
+    def _finish(self, doc: DesiredState, state: str, reason: str | None = None, **extra: Any) -> str:
         with self._lock:
             if self.job is not None and self.job["doc"].get("seq") == doc.seq:
                 self._state["job"] = None
             self._state["applied_seq"] = max(self.applied_seq, doc.seq)
             self._save_state()
         self.counters["applied" if state != "failed" else "failed"] += 1
-        self._event(doc, state, **({"reason": reason} if reason else {}))
+        self._event(doc, state, **({"reason": reason} if reason else {}), **extra)
         if state == "failed":
             log.error("update failed; the serving version is unchanged", extra={
                 "model": doc.model, "version": doc.version, "error": reason})
@@ -394,12 +408,28 @@ class DeviceUpdater:
                        self.targets_url, fetcher=fetcher, bootstrap=root), fetcher
 
     def _apply(self, doc: DesiredState, job: dict[str, Any]) -> str:
-        from tuf.api import exceptions as tuf_errors
-
+        shadow = doc.raw.get("shadow")
+        if self.shadow.end(doc.model, None if shadow else doc.version):  # stops any shadow of this model
+            self._phase(job, "promoting")  # the evaluated version is installed: no second download
         if self._already_active(doc):
             # A newer document for what already serves (e.g. the group's final state after this device's
             # wave): nothing to fetch or swap; report it once so the fleet's view stays "active".
             return self._finish(doc, "active")
+        downgrade = self._is_downgrade(doc)
+        if job.get("phase") != "promoting":
+            self._install(doc, job, downgrade)
+        if isinstance(shadow, dict):
+            self.shadow.start(doc.raw, allow_downgrade=downgrade)
+            return self._finish(doc, "healthy", shadow=True)
+        self._phase(job, "deploying")
+        self.deployer.run_threadsafe(self.deployer.deploy(
+            doc.model, doc.version, origin="updater", reason="update", allow_downgrade=downgrade))
+        self._event(doc, "healthy")
+        return self._finish(doc, "rolled-back" if downgrade else "active")
+
+    def _install(self, doc: DesiredState, job: dict[str, Any], downgrade: bool) -> None:
+        from tuf.api import exceptions as tuf_errors
+
         try:
             path, fetcher = self._download(doc, job)
         except tuf_errors.ExpiredMetadataError as exc:
@@ -411,15 +441,9 @@ class DeviceUpdater:
         self._phase(job, "verifying")
         self._event(doc, "verifying")
         install = self._verify(doc, path, fetcher)
-        downgrade = self._is_downgrade(doc)
         self._phase(job, "installing")
         self._event(doc, "installing")
         self.store.install(install, activate=False, allow_downgrade=downgrade)
-        self._phase(job, "deploying")
-        self.deployer.run_threadsafe(self.deployer.deploy(
-            doc.model, doc.version, origin="updater", reason="update", allow_downgrade=downgrade))
-        self._event(doc, "healthy")
-        return self._finish(doc, "rolled-back" if downgrade else "active")
 
     def _already_active(self, doc: DesiredState) -> bool:
         from edgert.errors import StoreError
