@@ -50,6 +50,8 @@ WARMUP_RUNS = 3
 DEFAULT_MAX_WARM_LATENCY_S = 10.0
 #: How long a caller on another thread (MQTT commands) waits for a deployment.
 DEPLOY_TIMEOUT_S = 120.0
+#: A health check's golden (inputs, outputs) by tensor name.
+Golden = tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]
 #: Golden-output tolerance (absolute, relative) for the health check.
 GOLDEN_ATOL = 1e-3
 GOLDEN_RTOL = 1e-2
@@ -118,8 +120,7 @@ def _error_text(exc: BaseException) -> str:
     return text[:300]
 
 
-def health_check(model: Any, golden: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]] | None,
-                 max_latency_s: float) -> float:
+def health_check(model: Any, golden: Golden | None, max_latency_s: float) -> float:
     """Run ``model`` on zero inputs (and golden inputs, if any); return the median warm run (s).
 
     Raises BackendError when a run fails, an output is not finite, a golden output differs, or the
@@ -229,15 +230,21 @@ class Deployer:
 
     # ---- the one path ------------------------------------------------------------------------
     async def deploy(self, name: str, version: str | None = None, *, allow_downgrade: bool = False,
-                     origin: str = "api", reason: str = "activate", force_reload: bool = False) -> Deployment:
-        """Serve ``name`` at ``version`` (None: the store's active one); see the module docstring."""
+                     origin: str = "api", reason: str = "activate", force_reload: bool = False,
+                     golden: Golden | None = None) -> Deployment:
+        """Serve ``name`` at ``version`` (None: the store's active one); see the module docstring.
+
+        ``golden`` (inputs, outputs) overrides the package's own for the health check (the fleet's TUF
+        targets metadata carries them, signed).
+        """
         entry = self.entry(name)
         async with self._st(name).lock:
             return await self._deploy_locked(entry, version, allow_downgrade=allow_downgrade, origin=origin,
-                                             reason=reason, force_reload=force_reload)
+                                             reason=reason, force_reload=force_reload, golden=golden)
 
     async def _deploy_locked(self, entry: ModelEntry, version: str | None, *, allow_downgrade: bool,
-                             origin: str, reason: str, force_reload: bool) -> Deployment:
+                             origin: str, reason: str, force_reload: bool,
+                             golden: Golden | None = None) -> Deployment:
         name = entry.name
         served = self._served(name)
         stage = "floor"
@@ -253,7 +260,7 @@ class Deployer:
             model, variant, why = await self._load(entry, version)
             stage = "health"
             try:
-                await asyncio.to_thread(health_check, model, self.source.golden(entry, version),
+                await asyncio.to_thread(health_check, model, golden or self.source.golden(entry, version),
                                         self.max_warm_latency_s)
                 stage = "swap"
                 await self._swap(entry, model, served)

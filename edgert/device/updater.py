@@ -423,7 +423,8 @@ class DeviceUpdater:
             return self._finish(doc, "healthy", shadow=True)
         self._phase(job, "deploying")
         self.deployer.run_threadsafe(self.deployer.deploy(
-            doc.model, doc.version, origin="updater", reason="update", allow_downgrade=downgrade))
+            doc.model, doc.version, origin="updater", reason="update", allow_downgrade=downgrade,
+            golden=decode_golden(job.get("golden"))))
         self._event(doc, "healthy")
         return self._finish(doc, "rolled-back" if downgrade else "active")
 
@@ -461,6 +462,11 @@ class DeviceUpdater:
             raise _Transient(f"{doc.target} is not in the fleet's TUF targets (yet)")
         if info.length > MAX_PACKAGE_BYTES:
             raise SecurityError(f"{doc.target} is {info.length} bytes, over the {MAX_PACKAGE_BYTES} allowed")
+        # The golden input/output of the health check travel in the (signed) targets metadata.
+        custom: dict[str, Any] = info.custom if isinstance(info.custom, dict) else {}
+        meta = custom.get("edgert")
+        golden = meta.get("golden") if isinstance(meta, dict) else None
+        job["golden"] = golden if isinstance(golden, dict) else None
         dest = self._download_path(doc)
         if updater.find_cached_target(info, str(dest)) is None:
             have = sum(p.stat().st_size for p in self.paths.partial.glob("*.part"))
@@ -521,3 +527,25 @@ def parse_desired_raw(doc: Mapping[str, Any]) -> DesiredState:
     """A DesiredState from a document already verified (the persisted job)."""
     return DesiredState(int(doc["seq"]), str(doc.get("rollout", ""))[:64], str(doc["model"]),
                         str(doc["version"]), str(doc["target"]), doc)
+
+
+def decode_golden(doc: Any) -> Any:
+    """The health check's (inputs, outputs) from the targets metadata's ``golden`` (base64 .npz files)."""
+    import base64
+    import binascii
+    import io
+    import zipfile
+
+    import numpy as np
+
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), str) for k in ("inputs", "outputs")):
+        return None
+    try:
+        arrays = []
+        for key in ("inputs", "outputs"):
+            with np.load(io.BytesIO(base64.b64decode(doc[key], validate=True)), allow_pickle=False) as npz:
+                arrays.append({name: npz[name] for name in npz.files})
+    except (ValueError, binascii.Error, OSError, zipfile.BadZipFile) as exc:
+        raise SecurityError(f"the golden data in the targets metadata is unreadable: {exc}",
+                            hint="re-publish with 'edgert fleet model add --golden IN.npz OUT.npz'") from None
+    return arrays[0], arrays[1]
