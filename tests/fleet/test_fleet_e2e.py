@@ -202,3 +202,43 @@ def test_fleet_init_model_add_serve_deploy(rig: Any) -> None:
     assert any(r.get("msg") == "model deployed" for r in logs)  # the JSON log lines are read
     errors = [r for r in logs if r.get("level") == "error"]
     assert not errors, errors[:5]
+
+
+def test_a_device_killed_during_its_update_resumes_and_never_serves_half_an_install(rig: Any) -> None:
+    """SIGKILL at several points of an update (TUF refresh, download, install, deploy): after each restart
+    the daemon serves a whole version and the store agrees; in the end it serves the new one."""
+    tmp, broker, fleet, procs = rig
+    _ok("fleet", "init", str(fleet), "--id", FLEET, "--broker-port", str(broker.port))
+    device = Device(tmp, "dev-k", fleet, broker.port)
+    _ok("fleet", "devices", "add", "dev-k", "--fleet", str(fleet), "--groups", GROUP,
+        "--x25519", device.x25519)
+    _ok("fleet", "model", "add", str(MODELS / "digits_large_fp32.onnx"), "--fleet", str(fleet), "--name",
+        "digits", "--version", "2", "--groups", GROUP)  # ~10 chunks of 64 KiB to be killed in
+    procs.append(device)
+    device.start()
+    log = open(tmp / "controller.log", "ab")
+    controller = subprocess.Popen([sys.executable, "-m", "edgert.cli.main", "fleet", "serve", "--fleet",
+                                   str(fleet)], stdout=subprocess.DEVNULL, stderr=log)
+    log.close()
+    procs.append(controller)
+    wait_for(lambda: len(json.loads(_ok("fleet", "status", "--fleet", str(fleet), "--json"))["devices"]) >= 1,
+             timeout=READY_TIMEOUT_S, what="the device in the fleet status")
+    _ok("fleet", "deploy", "--fleet", str(fleet), "--group", GROUP, "--model", "digits", "--version", "2",
+        "--waves", "100%", "--wait-healthy", "120s")
+    kills = 0
+    for delay in (0.2, 0.5, 0.9, 1.4):
+        time.sleep(delay)
+        if device.served() == "2":
+            break
+        assert device.proc is not None
+        device.proc.kill()  # SIGKILL: no drain, no cleanup
+        device.proc.wait(30)
+        device.proc = None
+        kills += 1
+        device.start()  # serves a whole version at once (never a half-installed one)
+        served = device.served()
+        assert served in ("1", "2")
+        assert device.store_active() == served
+    assert kills >= 1
+    wait_for(lambda: device.served() == "2", timeout=UPDATE_TIMEOUT_S, what="the device to finish the update")
+    assert device.store_active() == "2"
