@@ -66,12 +66,14 @@ def worker(index: int, ids: list[str], faulty: list[str], spec: Any, root: str, 
     from edgert.fleet.fleetdir import FleetDir
 
     _raise_nofile()
+    Path(root).mkdir(parents=True, exist_ok=True)
     logging.basicConfig(filename=str(Path(root) / f"worker-{index}.log"), level=logging.WARNING)
-    fleet = FleetDir.open(spec.fleet_dir)
-    shared = ProcessShared(spec.profile, fleet)
     bad = set(faulty)
     devices = []
+    shared = None
     try:
+        fleet = FleetDir.open(spec.fleet_dir)
+        shared = ProcessShared(spec.profile, fleet)
         for d in ids:
             devices.append(SimDevice(Path(root), d, spec, shared, fleet, faulty=d in bad))
         for dev in devices:
@@ -86,7 +88,8 @@ def worker(index: int, ids: list[str], faulty: list[str], spec: Any, root: str, 
         out.put(("error", index, f"{type(exc).__name__}: {exc}"))
         raise
     finally:
-        shared.close()
+        if shared is not None:
+            shared.close()
 
 
 # -- broker -------------------------------------------------------------------------------------------
@@ -289,9 +292,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
             procs.append(proc)
         ready = 0
         while ready < len(procs):
-            kind, k, value = out.get(timeout=args.setup_timeout)
-            if kind == "error":
-                raise SystemExit(f"worker {k} failed: {value}")
+            kind, k, value = _next(out, procs, t_setup + args.setup_timeout)
             ready += 1
         report["setup_s"] = round(time.monotonic() - t_setup, 1)
         print(f"{args.devices} devices up in {len(procs)} processes after {report['setup_s']} s", file=sys.stderr)
@@ -305,9 +306,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         results: list[dict[str, Any]] = []
         loads = 0
         for _ in procs:
-            kind, k, value = out.get(timeout=STOP_TIMEOUT_S)
-            if kind == "error":
-                raise SystemExit(f"worker {k} failed: {value}")
+            kind, k, value = _next(out, procs, time.monotonic() + STOP_TIMEOUT_S)
             results += value["devices"]
             loads += value["shared_loads"]
         report["outcomes"] = _outcomes(results, args.version)
@@ -406,6 +405,23 @@ def run_rollout(args: argparse.Namespace, fleet_dir: Path, fleet_id: str, host: 
     finally:
         db.close()
         sys_counters.close()
+
+
+def _next(out: Any, procs: list[Any], deadline: float) -> tuple[str, int, Any]:
+    """The next message from a worker; SystemExit when one failed or died, or at the deadline."""
+    import queue
+
+    while True:
+        try:
+            kind, k, value = out.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p.name for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
+            if dead or time.monotonic() > deadline:
+                raise SystemExit(f"simulator process(es) {dead or 'timed out'}; see the worker logs") from None
+            continue
+        if kind == "error":
+            raise SystemExit(f"worker {k} failed: {value}")
+        return kind, k, value
 
 
 def _outcomes(results: list[dict[str, Any]], version: str) -> dict[str, Any]:
