@@ -45,6 +45,10 @@ ROLLOUT_TIMEOUT_S = 900.0
 STOP_TIMEOUT_S = 120.0
 STOP_THREADS = 64
 POLL_S = 0.2
+#: Simulated devices per process at most. paho's loop() waits with select(), which cannot watch a file
+#: descriptor >= 1024 (FD_SETSIZE); a device holds about 10 (socket, SQLite spool and nonce files,
+#: keys, audit), so past ~100 devices a process's new connections fail. More processes are used instead.
+MAX_DEVICES_PER_PROC = 90
 SYS_TOPICS = ("messages/received", "messages/sent", "publish/messages/received", "publish/messages/sent",
               "bytes/received", "bytes/sent", "clients/connected")
 
@@ -215,7 +219,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--devices", type=int, required=True)
-    p.add_argument("--procs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--procs", type=int, default=None,
+                   help=f"Simulator processes (default: the CPU count, and at least devices/{MAX_DEVICES_PER_PROC}).")
     p.add_argument("--fleet", type=Path, default=None, help="An existing fleet directory (else one is made).")
     p.add_argument("--broker", default=None, help="host:port of a running broker (else mosquitto is started).")
     p.add_argument("--group", default="sim")
@@ -244,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
     from fleet_sim_device import DeviceSpec
 
     args = parse_args(argv)
+    need = -(-args.devices // MAX_DEVICES_PER_PROC)
+    if args.procs is None:
+        args.procs = max(os.cpu_count() or 1, need)
+    elif args.procs < need:
+        print(f"--procs {args.procs} raised to {need}: at most {MAX_DEVICES_PER_PROC} devices per process "
+              "(paho's select() loop)", file=sys.stderr)
+        args.procs = need
     _raise_nofile()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fleet-sim-"))
     work.mkdir(parents=True, exist_ok=True)
