@@ -397,8 +397,8 @@ def run_rollout(args: argparse.Namespace, fleet_dir: Path, fleet_id: str, host: 
         t_end = time.time()
         cpu1 = {k: _cpu(v) for k, v in pids.items()}
         sys1 = sys_counters.fresh()
-        events = db.events(fleet_id, rollout=rid, limit=1000)
-        waves = [e for e in events if e["kind"] == "wave"]
+        waves = [{"ts": float(ts), "body": json.loads(body)} for ts, body in db.query(
+            "SELECT ts, body FROM events WHERE rollout = ? AND kind = 'wave' ORDER BY id", (rid,))]
         ends = [e["ts"] for e in waves[1:]] + [t_end]
         out.update({
             "rollout": rid, "rollout_state": r.state, "reason": r.reason,
