@@ -166,11 +166,12 @@ class SysCounters:
                 self.updates += 1
                 self._cv.notify_all()
 
-    def fresh(self, timeout: float = 5.0) -> dict[str, float]:
-        """Counters from a publication that started after this call (or the last ones on timeout)."""
+    def fresh(self, timeout: float = 5.0) -> dict[str, float] | None:
+        """Counters from a publication that started after this call; None if none came (no sys_interval)."""
         with self._cv:
             seen = self.updates
-            self._cv.wait_for(lambda: self.updates >= seen + len(SYS_TOPICS), timeout)
+            if not self._cv.wait_for(lambda: self.updates >= seen + len(SYS_TOPICS), timeout):
+                return None
             return dict(self.values)
 
     def close(self) -> None:
@@ -409,8 +410,8 @@ def run_rollout(args: argparse.Namespace, fleet_dir: Path, fleet_id: str, host: 
             "cpu_s": {k: round(cpu1[k] - cpu0[k], 2) for k in pids},
             "peak_rss_mb": peak_rss,
             "broker_sys": {k: sys1.get(k, 0) - sys0.get(k, 0) for k in SYS_TOPICS if k != "clients/connected"}
-            if sys1 else None,
-            "broker_clients": sys1.get("clients/connected"),
+            if sys0 and sys1 else None,
+            "broker_clients": sys1.get("clients/connected") if sys1 else None,
             "t0": t0,
         })
         return out

@@ -62,9 +62,6 @@ def test_a_rollout_in_waves_to_two_dozen_simulated_devices_completes(tmp_path: P
     assert outcomes["final_states"] == {"active": DEVICES}
     # the Deployer swapped the new version in and committed the store on every device
     assert outcomes["serving_new"] == DEVICES and outcomes["store_and_served_disagree"] == 0
-    # every device really fetched its package: the broker moved at least 24 packages' worth of bytes
-    package = next((tmp_path / "fleet" / "repository" / "targets" / "models" / "digits").glob("*.2.edgepkg"))
-    assert report["broker_sys"] is None or report["broker_sys"]["bytes/sent"] >= DEVICES * package.stat().st_size
 
 
 def test_a_rollout_where_half_the_devices_fail_their_health_check_halts(
