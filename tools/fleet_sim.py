@@ -124,7 +124,8 @@ class Broker:
                     break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"mosquitto did not start: {(directory / 'mosquitto.log').read_text()}")
+                    raise SystemExit(
+                        f"mosquitto did not start: {(directory / 'mosquitto.log').read_text()}") from None
                 time.sleep(0.05)
 
     def stop(self) -> None:
@@ -221,9 +222,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--devices", type=int, required=True)
     p.add_argument("--procs", type=int, default=None,
-                   help=f"Simulator processes (default: the CPU count, and at least devices/{MAX_DEVICES_PER_PROC}).")
-    p.add_argument("--fleet", type=Path, default=None, help="An existing fleet directory (else one is made).")
-    p.add_argument("--broker", default=None, help="host:port of a running broker (else mosquitto is started).")
+                   help=f"Simulator processes (default: CPU count, at least devices/{MAX_DEVICES_PER_PROC}).")
+    p.add_argument("--fleet", type=Path, default=None, help="An existing fleet directory (else made).")
+    p.add_argument("--broker", default=None, help="host:port of a running broker (else started).")
     p.add_argument("--group", default="sim")
     p.add_argument("--model", default="digits")
     p.add_argument("--base-version", default="1")
@@ -237,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fail-fraction", type=float, default=0.0, help="Share of devices whose runtime fails.")
     p.add_argument("--broken-model", type=Path, default=None,
                    help="Faulty devices load this model file for the new version (default: runs that raise).")
-    p.add_argument("--work-dir", type=Path, default=None, help="Keep device state here (default: a temp dir).")
+    p.add_argument("--work-dir", type=Path, default=None, help="Keep device state here (default: temp).")
     p.add_argument("--no-rollout", action="store_true", help="Only run the devices until Ctrl-C.")
     p.add_argument("--setup-timeout", type=float, default=SETUP_TIMEOUT_S)
     p.add_argument("--rollout-timeout", type=float, default=ROLLOUT_TIMEOUT_S)
@@ -245,7 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear script
+def main(argv: list[str] | None = None) -> int:
     """Run the simulation; exit 0 when the rollout ended as expected (complete, or halted with faults)."""
     from fleet_sim_device import DeviceSpec
 
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fleet-sim-"))
     work.mkdir(parents=True, exist_ok=True)
     broker: Broker | None = None
-    procs: list[mp.process.BaseProcess] = []
+    procs: list[Any] = []
     controller: subprocess.Popen[bytes] | None = None
     stop = mp.get_context("spawn").Event()
     report: dict[str, Any] = {"devices": args.devices, "procs": args.procs, "work_dir": str(work)}
@@ -288,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
             edgert("fleet", "model", "add", str(args.model_file), "--fleet", str(fleet_dir), "--name",
                    args.model, "--version", args.version)
         spec = DeviceSpec(str(fleet_dir), fd.id, host, port, args.group, args.model, args.base_version,
-                          str(args.base_model), broken_model=str(args.broken_model) if args.broken_model else None)
+                          str(args.base_model),
+                          broken_model=str(args.broken_model) if args.broken_model else None)
         ids = [f"sim-{i:05d}" for i in range(args.devices)]
         n_bad = round(args.devices * args.fail_fraction)
         # Spread the faulty devices evenly over the fleet (and so over the waves and processes).
@@ -305,10 +307,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
             procs.append(proc)
         ready = 0
         while ready < len(procs):
-            kind, k, value = _next(out, procs, t_setup + args.setup_timeout)
+            _next(out, procs, t_setup + args.setup_timeout)
             ready += 1
         report["setup_s"] = round(time.monotonic() - t_setup, 1)
-        print(f"{args.devices} devices up in {len(procs)} processes after {report['setup_s']} s", file=sys.stderr)
+        print(f"{args.devices} devices up in {len(procs)} processes after {report['setup_s']} s",
+              file=sys.stderr)
         if args.no_rollout:
             print("devices running; Ctrl-C stops them", file=sys.stderr)
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
@@ -319,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         results: list[dict[str, Any]] = []
         loads = 0
         for _ in procs:
-            kind, k, value = _next(out, procs, time.monotonic() + STOP_TIMEOUT_S)
+            _, _, value = _next(out, procs, time.monotonic() + STOP_TIMEOUT_S)
             results += value["devices"]
             loads += value["shared_loads"]
         report["outcomes"] = _outcomes(results, args.version)
@@ -406,7 +409,7 @@ def run_rollout(args: argparse.Namespace, fleet_dir: Path, fleet_id: str, host: 
             "total_s": round(t_end - t0, 2),
             "waves": [{"wave": e["body"].get("wave"), "devices": e["body"].get("devices"),
                        "started_s": round(e["ts"] - t0, 2), "took_s": round(end - e["ts"], 2)}
-                      for e, end in zip(waves, ends)],
+                      for e, end in zip(waves, ends, strict=True)],
             "cpu_s": {k: round(cpu1[k] - cpu0[k], 2) for k in pids},
             "peak_rss_mb": peak_rss,
             "broker_sys": {k: sys1.get(k, 0) - sys0.get(k, 0) for k in SYS_TOPICS if k != "clients/connected"}
@@ -430,7 +433,7 @@ def _next(out: Any, procs: list[Any], deadline: float) -> tuple[str, int, Any]:
         except queue.Empty:
             dead = [p.name for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
             if dead or time.monotonic() > deadline:
-                raise SystemExit(f"simulator process(es) {dead or 'timed out'}; see the worker logs") from None
+                raise SystemExit(f"simulator process(es) {dead or 'timed out'}; see worker logs") from None
             continue
         if kind == "error":
             raise SystemExit(f"worker {k} failed: {value}")

@@ -53,11 +53,12 @@ def broker(tmp_path: Path) -> Any:
     b.stop()
 
 
-def test_a_rollout_in_waves_to_two_dozen_simulated_devices_completes(tmp_path: Path, broker: Mosquitto) -> None:
+def test_a_rollout_in_waves_to_two_dozen_simulated_devices_completes(tmp_path: Path,
+                                                                      broker: Mosquitto) -> None:
     code, report, logs = _sim(tmp_path, broker, "--waves", "10%,50%,100%", "--max-failure-rate", "0%")
     assert code == 0, logs
     assert report["rollout_state"] == "complete", report
-    assert [w["devices"] for w in report["waves"]] == [3, 9, 12]  # ceil(share × 24), cumulative
+    assert [w["devices"] for w in report["waves"]] == [3, 9, 12]  # per wave: ceil(share * 24) in all so far
     outcomes = report["outcomes"]
     assert outcomes["final_states"] == {"active": DEVICES}
     # the Deployer swapped the new version in and committed the store on every device
