@@ -35,6 +35,8 @@ __all__ = ["CONNACK_TIMEOUT_S", "LOOP_TIMEOUT_S", "MAX_PAYLOAD_BYTES", "Backoff"
 log = logging.getLogger("edgert.mqtt.client")
 
 #: How long to wait for CONNACK after the TCP/TLS connection is up (a paused broker never answers).
+#: paho's loop uses select(), which cannot watch descriptors at or above this.
+SELECT_FD_LIMIT = 1024
 CONNACK_TIMEOUT_S = 10.0
 #: Socket connect timeout for each attempt.
 CONNECT_TIMEOUT_S = 5.0
@@ -393,6 +395,17 @@ class MqttLink:
             self._connect()
         except (OSError, ValueError, SyncError) as exc:
             self.last_error = explain_error(exc, self.cfg)
+            log.warning("cannot connect", extra={"error": self.last_error.message})
+            self._close_socket()
+            return False
+        sock = self.client.socket()
+        if sock is not None and sock.fileno() >= SELECT_FD_LIMIT:
+            # paho waits with select(), which cannot watch such a descriptor; it would report a lost
+            # connection and hide the cause.
+            self.last_error = SyncError(
+                f"socket descriptor {sock.fileno()} is beyond select()'s limit of {SELECT_FD_LIMIT}",
+                hint="this process has too many open files: run fewer MQTT connections per process",
+            )
             log.warning("cannot connect", extra={"error": self.last_error.message})
             self._close_socket()
             return False

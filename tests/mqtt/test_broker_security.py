@@ -182,3 +182,22 @@ def test_acl_lets_fleet_command_reach_device_but_not_other_devices(
 
 def test_acl_file_content_is_pattern_based() -> None:
     assert "pattern write edgert/v1/+/devices/%u/#" in DEVICE_ACL
+
+
+def test_a_socket_beyond_selects_limit_is_named(broker: Mosquitto, tmp_path: Path) -> None:
+    """Found by the 1,000-device simulator: paho's select() cannot watch fd >= 1024 and reported a lost
+    connection ("closed the connection before answering CONNECT"); the cause is now named."""
+    import os
+
+    SELECT_FD_LIMIT = 1024  # select() (FD_SETSIZE); the fix names it edgert.mqtt.client.SELECT_FD_LIMIT
+
+    held = []
+    try:  # occupy every free descriptor below the limit, so the MQTT socket lands above it
+        while not held or held[-1] < SELECT_FD_LIMIT - 1:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        err = _connect_error(make_config(tmp_path, broker.port))
+        assert "beyond select()'s limit of 1024" in err.message
+        assert "fewer MQTT connections" in (err.hint or "")
+    finally:
+        for fd in held:
+            os.close(fd)
