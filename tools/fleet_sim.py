@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.broker and args.fleet is not None:
             host, port = fd.broker.host, fd.broker.port
         listed = json.loads(edgert("fleet", "model", "list", "--fleet", str(fleet_dir), "--json"))
-        if not any(t.get("name") == args.model and str(t.get("version")) == args.version for t in listed):
+        published = {t.get("target") for t in listed}
+        if f"models/{args.model}/{args.version}.edgepkg" not in published:
             edgert("fleet", "model", "add", str(args.model_file), "--fleet", str(fleet_dir), "--name",
                    args.model, "--version", args.version)
         spec = DeviceSpec(str(fleet_dir), fd.id, host, port, args.group, args.model, args.base_version,

@@ -26,6 +26,11 @@ def fleet_target(func: F) -> F:
     def wrapper(*args: Any, fleet_dir: str | None, fleet_id: str | None, db_url: str | None,
                 **kwargs: Any) -> Any:
         fleet, db = resolve_target(fleet_dir, fleet_id, db_url)
+        if fleet_dir and "devices_dir" in kwargs and kwargs["devices_dir"] is None:
+            from edgert.fleet.fleetdir import FleetDir
+
+            # devices registered since the controller started (`fleet devices add`, provisioning) count
+            kwargs["devices_dir"] = str(FleetDir.open(fleet_dir).devices_dir)
         return func(*args, fleet=fleet, db_url=db, **kwargs)
 
     wrapper = click.option("--db", "db_url", envvar="EDGERT_FLEET_DB", default=None,

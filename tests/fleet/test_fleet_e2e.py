@@ -29,6 +29,9 @@ from tests.mqtt.conftest import require_mosquitto, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 FLEET, GROUP = "acme", "lab"
+ROOT = Path(__file__).resolve().parents[2]
+#: Simulated devices beside the two real daemons (issue 11: "real daemons plus simulated devices").
+SIMULATED = 6
 READY_TIMEOUT_S = 60.0
 UPDATE_TIMEOUT_S = 90.0
 
@@ -172,14 +175,26 @@ def test_fleet_init_model_add_serve_deploy(rig: Any) -> None:
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log.close()
     procs.append(controller)
-    # the controller sees both devices' retained status before the rollout starts
-    wait_for(lambda: len(json.loads(_ok("fleet", "status", "--fleet", str(fleet), "--json"))["devices"]) >= 2,
-             timeout=READY_TIMEOUT_S, what="both devices in the fleet status")
+    # simulated devices join the same group (tools/fleet_sim.py: the real sync, updater and Deployer each)
+    sim_log = open(tmp / "sim.log", "ab")
+    sim = subprocess.Popen([sys.executable, str(ROOT / "tools" / "fleet_sim.py"), "--devices", str(SIMULATED),
+                            "--procs", "1", "--fleet", str(fleet), "--broker", f"127.0.0.1:{broker.port}",
+                            "--group", GROUP, "--work-dir", str(tmp / "sim"), "--no-rollout"],
+                           stdout=subprocess.DEVNULL, stderr=sim_log)
+    sim_log.close()
+    procs.append(sim)
+    # the controller sees every device's retained status before the rollout starts
+    def all_seen() -> bool:
+        assert sim.poll() is None, (tmp / "sim.log").read_text(errors="replace")[-3000:]
+        seen = json.loads(_ok("fleet", "status", "--fleet", str(fleet), "--json"))["devices"]
+        return len(seen) >= 2 + SIMULATED
+
+    wait_for(all_seen, timeout=READY_TIMEOUT_S * 2, what="every device in the fleet status")
     out = _ok("fleet", "deploy", "--fleet", str(fleet), "--group", GROUP, "--model", "digits",
               "--version", "2", "--waves", "50%,100%", "--wait-healthy", "60s", "--max-failure-rate", "0%",
               "--json")
     rollout = json.loads(out)
-    assert rollout["devices"] == 2 and rollout["version"] == "2", rollout
+    assert rollout["devices"] == 2 + SIMULATED and rollout["version"] == "2", rollout
 
     def updated() -> bool:
         assert controller.poll() is None, (tmp / "controller.log").read_text()[-3000:]
@@ -195,9 +210,10 @@ def test_fleet_init_model_add_serve_deploy(rig: Any) -> None:
     wait_for(lambda: report()["rollouts"][0]["state"] == "complete", timeout=UPDATE_TIMEOUT_S,
              what="rollout complete")
     status = report()
-    assert [w["devices"] for w in status["rollouts"][0]["waves"]] == [1, 1]
-    assert all(w["active"] == w["devices"] and w["failed"] == 0 for w in status["rollouts"][0]["waves"])
-    assert set(status["devices"]) >= {"dev-1", "dev-2"}
+    waves = status["rollouts"][0]["waves"]
+    assert len(waves) == 2 and sum(w["devices"] for w in waves) == 2 + SIMULATED
+    assert all(w["active"] == w["devices"] and w["failed"] == 0 for w in waves)
+    assert set(status["devices"]) >= {"dev-1", "dev-2"} and len(status["devices"]) == 2 + SIMULATED
     logs = [json.loads(line) for d in devices for line in d.log().splitlines() if line.startswith("{")]
     assert any(r.get("msg") == "model deployed" for r in logs)  # the JSON log lines are read
     errors = [r for r in logs if r.get("level") == "error"]
