@@ -51,6 +51,9 @@ class ProviderSpec:
     name: str
     options: Mapping[str, str | int | float | bool] = field(default_factory=dict)
     label: str = ""
+    #: onnxruntime session config entries (``SessionOptions.add_session_config_entry``) this
+    #: provider's entry asks for, e.g. ``{"session.intra_op.allow_spinning": "0"}``.
+    session_config: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def display(self) -> str:
@@ -152,7 +155,7 @@ _TOP_KEYS = {"schema", "name", "description", "detect", "runtime", "onnx", "lite
 _DETECT_KEYS = {"files", "devices", "cpu_flags", "file_contains", "usb_ids", "requires_providers", "priority"}
 _RUNTIME_KEYS = {"threads", "variants", "engine_cache"}
 _ONNX_KEYS = {"providers"}
-_PROVIDER_KEYS = {"name", "options", "label"}
+_PROVIDER_KEYS = {"name", "options", "label", "session_config"}
 _LITERT_KEYS = {"delegates"}
 _DELEGATE_KEYS = {"name", "library", "options"}
 _LIMIT_KEYS = {"max_batch", "max_in_flight", "max_queue"}
@@ -172,6 +175,28 @@ def _options(table: Table, key: str) -> dict[str, str | int | float | bool]:
         else:
             where = f"{table.where(key)}.{opt}"
             table.problems.add(where, "option values must be strings, numbers or booleans")
+    return out
+
+
+def _session_config(table: Table, key: str) -> dict[str, str]:
+    """onnxruntime session config entries: dotted keys, values as onnxruntime reads them (strings).
+
+    Booleans become "1"/"0" and integers their decimal text, which is what onnxruntime expects for
+    entries such as ``session.intra_op.allow_spinning``.
+    """
+    value: dict[str, Any] = table.value(key, dict, {})
+    out: dict[str, str] = {}
+    for entry, val in value.items():
+        where = f"{table.where(key)}.{entry}"
+        if "." not in entry:
+            table.problems.add(where, "is not an onnxruntime session config key "
+                               "(they are dotted, e.g. \"session.intra_op.allow_spinning\")")
+        elif isinstance(val, bool):
+            out[entry] = "1" if val else "0"
+        elif isinstance(val, (str, int)):
+            out[entry] = str(val)
+        else:
+            table.problems.add(where, f"must be a string, integer or boolean, got {type(val).__name__}")
     return out
 
 
@@ -200,7 +225,14 @@ def _parse_providers(onnx: Table) -> tuple[ProviderSpec, ...]:
         pname = p.string("name", required=True)
         if pname and not pname.endswith("ExecutionProvider"):
             p.fail("name", f"{pname!r} is not an onnxruntime provider name (…ExecutionProvider)")
-        providers.append(ProviderSpec(name=pname, options=_options(p, "options"), label=p.string("label")))
+        providers.append(
+            ProviderSpec(
+                name=pname,
+                options=_options(p, "options"),
+                label=p.string("label"),
+                session_config=_session_config(p, "session_config"),
+            )
+        )
         p.check_unknown(_PROVIDER_KEYS)
     onnx.check_unknown(_ONNX_KEYS)
     return tuple(providers) or (ProviderSpec("CPUExecutionProvider"),)

@@ -135,7 +135,8 @@ def main() -> None:
         decrypt_child(*args.decrypt_child)
         return
     bench_loads(args.rounds)
-    bench_big(args.big_mb)
+    if args.big_mb > 0:  # --big-mb 0 runs the load rows only
+        bench_big(args.big_mb)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ __all__ = [
     "create_session",
     "import_error",
     "plan_providers",
+    "session_config",
 ]
 
 log = logging.getLogger("edgert.backends.onnx")
@@ -130,10 +131,21 @@ def _ort_factory(model: bytes, options: Any, providers: list[str], provider_opti
     return session
 
 
-def _session_options(threads: int) -> Any:
+def session_config(wanted: Sequence[ProviderSpec]) -> dict[str, str]:
+    """The session config entries the profile's providers ask for; the first entry of a key wins."""
+    merged: dict[str, str] = {}
+    for spec in wanted:
+        for key, value in spec.session_config.items():
+            merged.setdefault(key, value)
+    return merged
+
+
+def _session_options(threads: int, config: Mapping[str, str]) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    for key, value in config.items():
+        opts.add_session_config_entry(key, value)
     opts.log_severity_level = 3
     if threads > 0:
         opts.intra_op_num_threads = threads
@@ -169,7 +181,7 @@ def create_session(
     skipped_all = list(skipped)
     tried: list[str] = []
     last_error = ""
-    options = _session_options(threads) if factory is _ort_factory else None
+    options = _session_options(threads, session_config(wanted)) if factory is _ort_factory else None
     for attempt in attempts:
         names = [p.name for p in attempt.providers]
         opts = [dict(p.options) for p in attempt.providers]
@@ -249,6 +261,14 @@ class OnnxSession:
         except Exception as exc:
             raise BackendError(f"onnxruntime failed while running: {_clean(str(exc))}") from None
         return dict(zip(names, results, strict=True))
+
+    def config_entry(self, key: str) -> str | None:
+        """The value of an onnxruntime session config entry this session runs with, or None if unset."""
+        try:
+            value = self._session.get_session_options().get_session_config_entry(key)
+        except Exception:  # onnxruntime raises when the key was never set
+            return None
+        return str(value)
 
     def close(self) -> None:
         """Drop the session (onnxruntime frees it when the last reference goes)."""

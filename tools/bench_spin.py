@@ -1,0 +1,162 @@
+"""onnxruntime intra-op spinning on and off, side by side in one interleaved run (issue 10).
+
+Two daemons from this tree, identical but for the cpu-generic profile's
+``session.intra_op.allow_spinning`` entry, serve MobileNetV2 int8 (OIP JSON, 1.6 MB request) and
+digits-small int8; one client calls bare onnxruntime, then each daemon, round by round, so both see
+the same load from whatever else runs on the machine. Rows: p50 and its ratio to bare, and server
+CPU per request (the spinning threads burn CPU after each run even when the client is idle).
+
+    python tools/bench_spin.py [--rounds 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+from bench_json_tensors import MODEL, REPO, Daemon, free_port, json_request
+
+DIGITS = REPO / "models" / "digits_small_int8.onnx"
+PROFILE = (REPO / "device_profiles" / "cpu-generic.toml").read_text()
+
+
+def profile_text(spin: bool) -> str:
+    """cpu-generic with spinning explicitly on or off."""
+    head, sep, tail = PROFILE.partition('name = "CPUExecutionProvider"')
+    entry = f'\nsession_config = {{ "session.intra_op.allow_spinning" = "{int(spin)}" }}'
+    tail = "\n".join(line for line in tail.splitlines() if "session_config" not in line)
+    return head + sep + entry + tail
+
+
+class SpinDaemon(Daemon):
+    """A daemon serving MobileNetV2 and digits-small with spinning on or off."""
+
+    def __init__(self, tmp: Path, spin: bool) -> None:
+        import os
+        import socket
+        import subprocess
+
+        import psutil
+
+        tmp.mkdir()
+        prof = tmp / f"cpu-spin{int(spin)}.toml"
+        prof.write_text(profile_text(spin).replace('name = "cpu-generic"', f'name = "cpu-spin{int(spin)}"'))
+        self.port = free_port()
+        cfg = tmp / "edgert.toml"
+        cfg.write_text(f"""
+[daemon]
+profile = "{prof}"
+state_dir = "{tmp / "state"}"
+allow_plaintext = true
+log_level = "warning"
+[http]
+listen = "127.0.0.1:{self.port}"
+[metrics]
+listen = ""
+[socket]
+path = ""
+[[models]]
+name = "mobilenet"
+path = "{MODEL}"
+[[models]]
+name = "digits"
+path = "{DIGITS}"
+""")
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        cmd = [sys.executable, "-m", "edgert.cli.main", "daemon", "-c", str(cfg)]
+        self.proc = subprocess.Popen(cmd, env=env)
+        self.ps = psutil.Process(self.proc.pid)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                self.sock = socket.create_connection(("127.0.0.1", self.port))
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("daemon did not listen")
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+
+
+def digits_request() -> bytes:
+    """One digits row over OIP JSON."""
+    tensor = {"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": [1.0] * 64}
+    body = orjson.dumps({"inputs": [tensor]})
+    return (
+        b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+
+
+def run(rounds: int) -> dict:
+    """Interleaved rounds: bare, spin on, spin off, for each model."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    reqs = {"mobilenet": json_request(x), "digits": digits_request()}
+    bare = {
+        "mobilenet": (ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"]), {"input": x}),
+        "digits": (
+            ort.InferenceSession(str(DIGITS), providers=["CPUExecutionProvider"]),
+            {"pixels": np.ones((1, 64), np.float32)},
+        ),
+    }
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        daemons = {"spin_on": SpinDaemon(tmp / "on", True), "spin_off": SpinDaemon(tmp / "off", False)}
+        try:
+            for d in daemons.values():
+                for req in reqs.values():
+                    for _ in range(3):
+                        d.call(req)
+            lat = {(m, k): [] for m in reqs for k in ("bare", *daemons)}
+            cpu = dict.fromkeys(lat, 0.0)
+            for m, req in reqs.items():  # one phase per model; the daemons' CPU is read per phase
+                sess, feed = bare[m]
+                start = {name: d.cpu() for name, d in daemons.items()}
+                for _ in range(rounds):
+                    t, c = time.perf_counter(), time.process_time()
+                    sess.run(None, feed)
+                    lat[(m, "bare")].append(time.perf_counter() - t)
+                    cpu[(m, "bare")] += time.process_time() - c
+                    for name, d in daemons.items():
+                        t = time.perf_counter()
+                        d.call(req)
+                        lat[(m, name)].append(time.perf_counter() - t)
+                        # let a spinning pool finish before the other daemon's request, so one
+                        # daemon's spin does not slow the other's; the spin still counts as its CPU
+                        time.sleep(0.002)
+                for name, d in daemons.items():
+                    cpu[(m, name)] = d.cpu() - start[name]
+        finally:
+            for d in daemons.values():
+                d.stop()
+    out: dict = {"rounds": rounds}
+    for m in reqs:
+        b = float(np.median(lat[(m, "bare")]))
+        out[m] = {
+            k: {
+                "p50_ms": round(float(np.median(lat[(m, k)])) * 1e3, 3),
+                "p50_ratio_to_bare": round(float(np.median(lat[(m, k)])) / b, 2),
+                "cpu_ms_per_req": round(cpu[(m, k)] / rounds * 1e3, 2),
+            }
+            for k in ("bare", *daemons)
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rounds", type=int, default=200)
+    print(json.dumps(run(ap.parse_args().rounds), indent=2))
+
+
+if __name__ == "__main__":
+    main()
