@@ -255,6 +255,15 @@ def wrap_key(key: bytes, recipient: x25519.X25519PublicKey, context: bytes,
             "wrapped": base64.b64encode(blob).decode("ascii")}
 
 
+def b64decode_canonical(text: str) -> bytes:
+    """Decode base64 and refuse any other spelling of the same bytes (the unused low bits of the last
+    character, missing padding): a signed or bound field must have exactly one byte form."""
+    blob = base64.b64decode(text, validate=True)
+    if base64.b64encode(blob).decode("ascii") != text:
+        raise ValueError("non-canonical base64")
+    return blob
+
+
 def unwrap_key(record: dict[str, str], private: x25519.X25519PrivateKey, context: bytes) -> bytes:
     """Recover the payload key from one wrapped-key record (opaque failure on any mismatch)."""
     suite = record.get("suite")
@@ -263,9 +272,7 @@ def unwrap_key(record: dict[str, str], private: x25519.X25519PrivateKey, context
                             hint="upgrade edgert on this device")
     try:
         text = str(record.get("wrapped", ""))
-        blob = base64.b64decode(text, validate=True)
-        if base64.b64encode(blob).decode("ascii") != text:  # refuse non-canonical (malleable) base64
-            raise ValueError("non-canonical base64")
+        blob = b64decode_canonical(text)
         if suite == SUITE_HPKE:
             hpke_suite = _hpke_suite()
             if hpke_suite is None:

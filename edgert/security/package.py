@@ -170,7 +170,7 @@ def _parse_variant(index: int, doc: Any) -> Variant:
         index=index, variant=check_variant(doc["variant"]), format=str(doc["format"]),
         inputs=list(doc["inputs"]), outputs=list(doc["outputs"]),
         plaintext_sha256=str(doc["plaintext_sha256"]), plaintext_size=int(doc["plaintext_size"]),
-        chunk_size=int(doc["chunk_size"]), nonce_prefix=base64.b64decode(doc["nonce_prefix"], validate=True),
+        chunk_size=int(doc["chunk_size"]), nonce_prefix=envelope.b64decode_canonical(doc["nonce_prefix"]),
         payload_offset=int(payload["offset"]), payload_size=int(payload["size"]),
         payload_sha256=str(payload["sha256"]))
     if (v.format not in FORMATS or len(v.nonce_prefix) != envelope.NONCE_PREFIX_SIZE
@@ -373,10 +373,10 @@ class PackageHeader:
             if sig["alg"] != SIGNATURE_ALG or not text.startswith(ED25519_PREFIX):
                 raise ValueError("unsupported signature algorithm")
             public = ed25519.Ed25519PublicKey.from_public_bytes(
-                base64.b64decode(text[len(ED25519_PREFIX):], validate=True))
+                envelope.b64decode_canonical(text[len(ED25519_PREFIX):]))
             if fingerprint(public) != sig["signer"]:
                 raise ValueError("fingerprint mismatch")
-            public.verify(base64.b64decode(sig["sig"], validate=True), m.signed_bytes)
+            public.verify(envelope.b64decode_canonical(sig["sig"]), m.signed_bytes)
         except (KeyError, TypeError, ValueError, binascii.Error, InvalidSignature):
             raise SignatureError(f"package {m.name} {m.version} has a bad signature (claimed signer "
                                  f"{self.signer_fingerprint}): it was changed after signing",

@@ -162,3 +162,22 @@ def test_bad_inputs_to_create(device_keys: DeviceKeys) -> None:
     assert exc.value.hint and "int8-tflite" in exc.value.hint
     with pytest.raises(ModelError, match="1 to 8 variants"):
         create([], [device_keys.wrap_public])
+
+
+@pytest.mark.parametrize("field", ["sig", "nonce_prefix"])
+def test_a_second_spelling_of_a_base64_field_is_refused(device_keys: DeviceKeys, field: str) -> None:
+    """The last base64 character has unused low bits: 'Aw==' and 'Ax==' decode to the same byte. A package
+    must have one byte form (the every-byte-flip test failed now and then when a flip hit those bits)."""
+    import base64
+
+    data = make_package(SMALL_ONNX, [device_keys], chunk_size=1024)
+    doc, payload = _split(data)
+    holder = doc["signature"] if field == "sig" else doc["manifest"]["variants"][0]
+    text = holder[field]
+    stripped = text.rstrip("=")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    twin = stripped[:-1] + alphabet[alphabet.index(stripped[-1]) ^ 1] + text[len(stripped):]
+    assert twin != text and base64.b64decode(twin) == base64.b64decode(text)  # same bytes, new spelling
+    holder[field] = twin
+    with pytest.raises((SecurityError, ModelError)):
+        _open(_join(doc, payload), device_keys)
