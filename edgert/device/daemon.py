@@ -242,6 +242,7 @@ class Daemon:
         return DeviceUpdater.over_mqtt(
             lambda topic, payload: sync.link.publish(topic, payload, qos=1),
             fleet=cfg.sync.fleet, device=cfg.sync.device_id, state_dir=self._state_root(),
+            repository_url=cfg.sync.repository_url,
             groups=[cfg.sync.group] if cfg.sync.group else [],
             command_key=load_public_key(cfg.sync.command_key_file),
             store=self.source.store, deployer=self.deployer,

@@ -252,3 +252,22 @@ class MqttFetcher(FetcherInterface):
         f.flush()
         os.fsync(f.fileno())
 
+
+
+class RoutingFetcher(FetcherInterface):
+    """``mqtt:`` URLs through the MQTT fetcher, anything else (a CDN, a bucket, any static HTTP(S) server)
+    through python-tuf's own fetcher. Key records stay on MQTT: only the controller can make them."""
+
+    def __init__(self, mqtt: MqttFetcher, http: FetcherInterface | None = None) -> None:
+        from tuf.ngclient import Urllib3Fetcher
+
+        self.mqtt = mqtt
+        self.http = http or Urllib3Fetcher()
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        return (self.mqtt if url.startswith(URL_SCHEME) else self.http)._fetch(url)
+
+    def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:  # type: ignore[override]
+        """Resumable for ``mqtt:`` URLs; python-tuf's own download for the others."""
+        fetcher = self.mqtt if url.startswith(URL_SCHEME) else self.http
+        return fetcher.download_file(url, max_length)  # type: ignore[return-value]

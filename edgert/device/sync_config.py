@@ -48,6 +48,9 @@ class SyncConfig:
     telemetry_interval: float = DEFAULT_TELEMETRY_INTERVAL_S
     spool_path: str | None = None  # None = the spool in the state dir
     spool_max_records: int = DEFAULT_SPOOL_MAX_RECORDS
+    #: Fetch TUF metadata and packages from this static HTTP(S) repository (a CDN or bucket holding the
+    #: fleet's ``repository/`` directory) instead of over MQTT; None = over MQTT (the default).
+    repository_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,14 @@ def _ident(table: Table, key: str) -> str:
         return value
 
 
+def _repository_url(table: Table) -> str | None:
+    url = table.optional_string("repository_url")
+    if url is not None and not (url.startswith(("https://", "http://")) and url.endswith("/")):
+        table.fail("repository_url", f"must be an http(s):// URL ending in '/', got {url!r}")
+        return None
+    return url
+
+
 def parse_mqtt(table: Table) -> MqttSettings:
     """Read a flat ``[mqtt]`` table into :class:`MqttSettings`, recording every problem in it."""
     device_id = _ident(table, "device_id")
@@ -101,6 +112,7 @@ def parse_mqtt(table: Table) -> MqttSettings:
         spool_max_records=table.integer(
             "spool_max_records", DEFAULT_SPOOL_MAX_RECORDS, minimum=10, maximum=10_000_000
         ),
+        repository_url=_repository_url(table),
     )
     broker = parse_broker(table, default_client_id=f"edgert-{device_id}")
     table.check_unknown()

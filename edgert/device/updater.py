@@ -219,11 +219,22 @@ class DeviceUpdater:
 
     @classmethod
     def over_mqtt(cls, publish: Callable[[str, bytes], Any], *, fleet: str, device: str,
-                  state_dir: Path, **kwargs: Any) -> DeviceUpdater:
-        """An updater fetching over the repository topics through ``publish`` (e.g. MqttLink.publish)."""
-        from edgert.device.repo_fetcher import MqttFetcher, RepoRequester
+                  state_dir: Path, repository_url: str | None = None, **kwargs: Any) -> DeviceUpdater:
+        """An updater fetching over the repository topics through ``publish`` (e.g. MqttLink.publish).
+
+        With ``repository_url`` (a static HTTP(S) copy of the fleet's repository: a CDN or a bucket),
+        metadata and packages come from there through python-tuf's own fetcher; key records for
+        devices enrolled after a package was made still come over MQTT.
+        """
+        from edgert.device.repo_fetcher import MqttFetcher, RepoRequester, RoutingFetcher
 
         requester = RepoRequester(publish, fleet=fleet, device=device)
+        if repository_url:
+            return cls(fleet=fleet, device=device, paths=UpdaterPaths(Path(state_dir)),
+                       fetcher_factory=lambda partial: RoutingFetcher(
+                           MqttFetcher(requester, partial_dir=partial)),
+                       metadata_url=f"{repository_url}metadata/", targets_url=f"{repository_url}targets/",
+                       repo_replies=requester.handle_reply, **kwargs)
         return cls(fleet=fleet, device=device, paths=UpdaterPaths(Path(state_dir)),
                    fetcher_factory=lambda partial: MqttFetcher(requester, partial_dir=partial),
                    repo_replies=requester.handle_reply, **kwargs)

@@ -99,3 +99,16 @@ def test_security_trusted_publishers_are_checked_and_kept(tmp_path) -> None:
     wanted = r"t.toml: security.trusted_publishers\[1\]: must be an Ed25519 key"
     with pytest.raises(ConfigError, match=wanted):
         parse_config(f'[security]\ntrusted_publishers = ["{pub}", "x25519:AAAA"]\n', "t.toml")
+
+
+def test_mqtt_repository_url_is_checked() -> None:
+    import pytest
+
+    from edgert.config import parse_config
+    from edgert.errors import ConfigError
+
+    base = '[mqtt]\nhost = "b"\nfleet = "f"\ndevice_id = "d"\n'
+    cfg = parse_config(base + 'repository_url = "https://cdn.example/fleet/"\n', "t.toml")
+    assert cfg.mqtt is not None and cfg.mqtt.sync.repository_url == "https://cdn.example/fleet/"
+    with pytest.raises(ConfigError, match="repository_url: must be an http"):
+        parse_config(base + 'repository_url = "ftp://x/"\n', "t.toml")

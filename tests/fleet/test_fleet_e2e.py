@@ -258,3 +258,52 @@ def test_a_device_killed_during_its_update_resumes_and_never_serves_half_an_inst
     assert kills >= 1
     wait_for(lambda: device.served() == "2", timeout=UPDATE_TIMEOUT_S, what="the device to finish the update")
     assert device.store_active() == "2"
+
+
+def test_a_device_updates_from_a_static_http_copy_of_the_repository(rig: Any) -> None:
+    """The second route (issue 11 item 3): the fleet's repository directory behind any static HTTP server
+    (here Python's http.server, as a CDN or bucket would be); the device's `repository_url` points at it.
+    TUF checks the same signatures; the desired state still comes over MQTT."""
+    import functools
+    import http.server
+    import threading
+
+    tmp, broker, fleet, procs = rig
+    _ok("fleet", "init", str(fleet), "--id", FLEET, "--broker-port", str(broker.port))
+    device = Device(tmp, "dev-h", fleet, broker.port)
+    served_paths: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            served_paths.append(self.path)
+
+    handler = functools.partial(Handler, directory=str(fleet / "repository"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        device.config.write_text(device.config.read_text().replace(
+            "[[models]]", f'repository_url = "{url}"\n[[models]]', 1))
+        _ok("fleet", "devices", "add", "dev-h", "--fleet", str(fleet), "--groups", GROUP,
+            "--x25519", device.x25519)
+        _ok("fleet", "model", "add", str(MODELS / "digits_large_int8.onnx"), "--fleet", str(fleet),
+            "--name", "digits", "--version", "2", "--groups", GROUP)
+        procs.append(device)
+        device.start()
+        log = open(tmp / "controller.log", "ab")
+        controller = subprocess.Popen([sys.executable, "-m", "edgert.cli.main", "fleet", "serve", "--fleet",
+                                       str(fleet)], stdout=subprocess.DEVNULL, stderr=log)
+        log.close()
+        procs.append(controller)
+        wait_for(lambda: len(json.loads(_ok("fleet", "status", "--fleet", str(fleet), "--json"))["devices"])
+                 >= 1, timeout=READY_TIMEOUT_S, what="the device in the fleet status")
+        _ok("fleet", "deploy", "--fleet", str(fleet), "--group", GROUP, "--model", "digits",
+            "--version", "2", "--waves", "100%", "--wait-healthy", "60s")
+        wait_for(lambda: device.served() == "2", timeout=UPDATE_TIMEOUT_S, what="the device to serve 2")
+        assert device.store_active() == "2"
+        # metadata and the package came from the HTTP server
+        assert any(p.startswith("/metadata/") for p in served_paths), served_paths
+        assert any(p.startswith("/targets/models/digits/") for p in served_paths), served_paths
+    finally:
+        server.shutdown()
+        server.server_close()
