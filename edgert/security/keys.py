@@ -17,6 +17,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
@@ -63,22 +64,28 @@ def format_public_key(public: x25519.X25519PublicKey | ed25519.Ed25519PublicKey)
     return prefix + base64.b64encode(_raw(public)).decode("ascii")
 
 
-def parse_public_key(text: str) -> x25519.X25519PublicKey:
-    """Parse an X25519 recipient key given as ``x25519:<base64>`` or a PEM public key."""
+def parse_typed_public_key(text: str, prefix: str, kind: Any, *, what: str, hint: str) -> Any:
+    """Parse a ``<prefix><base64>`` or PEM public key of class ``kind`` (X25519 or Ed25519)."""
     text = text.strip()
     try:
-        if text.startswith(X25519_PREFIX):
-            raw = base64.b64decode(text[len(X25519_PREFIX):], validate=True)
-            return x25519.X25519PublicKey.from_public_bytes(raw)
+        if text.startswith(prefix):
+            raw = base64.b64decode(text[len(prefix):], validate=True)
+            return kind.from_public_bytes(raw)
         if text.startswith("-----BEGIN"):
             key = serialization.load_pem_public_key(text.encode("ascii"))
-            if isinstance(key, x25519.X25519PublicKey):
+            if isinstance(key, kind):
                 return key
-    except (ValueError, binascii.Error) as exc:
-        raise KeyFileError("recipient public key is malformed",
-                           hint="use the 'x25519:...' line printed by 'edgert keys show'") from exc
-    raise KeyFileError("recipient is not an X25519 public key",
-                       hint="use the 'x25519:...' line printed by 'edgert keys show'")
+    except (ValueError, binascii.Error, UnicodeEncodeError) as exc:
+        raise KeyFileError(f"{what} is malformed", hint=hint) from exc
+    raise KeyFileError(f"{what} is not an {prefix.rstrip(':').capitalize()} public key", hint=hint)
+
+
+def parse_public_key(text: str) -> x25519.X25519PublicKey:
+    """Parse an X25519 recipient key given as ``x25519:<base64>`` or a PEM public key."""
+    key: x25519.X25519PublicKey = parse_typed_public_key(
+        text, X25519_PREFIX, x25519.X25519PublicKey, what="recipient public key",
+        hint="use the 'x25519:...' line printed by 'edgert keys show'")
+    return key
 
 
 def check_private_dir(path: Path) -> None:

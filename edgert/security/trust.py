@@ -10,8 +10,6 @@ pure, given the header, the trusted set and the device's own public key.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -24,7 +22,13 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from edgert.errors import KeyFileError, UntrustedSignerError
 from edgert.security.atomic import FileSystem, ensure_private_dir
-from edgert.security.keys import check_private_file, fingerprint, format_public_key, load_private_key_file
+from edgert.security.keys import (
+    check_private_file,
+    fingerprint,
+    format_public_key,
+    load_private_key_file,
+    parse_typed_public_key,
+)
 
 __all__ = [
     "ORIGIN_LOCAL",
@@ -68,20 +72,10 @@ def publisher_fingerprint(public: ed25519.Ed25519PublicKey) -> str:
 
 def parse_publisher_key(text: str) -> ed25519.Ed25519PublicKey:
     """Parse a publisher public key given as ``ed25519:<base64>`` or a PEM public key."""
-    text = text.strip()
-    try:
-        if text.startswith(ED25519_PREFIX):
-            raw = base64.b64decode(text[len(ED25519_PREFIX):], validate=True)
-            return ed25519.Ed25519PublicKey.from_public_bytes(raw)
-        if text.startswith("-----BEGIN"):
-            key = serialization.load_pem_public_key(text.encode("ascii"))
-            if isinstance(key, ed25519.Ed25519PublicKey):
-                return key
-    except (ValueError, binascii.Error, UnicodeEncodeError) as exc:
-        raise KeyFileError("publisher public key is malformed",
-                           hint="use the 'ed25519:...' line printed by 'edgert package keygen'") from exc
-    raise KeyFileError("not an Ed25519 publisher public key",
-                       hint="use the 'ed25519:...' line printed by 'edgert package keygen'")
+    key: ed25519.Ed25519PublicKey = parse_typed_public_key(
+        text, ED25519_PREFIX, ed25519.Ed25519PublicKey, what="publisher public key",
+        hint="use the 'ed25519:...' line printed by 'edgert package keygen'")
+    return key
 
 
 def generate_publisher_key(path: Path, *, fs: FileSystem | None = None) -> ed25519.Ed25519PublicKey:
