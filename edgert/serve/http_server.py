@@ -25,6 +25,7 @@ from typing import Any
 import httptools
 
 from edgert.serve import eager, linger, memory
+from edgert.serve.backpressure import NO_DEADLINE, WritePressure
 
 __all__ = ["HttpLimits", "HttpServer", "Request", "Response"]
 
@@ -37,7 +38,6 @@ MAX_PIPELINED = 16
 #: Received bytes are parsed in slices of this size, so parsing can stop between requests once the
 #: connection is held (without it, one 256 KiB read of tiny pipelined requests parses thousands).
 FEED_SLICE_BYTES = 16 * 1024
-_NO_DEADLINE = float("inf")
 
 _REASONS = {
     200: b"OK",
@@ -116,7 +116,7 @@ def _serialize_head(resp: Response, keep_alive: bool, length: int) -> bytes:
     return b"".join(lines)
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(WritePressure, asyncio.Protocol):
     """One client connection: parse, enforce limits, dispatch in order."""
 
     def __init__(self, server: HttpServer) -> None:
@@ -130,7 +130,7 @@ class _Connection(asyncio.Protocol):
         self.busy = False
         self.reading_paused = False
         self.write_paused = False
-        self.write_deadline = _NO_DEADLINE
+        self.write_deadline = NO_DEADLINE
         self.backlog = memoryview(b"")  # read but not yet parsed (the connection is held)
         self.feeding = False
         self.held_large = False  # held >= TRIM_AFTER_BYTES at some point: trim the heap at close
@@ -166,21 +166,6 @@ class _Connection(asyncio.Protocol):
         if self.held_large:
             memory.request_trim()
 
-    def pause_writing(self) -> None:
-        """More than write_high_water is unsent: stop reading and answering until the client reads."""
-        self.write_paused = True
-        self.held_large = True
-        self.write_deadline = time.monotonic() + self.limits.write_timeout_s
-        self._update_reading()
-
-    def resume_writing(self) -> None:
-        """The client read its responses: answer what is queued, then read again."""
-        self.write_paused = False
-        self.write_deadline = _NO_DEADLINE
-        if not self.busy:
-            self._next()
-        self._update_reading()
-
     def data_received(self, data: bytes) -> None:
         if self.rejected:
             return
@@ -215,6 +200,10 @@ class _Connection(asyncio.Protocol):
                 self._reject(400, f"malformed HTTP request: {exc}")
         finally:
             self.feeding = False
+        self._update_reading()
+
+    def _resume_input(self) -> None:
+        """After a write pause: read again."""
         self._update_reading()
 
     def _update_reading(self) -> None:
@@ -346,9 +335,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if transport.get_write_buffer_size() > self.limits.max_output_bytes:
-            # Backstop: back-pressure should never let unread responses grow this far.
-            self._drop(f"client left more than {self.limits.max_output_bytes} bytes of responses unread")
+        if self.output_over_cap(transport, "responses"):
             return
         length = sum(len(c) if isinstance(c, bytes) else c.nbytes for c in resp.body)
         head = _serialize_head(resp, keep_alive, length)

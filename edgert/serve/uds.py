@@ -23,6 +23,7 @@ from typing import Any
 from edgert.errors import InputError, UnknownModelError
 from edgert.serve import eager, linger, memory, sockfile
 from edgert.serve import uds_frames as fr
+from edgert.serve.backpressure import NO_DEADLINE, WritePressure
 from edgert.serve.oip_http import model_metadata_doc
 from edgert.serve.port import ServingPort, error_text, status_for
 from edgert.serve.uds_limits import BUDGET_MIN_FRAME, FrameBudget, UdsLimits, frame_cap_for
@@ -33,14 +34,13 @@ log = logging.getLogger("edgert.serve.uds")
 
 #: How often the deadline sweeper runs (s); deadlines are enforced to within this.
 SWEEP_INTERVAL_S = 0.25
-_NO_DEADLINE = float("inf")
 FRAME_CAP_HINT = (
     "the cap follows the served models' largest input; send smaller batches, "
     "or raise the daemon's socket max_frame_bytes"
 )
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(WritePressure, asyncio.Protocol):
     """One client: reassemble frames, answer them in order, within the server's limits."""
 
     def __init__(self, server: UdsServer) -> None:
@@ -62,7 +62,7 @@ class _Connection(asyncio.Protocol):
         self.reserved = 0  # budget bytes held by this connection's large frames
         self.inflight = 0  # size of the frame whose answer is being computed in a task
         self.deadline = time.monotonic() + self.limits.idle_timeout_s
-        self.write_deadline = _NO_DEADLINE
+        self.write_deadline = NO_DEADLINE
 
     # ---- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -86,21 +86,6 @@ class _Connection(asyncio.Protocol):
         if self.held_large:
             memory.request_trim()
 
-    def pause_writing(self) -> None:
-        """The transport holds more than write_high_water unsent: stop reading and dispatching."""
-        self.write_paused = True
-        self.held_large = True
-        self.write_deadline = time.monotonic() + self.limits.write_timeout_s
-        self._update_reading()
-
-    def resume_writing(self) -> None:
-        """The client read its replies: carry on with what is queued, then read again."""
-        self.write_paused = False
-        self.write_deadline = _NO_DEADLINE
-        if not self.busy:
-            self._next()
-        self._parse()
-
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
             return
@@ -116,6 +101,10 @@ class _Connection(asyncio.Protocol):
     def _hold(self) -> bool:
         """True while no more frames may be taken: replies are piling up or enough are queued."""
         return self.write_paused or self.waiting_budget or len(self.pending) >= self.limits.max_pipelined
+
+    def _resume_input(self) -> None:
+        """After a write pause: parse what arrived meanwhile (and read again)."""
+        self._parse()
 
     def _update_reading(self) -> None:
         transport = self.transport
@@ -254,9 +243,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if transport.get_write_buffer_size() > self.limits.max_output_bytes:
-            # Backstop: back-pressure should never let unread replies grow this far.
-            self._drop(f"client left more than {self.limits.max_output_bytes} bytes of replies unread")
+        if self.output_over_cap(transport, "replies"):
             return
         transport.writelines(buffers)
         self.linger.touch()
