@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgert.engine.config import ModelConfig
+from edgert.engine.pipeline_config import PipelineConfig, check_references, parse_pipeline
 from edgert.errors import ConfigError
 from edgert.runtime import ModelOptions
 from edgert.serve.http_server import HttpLimits
@@ -139,6 +140,7 @@ class DaemonConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     models: tuple[ModelEntry, ...] = ()
     cascades: tuple[CascadeEntry, ...] = ()
+    pipelines: tuple[PipelineConfig, ...] = ()  # [[pipelines]] (edgert/engine/pipeline_config.py)
     mqtt: MqttSettings | None = None  # the parsed [mqtt] table; None = no fleet sync
     #: [security] trusted_publishers: fleet publisher keys ("ed25519:<base64>") pinned by config, in
     #: addition to those pinned in the state directory with `edgert keys trust`.
@@ -294,6 +296,7 @@ def parse_config(text: str, source: str = "<config>") -> DaemonConfig:
         mqtt=_parse_mqtt(root) if root.has("mqtt") else None,
         trusted_publishers=_parse_security(root.table("security")),
     )
+    cfg = _with_pipelines(root, cfg)
     daemon.check_unknown()
     root.check_unknown()
     _check_names(root, cfg)
@@ -326,6 +329,19 @@ def _parse_mqtt(root: Table) -> MqttSettings:
     return parse_mqtt(root.table("mqtt"))
 
 
+def _with_pipelines(root: Table, cfg: DaemonConfig) -> DaemonConfig:
+    """``[[pipelines]]``: parsed, and their model/cascade stages must name configured ones."""
+    from dataclasses import replace
+
+    pipelines = []
+    for table in root.tables("pipelines"):
+        pipeline = parse_pipeline(table)
+        if pipeline is not None:
+            check_references(table, pipeline, (m.name for m in cfg.models), (c.name for c in cfg.cascades))
+            pipelines.append(pipeline)
+    return replace(cfg, pipelines=tuple(pipelines))
+
+
 def _check_names(root: Table, cfg: DaemonConfig) -> None:
     """Model and cascade names must be unique, and cascades must name served models."""
     seen: set[str] = set()
@@ -333,6 +349,10 @@ def _check_names(root: Table, cfg: DaemonConfig) -> None:
         if name and name != _PLACEHOLDER_NAME and name in seen:
             root.fail(kind, f"serves the name {name!r} twice; names must be unique")
         seen.add(name)
+    for pipeline in cfg.pipelines:
+        if pipeline.name in seen:
+            root.fail("pipelines", f"serves the name {pipeline.name!r} twice; names must be unique")
+        seen.add(pipeline.name)
     models = {m.name for m in cfg.models}
     for i, cascade in enumerate(cfg.cascades):
         for key in ("small", "large"):

@@ -160,7 +160,8 @@ class Daemon:
         return lambda: open_store(root, self.audit.event, self.config.trusted_publishers)
 
     def _served_names(self) -> set[str]:
-        return {m.name for m in self.config.models} | {c.name for c in self.config.cascades}
+        return {m.name for m in self.config.models} | {c.name for c in self.config.cascades} \
+            | {p.name for p in self.config.pipelines}
 
     async def _reopen_capture(self) -> None:
         """(Re)read the capture settings; the old sink finishes its queue off the event loop."""
@@ -258,6 +259,7 @@ class Daemon:
             cascades=lambda: self.config.cascades,
             preferred_variants=tuple(getattr(profile, "variants", ()) or ()),
             shadows=self.shadows,
+            pipelines=lambda: self.config.pipelines,
         )
         deployer.loop = self._loop
         return deployer
@@ -422,6 +424,9 @@ class Daemon:
         """Serve what ``new`` configures, through the Deployer; one model failing does not stop the rest."""
         assert self.deployer is not None
         old_models = {m.name: m for m in self.config.models}
+        for p in self.config.pipelines:
+            with contextlib.suppress(UnknownModelError):
+                self.engine.remove(p.name)
         for c in self.config.cascades:
             with contextlib.suppress(UnknownModelError):
                 self.engine.remove(c.name)
@@ -480,7 +485,7 @@ def _with_models(old: DaemonConfig, new: DaemonConfig) -> DaemonConfig:
     """Keep the running listeners; take models and cascades from the new config."""
     from dataclasses import replace
 
-    return replace(old, models=new.models, cascades=new.cascades)
+    return replace(old, models=new.models, cascades=new.cascades, pipelines=new.pipelines)
 
 
 def _event_bytes(doc: dict[str, Any]) -> bytes:

@@ -84,6 +84,10 @@ class ServingTarget(Protocol):
         """Serve a cascade of two served models."""
         ...
 
+    def add_pipeline(self, config: Any) -> None:
+        """Serve a pipeline over served models and cascades (its stage chain checked)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Deployment:
@@ -170,6 +174,7 @@ class Deployer:
         preferred_variants: Sequence[str] = (),
         max_warm_latency_s: float = DEFAULT_MAX_WARM_LATENCY_S,
         shadows: dict[str, Any] | None = None,
+        pipelines: Callable[[], Sequence[Any]] = tuple,
     ) -> None:
         self.source = source  # edgert.device.sources.ModelSource
         self.target = target
@@ -184,6 +189,7 @@ class Deployer:
         self._state: dict[str, _ModelState] = {}
         #: Candidates in shadow evaluation by model name (ShadowRunner); the serving adapter reads it.
         self.shadows: dict[str, Any] = shadows if shadows is not None else {}
+        self._pipelines = pipelines  # [[pipelines]] configs (edgert.engine.pipeline_config.PipelineConfig)
 
     # ---- lookups -----------------------------------------------------------------------------
     def entry(self, name: str) -> ModelEntry:
@@ -198,6 +204,19 @@ class Deployer:
     def cascade(self, name: str) -> CascadeEntry | None:
         """The config entry of cascade ``name``, if there is one."""
         return next((c for c in self._cascades() if c.name == name), None)
+
+    def pipeline(self, name: str) -> Any:
+        """The config of pipeline ``name``, if there is one."""
+        return next((p for p in self._pipelines() if p.name == name), None)
+
+    def _restore_pipelines(self) -> None:
+        """Serve the configured pipelines whose members all serve; a chain that does not fit raises."""
+        if self.target is None:
+            return
+        for p in self._pipelines():
+            if not self._is_served(p.name) and all(self._is_served(m) for m in p.members):
+                self.target.add_pipeline(p)  # ConfigError naming the stage when the chain does not fit
+                self.audit("model_load", model=p.name, kind="pipeline", origin="deployer")
 
     def served_variant(self, name: str) -> tuple[str, str]:
         """(variant, why) of the version serving under ``name`` ("", "") if unknown."""
@@ -324,6 +343,7 @@ class Deployer:
             if member in (c.small, c.large) and not self._is_served(c.name) \
                     and self._served(c.small) and self._served(c.large):
                 self.target.add_cascade(_cascade_config(c))
+        self._restore_pipelines()
 
     def _failed(self, name: str, version: str | None, kept: str | None, stage: str, exc: BaseException,
                 origin: str, reason: str) -> None:
@@ -351,7 +371,14 @@ class Deployer:
 
     async def load(self, name: str, version: str | None = None, *, allow_downgrade: bool = False,
                    origin: str = "api") -> None:
-        """Repository load: a configured cascade is served again; a model is deployed."""
+        """Repository load: a configured cascade or pipeline is served again; a model is deployed."""
+        pipeline = self.pipeline(name)
+        if pipeline is not None and self.target is not None:
+            for member in pipeline.members:
+                if not self._is_served(member):
+                    await self.load(member, origin=origin)
+            self._restore_pipelines()
+            return
         cascade = self.cascade(name)
         if cascade is not None and self.target is not None:
             for member in (cascade.small, cascade.large):
@@ -369,7 +396,8 @@ class Deployer:
             return
         async with self._st(name).lock:
             cascade = self.cascade(name)
-            version = self.target.get(name).versions[0] if cascade else self.target.served_version(name)
+            virtual = cascade or self.pipeline(name)
+            version = self.target.get(name).versions[0] if virtual else self.target.served_version(name)
             self.target.remove(name)  # UnknownModelError when not served
         self.audit("model_unload", model=name, version=version, origin=origin)
         self._event({"event": "model_unload", "model": name, "version": version, "origin": origin})
@@ -415,6 +443,7 @@ class Deployer:
             if self.target is not None and self._served(c.small) and self._served(c.large) \
                     and not self._is_served(c.name):
                 self.target.add_cascade(_cascade_config(c))
+        self._restore_pipelines()
         return dict(self.unavailable)
 
     def _try_version(self, entry: ModelEntry) -> str | None:

@@ -24,6 +24,8 @@ from edgert.engine.batching import batch_rows
 from edgert.engine.cache import cache_key
 from edgert.engine.cascade_run import cascade_info, check_members, run_cascade_async, run_cascade_sync
 from edgert.engine.config import CascadeConfig, InferResult, ModelConfig, ModelInfo, ServableModel
+from edgert.engine.pipeline import PipelineSet
+from edgert.engine.pipeline_config import PipelineConfig
 from edgert.engine.served import Progress, Served, check_compatible, prepare
 from edgert.errors import (
     BackendError,
@@ -96,6 +98,7 @@ class Engine:
         self._cascades: dict[str, CascadeConfig] = {}
         self._draining = False
         self._pool: ThreadPoolExecutor | None = None
+        self.pipelines = PipelineSet(self)  # pipelines (engine/pipeline.py): one model name over stages
         metrics.add_gauge_source("queue_depth", "Requests waiting in the batch queue.", self._queue_depths)
         metrics.add_gauge_source("in_flight", "Admitted requests not yet finished.", self._in_flight)
 
@@ -103,7 +106,7 @@ class Engine:
     def add_model(self, model: ServableModel, config: ModelConfig, *, warmup: int = 3) -> None:
         """Warm up ``model`` and serve it under ``config.name``."""
         with self._lock:
-            if config.name in self._served or config.name in self._cascades:
+            if config.name in self._served or config.name in self._cascades or config.name in self.pipelines:
                 raise ConfigError(f"model {config.name!r} is already served", hint="use swap() to replace it")
         served = self._prepare(model, config, warmup)
         with self._lock:
@@ -113,7 +116,7 @@ class Engine:
     def add_cascade(self, config: CascadeConfig) -> None:
         """Serve a cascade of two already-added models under ``config.name``."""
         with self._lock:
-            if config.name in self._served or config.name in self._cascades:
+            if config.name in self._served or config.name in self._cascades or config.name in self.pipelines:
                 raise ConfigError(f"cascade {config.name!r}: the name is already served")
             missing = [m for m in (config.small, config.large) if m not in self._served]
             if missing:
@@ -132,8 +135,16 @@ class Engine:
             kind="cascade",
         )
 
+    def add_pipeline(self, config: PipelineConfig) -> None:
+        """Serve a pipeline over served models/cascades, its stage chain checked; raises ConfigError."""
+        self.pipelines.add(config)
+
     def remove(self, name: str) -> None:
         """Stop serving ``name``; queued requests finish, running ones finish before the model closes."""
+        if self.pipelines.discard(name):
+            self.metrics.remove_model(name)
+            return
+        self.pipelines.check_unused(name)
         with self._lock:
             if name in self._cascades:
                 del self._cascades[name]
@@ -154,11 +165,14 @@ class Engine:
     def models(self) -> list[ModelInfo]:
         """Describe every served model and cascade."""
         with self._lock:
-            names = sorted([*self._served, *self._cascades])
+            names = sorted([*self._served, *self._cascades, *self.pipelines.names()])
         return [self.get(n) for n in names]
 
     def get(self, name: str, version: str | None = None) -> ModelInfo:
         """Describe ``name`` (optionally checking ``version``); raises UnknownModelError."""
+        pipeline = self.pipelines.get(name)
+        if pipeline is not None:
+            return self.pipelines.info(pipeline, version, ready=not self._draining)
         with self._lock:
             cascade = self._cascades.get(name)
             served = self._served.get(cascade.small if cascade else name)
@@ -209,6 +223,9 @@ class Engine:
         cascade = self._cascades.get(name)
         if cascade is not None:
             return await run_cascade_async(self, cascade, inputs, version, outputs, start)
+        pipeline = self.pipelines.get(name)
+        if pipeline is not None:
+            return await self.pipelines.infer(pipeline, inputs, version, outputs, start)
         with _Admitted(self, name, version, start) as served:
             validated, key, hit = self._before(served, inputs, outputs)
             if hit is not None:
@@ -236,6 +253,9 @@ class Engine:
         cascade = self._cascades.get(name)
         if cascade is not None:
             return run_cascade_sync(self, cascade, inputs, version, outputs, start)
+        pipeline = self.pipelines.get(name)
+        if pipeline is not None:
+            return self.pipelines.infer_sync(pipeline, inputs, version, outputs, start)
         with _Admitted(self, name, version, start) as served:
             validated, key, hit = self._before(served, inputs, outputs)
             if hit is not None:
@@ -386,6 +406,7 @@ class Engine:
             raise self._unknown(name)
         try:
             check_compatible(old.model, new_model, name)
+            self.pipelines.check_swap(name, new_model)
             new = await asyncio.to_thread(self._prepare, new_model, old.config, warmup)
         except BaseException:
             log.warning(
@@ -454,6 +475,7 @@ class Engine:
             served = list(self._served.values())
             self._served.clear()
             self._cascades.clear()
+            self.pipelines.clear()
             pool, self._pool = self._pool, None
         for s in served:
             self._retire(s)
@@ -468,7 +490,7 @@ class Engine:
         )
 
     def _unknown(self, name: str) -> UnknownModelError:
-        known = sorted([*self._served, *self._cascades])
+        known = sorted([*self._served, *self._cascades, *self.pipelines.names()])
         return UnknownModelError(
             f"unknown model {name!r}; served models: {known}",
             hint="list them with GET /v2/models or 'edgert models list'",

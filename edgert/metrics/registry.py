@@ -128,6 +128,7 @@ class Metrics:
         self._window: dict[str, _ModelStats] = {}
         self._window_start = clock()
         self._sources: list[_GaugeSource] = []
+        self._stages: dict[str, dict[str, _Histogram]] = {}  # pipeline -> stage -> seconds
 
     # -- recording (hot path: keep these tiny) -------------------------------------------------------
     def _stats(self, model: str) -> _ModelStats:
@@ -168,6 +169,21 @@ class Metrics:
             stats.cascade_rows += rows
             stats.cascade_escalated += escalated
 
+    def observe_stage(self, pipeline: str, stage: str, seconds: float) -> None:
+        """Record one run of a pipeline's ``stage`` that took ``seconds`` (stage names come from config)."""
+        with self._lock:
+            stages = self._stages.setdefault(pipeline, {})
+            hist = stages.get(stage)
+            if hist is None:
+                hist = stages[stage] = _Histogram(LATENCY_BUCKETS)
+            hist.observe(seconds)
+
+    def stage_stats(self, pipeline: str) -> dict[str, dict[str, float]]:
+        """Per-stage ``count`` and ``seconds`` (total) of ``pipeline`` since start."""
+        with self._lock:
+            stages = self._stages.get(pipeline, {})
+            return {n: {"count": h.count, "seconds": h.sum} for n, h in stages.items()}
+
     def set_model_info(
         self,
         model: str,
@@ -189,6 +205,7 @@ class Metrics:
         with self._lock:
             self._models.pop(model, None)
             self._window.pop(model, None)
+            self._stages.pop(model, None)
 
     def add_gauge_source(self, name: str, help: str, read: Callable[[], Mapping[str, float]]) -> None:
         """Register a per-model gauge ``edgert_<name>`` whose values ``read()`` returns at render time."""
@@ -225,6 +242,9 @@ class Metrics:
         }
         if since is not None:
             doc["window_seconds"] = now - since
+        for name in models:
+            if current[name].kind == "pipeline":
+                models[name]["stages"] = self.stage_stats(name)
         for source in self._read_sources():
             for model, value in source[2].items():
                 if model in models:
@@ -241,11 +261,13 @@ class Metrics:
         """Render all metrics in the Prometheus text exposition format 0.0.4."""
         with self._lock:
             models = {name: stats.copy() for name, stats in sorted(self._models.items())}
+            stages = {p: {n: h.copy() for n, h in sorted(s.items())} for p, s in sorted(self._stages.items())}
         out: list[str] = []
         _render_counters(out, models)
         _render_latency(out, models)
         _render_batches(out, models)
         _render_info(out, models)
+        _render_stages(out, stages)
         for name, help_text, values in self._read_sources():
             _family(out, name, "gauge", help_text)
             for model, value in sorted(values.items()):
@@ -379,6 +401,21 @@ def _render_batches(out: list[str], models: dict[str, _ModelStats]) -> None:
     for name, s in models.items():
         if s.kind == "model":
             _render_hist(out, "batch_size", name, s.batches)
+
+
+def _render_stages(out: list[str], stages: dict[str, dict[str, _Histogram]]) -> None:
+    _family(out, "pipeline_stage_seconds", "histogram", "Time spent in each pipeline stage (model stages "
+            "include their queueing).")
+    for pipeline, hists in stages.items():
+        for stage, hist in hists.items():
+            cumulative = 0
+            labels = {"model": pipeline, "stage": stage}
+            for bound, count in zip((*hist.bounds, math.inf), hist.counts, strict=False):
+                cumulative += count
+                bucket = _labels(**labels, le=_num(bound))
+                out.append(f"{_PREFIX}pipeline_stage_seconds_bucket{bucket} {cumulative}")
+            out.append(f"{_PREFIX}pipeline_stage_seconds_sum{_labels(**labels)} {_num(hist.sum)}")
+            out.append(f"{_PREFIX}pipeline_stage_seconds_count{_labels(**labels)} {hist.count}")
 
 
 def _render_info(out: list[str], models: dict[str, _ModelStats]) -> None:
