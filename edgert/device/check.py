@@ -72,6 +72,9 @@ def check_config(cfg: DaemonConfig, *, profile_dirs: list[Path] | None = None) -
     findings = [check_profile(cfg, profile_dirs)]
     findings += check_models(cfg)
     findings += check_cascades(cfg)
+    from edgert.device.pipeline_check import check_pipelines  # [[pipelines]]: chains against members
+
+    findings += check_pipelines(cfg)
     findings += check_listeners(cfg)
     findings += check_mqtt_files(cfg)
     return findings

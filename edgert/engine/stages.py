@@ -472,7 +472,8 @@ def _fit_hint(got: TensorSpec, want: TensorSpec) -> str:
     if sorted(d or 0 for d in got.shape) == sorted(w or 0 for w in want.shape) or (
             len(got.shape) == 4 and got.shape[3] == want.shape[1]):
         return 'add { op = "transpose", layout = "NHWC->NCHW" } (or the permutation the model needs)'
-    return "add a resize stage, or fix the pipeline input shape, so the static dimensions match"
+    return (f"make the static dimensions match {describe(want.dtype, want.shape)}: a resize stage sets "
+            "height and width; otherwise fix the pipeline input shape")
 
 
 Stage = BuiltinStage | ModelStage
