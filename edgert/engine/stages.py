@@ -198,15 +198,19 @@ class Resize(BuiltinStage):
         return (_spec(spec.name, dtype, tuple(shape)),)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Interpolate along H, then along W."""
-        y = x if x.dtype.kind == "f" else x.astype(np.float32)
+        """Interpolate along H, then along W (integer images are converted after the first gather)."""
         h, w = self._axes()
-        y = _linear(y, h % y.ndim, self.height)
-        return (_linear(y, w % y.ndim, self.width),)
+        y = _linear(x, h % x.ndim, self.height)
+        y = _linear(y, w % y.ndim, self.width)
+        return (y if y.dtype.kind == "f" else y.astype(np.float32),)
 
 
 def _linear(x: np.ndarray, axis: int, size: int) -> np.ndarray:
-    """Linear interpolation of ``x`` along ``axis`` to ``size`` samples (half-pixel centres)."""
+    """Linear interpolation of ``x`` along ``axis`` to ``size`` samples (half-pixel centres).
+
+    ``a + (b - a) * frac`` in float32 (float64 stays float64), computed in place on the gathered rows:
+    fancy-index gathers and in-place arithmetic take about half the time of ``np.take`` and temporaries.
+    """
     n = x.shape[axis]
     if n == size:
         return x
@@ -214,12 +218,19 @@ def _linear(x: np.ndarray, axis: int, size: int) -> np.ndarray:
     src = np.clip(src, 0.0, n - 1)
     lo = np.floor(src).astype(np.intp)
     hi = np.minimum(lo + 1, n - 1)
+    dtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float32)
     shape = [1] * x.ndim
     shape[axis] = size
-    frac = (src - lo).astype(x.dtype).reshape(shape)
-    a = np.take(x, lo, axis=axis)
-    b = np.take(x, hi, axis=axis)
-    return a + (b - a) * frac
+    frac = (src - lo).astype(dtype).reshape(shape)
+    index: list[Any] = [slice(None)] * x.ndim
+    index[axis] = lo
+    a = x[tuple(index)].astype(dtype, copy=False)
+    index[axis] = hi
+    b = x[tuple(index)].astype(dtype, copy=False)
+    b -= a
+    b *= frac
+    b += a
+    return b
 
 
 @dataclass(frozen=True)

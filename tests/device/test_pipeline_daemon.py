@@ -35,9 +35,9 @@ name = "mnv2-top5"
 input = {{ name = "frame", dtype = "uint8", shape = [-1, -1, -1, 3] }}
 stages = [
   {{ op = "resize", height = 224, width = 224 }},
-  {{ op = "scale", factor = 0.00392156862745098 }},
-  {{ op = "normalize", mean = {list(MEAN)}, std = {list(STD)} }},
   {{ op = "transpose", layout = "NHWC->NCHW" }},
+  {{ op = "scale", factor = 0.00392156862745098 }},
+  {{ op = "normalize", mean = {list(MEAN)}, std = {list(STD)}, axis = 1 }},
   {{ op = "model", model = "mobilenetv2" }},
   {{ op = "softmax" }},
   {{ op = "topk", k = 5 }},
