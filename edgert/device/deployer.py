@@ -213,10 +213,18 @@ class Deployer:
         """Serve the configured pipelines whose members all serve; a chain that does not fit raises."""
         if self.target is None:
             return
+        refused: list[EdgertError] = []
         for p in self._pipelines():
             if not self._is_served(p.name) and all(self._is_served(m) for m in p.members):
-                self.target.add_pipeline(p)  # ConfigError naming the stage when the chain does not fit
+                try:
+                    self.target.add_pipeline(p)  # ConfigError naming the stage when the chain does not fit
+                except EdgertError as exc:  # the others still serve; the first refusal is raised below
+                    refused.append(exc)
+                    self.audit("pipeline_refused", model=p.name, error=_error_text(exc))
+                    continue
                 self.audit("model_load", model=p.name, kind="pipeline", origin="deployer")
+        if refused:
+            raise refused[0]
 
     def served_variant(self, name: str) -> tuple[str, str]:
         """(variant, why) of the version serving under ``name`` ("", "") if unknown."""

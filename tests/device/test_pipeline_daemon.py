@@ -254,3 +254,74 @@ def test_member_swap_that_breaks_the_chain_is_refused(tmp_path: Path) -> None:
         assert store.entry("digits").active == "1"  # nothing committed
     finally:
         running.stop()
+
+
+def test_stage_times_on_the_metrics_endpoint(mnv2) -> None:
+    with Client("unix://" + mnv2.socket) as c:
+        c.infer("mnv2-top5", {"frame": np.zeros((1, 64, 64, 3), np.uint8)})
+    host, port = mnv2.daemon.addresses["metrics"].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    for stage in ("resize", "transpose", "scale", "normalize", "mobilenetv2", "softmax", "topk"):
+        prefix = f'edgert_pipeline_stage_seconds_count{{model="mnv2-top5",stage="{stage}"}}'
+        line = next(ln for ln in text.splitlines() if ln.startswith(prefix))
+        assert int(line.rsplit(" ", 1)[1]) >= 1
+    assert 'kind="pipeline"' in text
+
+
+def test_repository_unload_and_load_of_a_pipeline(mnv2) -> None:
+    frame = np.zeros((1, 224, 224, 3), np.uint8)
+    with Client(mnv2.http_url) as c:
+        c.unload("mnv2-top5")
+        assert "mnv2-top5" not in c.models()
+        with pytest.raises(Exception, match="unknown model 'mnv2-top5'"):
+            c.infer("mnv2-top5", {"frame": frame})
+        c.load("mnv2-top5")
+        with pytest.raises(Exception, match=r"used by pipeline\(s\) \['mnv2-top5'\]"):
+            c.unload("mobilenetv2")
+    with Client("unix://" + mnv2.socket) as c:
+        c.unload("mnv2-top5")
+        c.unload("mobilenetv2")
+        c.load("mnv2-top5")  # brings its member back first
+        assert {"mnv2-top5", "mobilenetv2"} <= set(c.models())
+        assert c.infer("mnv2-top5", {"frame": frame})["indices"].shape == (1, 5)
+
+
+def test_reload_adds_changes_and_removes_pipelines(tmp_path: Path) -> None:
+    path = tmp_path / "edgert.toml"
+    digits = f"""
+[[models]]
+name = "digits"
+path = "{MODELS / "digits_small_int8.onnx"}"
+"""
+    top = DIGITS_PIPELINE.split("[[pipelines]]")[1].replace('[[models]]\nname = "digits"\n', "")
+    path.write_text(config_text(tmp_path, models=digits))
+    running = start_daemon(parse_config(path.read_text(), str(path)), config_path=path)
+    x = np.load(MODELS / "digits_test.npz")["x"][:4].astype(np.uint8)
+    try:
+        path.write_text(config_text(tmp_path, models=digits + "[[pipelines]]" + top))
+        running.call(running.daemon.reload())
+        with Client("unix://" + running.socket) as c:
+            assert c.infer("digits-top3", {"pixels": x})["indices"].shape == (4, 3)
+        top2 = top.replace("k = 3", "k = 2")
+        path.write_text(config_text(tmp_path, models=digits + "[[pipelines]]" + top2))
+        running.call(running.daemon.reload())
+        with Client("unix://" + running.socket) as c:
+            assert c.infer("digits-top3", {"pixels": x})["indices"].shape == (4, 2)
+        # a reload adding a pipeline whose chain does not fit: it is refused, the other one still serves
+        bad = top.replace("digits-top3", "digits-top20").replace("k = 3", "k = 20")
+        path.write_text(config_text(tmp_path, models=digits + "[[pipelines]]" + top + "[[pipelines]]" + bad))
+        running.call(running.daemon.reload())
+        with Client("unix://" + running.socket) as c:
+            assert "digits-top20" not in c.models()
+            assert c.infer("digits-top3", {"pixels": x})["indices"].shape == (4, 3)
+        path.write_text(config_text(tmp_path, models=digits))
+        running.call(running.daemon.reload())
+        with Client("unix://" + running.socket) as c:
+            assert "digits-top3" not in c.models() and "digits" in c.models()
+    finally:
+        running.stop()
