@@ -10,7 +10,7 @@ import pytest
 from edgert.config import parse_config
 from edgert.engine import CascadeConfig, Engine, ModelConfig
 from edgert.engine.pipeline_config import PipelineConfig
-from edgert.errors import ConfigError, InputError, UnknownModelError
+from edgert.errors import ConfigError, InputError, OverloadedError, UnknownModelError
 from tests.runtime.synthetic import onnx_model
 
 from .conftest import Instrumented, aio
@@ -238,3 +238,22 @@ async def test_swap_breaking_the_chain_is_refused(served: Engine, runtime) -> No
     ten = runtime.load(tiny_classifier(10), name="d", version="3")
     await served.swap("d", ten)  # fits: served
     assert served.get("digits-top3").version == "3"
+
+
+@aio
+async def test_pipeline_in_flight_limit(engine: Engine, load, digits) -> None:
+    x, _ = digits
+    gated = Instrumented(load("digits_small_fp32.onnx", name="d"))
+    engine.add_model(gated, ModelConfig("d", max_batch_size=4))  # runs on the batcher's thread
+    one = DIGITS_PIPELINE.replace('name = "digits-top3"', 'name = "digits-top3"\nmax_in_flight = 1')
+    engine.add_pipeline(pipelines(one)[0])
+    gated.gate.clear()
+    first = asyncio.ensure_future(engine.infer("digits-top3", {"pixels": x[:1].astype(np.uint8)}))
+    while engine.progress()["d"].running == 0:  # the first request holds the pipeline's only slot
+        await asyncio.sleep(0.001)
+    with pytest.raises(OverloadedError, match="pipeline 'digits-top3' is overloaded") as info:
+        await engine.infer("digits-top3", {"pixels": x[:1].astype(np.uint8)})
+    assert info.value.retry_after > 0
+    gated.gate.set()
+    assert (await first).outputs["classes"].shape == (1, 3)
+    assert engine.metrics.stats_copy("digits-top3")["errors"] == {"overloaded": 1}
