@@ -504,6 +504,11 @@ class Engine:
             raise self._unknown(name)
         return served.model
 
+    def cascade_members(self, name: str) -> tuple[str, str] | None:
+        """(small, large) of the cascade served under ``name``; None when ``name`` is not a cascade."""
+        cascade = self._cascades.get(name)
+        return (cascade.small, cascade.large) if cascade is not None else None
+
     def served_version(self, name: str) -> str:
         """The version served under ``name``; raises UnknownModelError."""
         return self.served_model(name).version

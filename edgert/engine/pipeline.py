@@ -237,7 +237,8 @@ class PipelineSet:
 
     def _lookup(self, override: tuple[str, ServableModel] | None = None) -> Any:
         def lookup(name: str) -> Specs:
-            if override is not None and name == override[0]:
+            if override is not None and override[0] in (name, *self._small_of(name)):
+                # the swapped model, or a cascade presenting it as its small model's signature
                 return tuple(override[1].inputs), tuple(override[1].outputs)
             try:
                 info = self._engine.get(name)
@@ -277,6 +278,15 @@ class PipelineSet:
         with self._lock:
             self._pipelines.clear()
 
+    def _small_of(self, name: str) -> tuple[str, ...]:
+        members = self._engine.cascade_members(name)
+        return (members[0],) if members is not None else ()
+
+    def _uses(self, pipeline: Pipeline, member: str) -> bool:
+        """True when ``pipeline`` runs ``member`` directly or as a member of one of its cascades."""
+        return any(m == member or member in (self._engine.cascade_members(m) or ())
+                   for m in pipeline.config.members)
+
     def check_unused(self, member: str) -> None:
         """Raise ConfigError when a served pipeline uses ``member`` (it cannot be removed under it)."""
         users = sorted(p.name for p in self._pipelines.values() if member in p.config.members)
@@ -286,7 +296,7 @@ class PipelineSet:
     def check_swap(self, member: str, new_model: ServableModel) -> None:
         """Raise ConfigError if serving ``new_model`` as ``member`` would break a pipeline's chain."""
         for p in list(self._pipelines.values()):
-            if member in p.config.members:
+            if self._uses(p, member):
                 try:
                     p.signature(self._lookup((member, new_model)))
                 except ConfigError as exc:

@@ -257,3 +257,18 @@ async def test_pipeline_in_flight_limit(engine: Engine, load, digits) -> None:
     gated.gate.set()
     assert (await first).outputs["classes"].shape == (1, 3)
     assert engine.metrics.stats_copy("digits-top3")["errors"] == {"overloaded": 1}
+
+
+@aio
+async def test_swap_of_a_cascade_member_is_checked_through_the_cascade(served: Engine, runtime) -> None:
+    served.add_pipeline(pipelines("""
+[[pipelines]]
+name = "dc-top5"
+input = { name = "pixels", dtype = "float32", shape = [-1, 64] }
+stages = [{ op = "cascade", model = "dc" }, { op = "topk", k = 5 }]
+""")[0])
+    with pytest.raises(ConfigError, match=r"cannot swap model 'd' to version '2': pipeline 'dc-top5' stage 1 "
+                                          r"'topk' \(topk\): expected at least k=5"):
+        await served.swap("d", runtime.load(tiny_classifier(3), name="d", version="2"))
+    await served.swap("big", runtime.load(tiny_classifier(10), name="big", version="2"))  # fits: served
+    assert served.get("dc-top5").version == "1+2"
