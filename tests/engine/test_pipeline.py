@@ -272,3 +272,31 @@ stages = [{ op = "cascade", model = "dc" }, { op = "topk", k = 5 }]
         await served.swap("d", runtime.load(tiny_classifier(3), name="d", version="2"))
     await served.swap("big", runtime.load(tiny_classifier(10), name="big", version="2"))  # fits: served
     assert served.get("dc-top5").version == "1+2"
+
+
+@aio
+async def test_numpy_only_signal_pipeline(engine: Engine) -> None:
+    (p,) = pipelines("""
+[[pipelines]]
+name = "tone"
+input = { name = "audio", dtype = "float32", shape = [-1, -1] }
+stages = [
+  { op = "scale", factor = 2.0 },
+  { op = "logmel", size = 400, hop = 160, sample_rate = 16000, n_mels = 40 },
+  { op = "scale", factor = 1.0, name = "identity" },
+  { op = "cast", dtype = "float64" },
+  { op = "cast", dtype = "float32" },
+  { op = "argmax" },
+]
+""")
+    assert [s.name for s in p.stages] == ["scale", "logmel", "identity", "cast-3", "cast-4", "argmax"]
+    engine.add_pipeline(p)
+    assert [o.describe() for o in engine.get("tone").outputs] == ["class: int64[?, ?]"]
+    t = np.arange(16000) / 16000
+    audio = np.stack([np.sin(2 * np.pi * f * t) for f in (300, 3000)]).astype(np.float32)
+    r = await engine.infer("tone", {"audio": audio})
+    assert r.model_version == "builtin" and r.outputs["class"].shape == (2, 98)
+    low, high = (np.bincount(row).argmax() for row in r.outputs["class"])
+    assert low < high  # the 3 kHz tone's loudest mel band is above the 300 Hz tone's
+    with pytest.raises(InputError, match=r"stage 1 'logmel' \(logmel\) failed on float32\[2, 100\]"):
+        await engine.infer("tone", {"audio": audio[:, :100]})
