@@ -209,8 +209,9 @@ class Deployer:
         """The config of pipeline ``name``, if there is one."""
         return next((p for p in self._pipelines() if p.name == name), None)
 
-    def _restore_pipelines(self) -> None:
-        """Serve the configured pipelines whose members all serve; a chain that does not fit raises."""
+    def _restore_pipelines(self, *, strict: bool = True) -> None:
+        """Serve the configured pipelines whose members all serve; a chain that does not fit is audited,
+        and raised when ``strict`` (boot, reload, repository load; not when a member model comes back)."""
         if self.target is None:
             return
         refused: list[EdgertError] = []
@@ -221,9 +222,10 @@ class Deployer:
                 except EdgertError as exc:  # the others still serve; the first refusal is raised below
                     refused.append(exc)
                     self.audit("pipeline_refused", model=p.name, error=_error_text(exc))
+                    log.error("pipeline refused", extra={"model": p.name, "error": _error_text(exc)})
                     continue
                 self.audit("model_load", model=p.name, kind="pipeline", origin="deployer")
-        if refused:
+        if refused and strict:
             raise refused[0]
 
     def served_variant(self, name: str) -> tuple[str, str]:
@@ -351,7 +353,7 @@ class Deployer:
             if member in (c.small, c.large) and not self._is_served(c.name) \
                     and self._served(c.small) and self._served(c.large):
                 self.target.add_cascade(_cascade_config(c))
-        self._restore_pipelines()
+        self._restore_pipelines(strict=False)  # the member serves; a refused pipeline is audited
 
     def _failed(self, name: str, version: str | None, kept: str | None, stage: str, exc: BaseException,
                 origin: str, reason: str) -> None:
