@@ -25,20 +25,36 @@ from typing import Any
 import numpy as np
 
 from edgert.backends.base import TensorSpec
+from edgert.engine.signal_stages import LogMel, Window
 from edgert.engine.stages import (
-    BUILTIN_OPS,
     CAST_DTYPES,
+    Argmax,
+    BuiltinStage,
+    Cast,
     ModelStage,
+    Normalize,
+    Resize,
+    Scale,
+    Softmax,
     Stage,
+    Threshold,
     TopK,
+    Transpose,
     check_finite_params,
     layout_perm,
 )
 from edgert.errors import ConfigError
 from edgert.tomlschema import Table
 
-__all__ = ["DEFAULT_MAX_IN_FLIGHT", "OPS", "PipelineConfig", "check_references", "parse_pipeline"]
+__all__ = [
+    "BUILTIN_OPS", "DEFAULT_MAX_IN_FLIGHT", "OPS", "PipelineConfig", "check_references", "parse_pipeline",
+]
 
+#: Built-in ops by name (model and cascade stages are ModelStage).
+BUILTIN_OPS: dict[str, type[BuiltinStage]] = {
+    c.op: c
+    for c in (Cast, Scale, Normalize, Resize, Transpose, Window, LogMel, Softmax, Argmax, TopK, Threshold)
+}
 #: Every stage ``op`` a pipeline accepts.
 OPS = (*BUILTIN_OPS, "model", "cascade")
 #: Admitted, unfinished requests per pipeline (its numpy stages hold memory outside the models' limits).

@@ -5,8 +5,9 @@ dynamic dimension) to the specs it produces, or raises :class:`StageMismatch` sa
 what it got and how to fix the chain; :meth:`run` does the work on an array. Only the last stage of a
 pipeline may produce more than one tensor (``topk``: indices and scores).
 
-Model and cascade stages (:class:`ModelStage`) run through the engine, not here: :mod:`edgert.engine.
-pipeline` sends them through ``Engine.infer`` so they get admission control, batching and metrics.
+Signal stages (window, logmel) are in :mod:`edgert.engine.signal_stages`. Model and cascade stages
+(:class:`ModelStage`) run through the engine, not here: :mod:`edgert.engine.pipeline` sends them
+through ``Engine.infer`` so they get admission control, batching and metrics.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
@@ -35,12 +35,12 @@ __all__ = [
     "TopK",
     "Transpose",
     "describe",
+    "make_spec",
+    "need_float",
 ]
 
 #: dtypes a ``cast`` stage may produce (the OIP datatypes numpy can hold).
 CAST_DTYPES = ("float32", "float16", "float64", "uint8", "int8", "int16", "int32", "int64", "bool")
-#: Added before the log in ``logmel`` so silence gives a finite value.
-LOG_FLOOR = 1e-6
 
 #: ``lookup(name) -> (inputs, outputs)`` of a served model or cascade; raises when it is not served.
 Lookup = Callable[[str], tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]
@@ -59,11 +59,13 @@ def describe(dtype: Any, shape: tuple[int | None, ...]) -> str:
     return f"{np.dtype(dtype).name}[{', '.join('?' if d is None else str(d) for d in shape)}]"
 
 
-def _spec(name: str, dtype: Any, shape: tuple[int | None, ...]) -> TensorSpec:
+def make_spec(name: str, dtype: Any, shape: tuple[int | None, ...]) -> TensorSpec:
+    """A TensorSpec from a dtype-like and a shape."""
     return TensorSpec(name, np.dtype(dtype), tuple(shape))
 
 
-def _need_float(stage: str, spec: TensorSpec) -> None:
+def need_float(stage: str, spec: TensorSpec) -> None:
+    """Raise StageMismatch (hint: add a cast) unless ``spec`` is a float tensor."""
     if np.dtype(spec.dtype).kind != "f":
         raise StageMismatch("a float tensor", describe(spec.dtype, spec.shape),
                             f'add {{ op = "cast", dtype = "float32" }} before {stage}')
@@ -106,7 +108,7 @@ class Cast(BuiltinStage):
 
     def check(self, spec: TensorSpec, lookup: Lookup) -> tuple[TensorSpec, ...]:
         """Same shape, new dtype."""
-        return (_spec(spec.name, self.dtype, spec.shape),)
+        return (make_spec(spec.name, self.dtype, spec.shape),)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         """``x.astype(dtype)``."""
@@ -123,7 +125,7 @@ class Scale(BuiltinStage):
 
     def check(self, spec: TensorSpec, lookup: Lookup) -> tuple[TensorSpec, ...]:
         """Float in, same spec out."""
-        _need_float(self.name, spec)
+        need_float(self.name, spec)
         return (spec,)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -145,7 +147,7 @@ class Normalize(BuiltinStage):
 
     def check(self, spec: TensorSpec, lookup: Lookup) -> tuple[TensorSpec, ...]:
         """Float in, same spec out; the channel axis must match mean and std."""
-        _need_float(self.name, spec)
+        need_float(self.name, spec)
         axis = _axis(self.axis, spec, self.name)
         channels = max(len(self.mean), len(self.std))
         if channels > 1 and spec.shape[axis] != channels:
@@ -195,7 +197,7 @@ class Resize(BuiltinStage):
         h, w = self._axes()
         shape[h], shape[w] = self.height, self.width
         dtype = spec.dtype if np.dtype(spec.dtype).kind == "f" else np.float32
-        return (_spec(spec.name, dtype, tuple(shape)),)
+        return (make_spec(spec.name, dtype, tuple(shape)),)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         """Interpolate along H, then along W (integer images are converted after the first gather)."""
@@ -245,92 +247,11 @@ class Transpose(BuiltinStage):
         if len(spec.shape) != len(self.perm):
             raise StageMismatch(f"a tensor of rank {len(self.perm)} for perm {list(self.perm)}",
                                 describe(spec.dtype, spec.shape), "fix perm/layout or the stage before it")
-        return (_spec(spec.name, spec.dtype, tuple(spec.shape[i] for i in self.perm)),)
+        return (make_spec(spec.name, spec.dtype, tuple(spec.shape[i] for i in self.perm)),)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         """A contiguous copy in the new order (the backends want contiguous inputs)."""
         return (np.ascontiguousarray(x.transpose(self.perm)),)
-
-
-@dataclass(frozen=True)
-class Window(BuiltinStage):
-    """Cut a signal [..., S] into frames [..., F, size] every ``hop`` samples (no padding)."""
-
-    op: ClassVar[str] = "window"
-    size: int = 400
-    hop: int = 160
-
-    def _frames(self, spec: TensorSpec) -> int | None:
-        samples = spec.shape[-1] if spec.shape else None
-        if not spec.shape:
-            raise StageMismatch("a signal [..., samples]", describe(spec.dtype, spec.shape),
-                                "send at least one axis of samples")
-        if samples is None:
-            return None
-        if samples < self.size:
-            raise StageMismatch(f"at least {self.size} samples on the last axis",
-                                describe(spec.dtype, spec.shape), "send longer signals or use a smaller size")
-        return 1 + (samples - self.size) // self.hop
-
-    def check(self, spec: TensorSpec, lookup: Lookup) -> tuple[TensorSpec, ...]:
-        """[..., S] -> [..., F, size]."""
-        frames = self._frames(spec)
-        return (_spec(spec.name, spec.dtype, (*spec.shape[:-1], frames, self.size)),)
-
-    def _framed(self, x: np.ndarray) -> np.ndarray:
-        if x.shape[-1] < self.size:
-            raise ValueError(f"a signal of {x.shape[-1]} samples is shorter than one window ({self.size})")
-        view = np.lib.stride_tricks.sliding_window_view(x, self.size, axis=-1)
-        return view[..., :: self.hop, :]
-
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Frames as a contiguous copy."""
-        return (np.ascontiguousarray(self._framed(x)),)
-
-
-@dataclass(frozen=True)
-class LogMel(Window):
-    """Log-mel features of a float signal [..., S] -> [..., F, n_mels] (Hann window, |rfft|^2, HTK mels)."""
-
-    op: ClassVar[str] = "logmel"
-    sample_rate: int = 16000
-    n_mels: int = 40
-    fmin: float = 0.0
-    fmax: float = 0.0  # 0 = sample_rate / 2
-
-    def check(self, spec: TensorSpec, lookup: Lookup) -> tuple[TensorSpec, ...]:
-        """Float [..., S] -> float32 [..., F, n_mels]."""
-        _need_float(self.name, spec)
-        frames = self._frames(spec)
-        return (_spec(spec.name, np.float32, (*spec.shape[:-1], frames, self.n_mels)),)
-
-    @cached_property
-    def _bank(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.hanning(self.size + 1)[:-1], mel_filterbank(
-            self.sample_rate, self.size, self.n_mels, self.fmin, self.fmax or self.sample_rate / 2)
-
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Frame, window, power spectrum, mel filterbank, log."""
-        hann, bank = self._bank
-        power = np.abs(np.fft.rfft(self._framed(x) * hann, axis=-1)) ** 2
-        return (np.log(power @ bank.T + LOG_FLOOR).astype(np.float32),)
-
-
-def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
-    """Triangular HTK-mel filters [n_mels, n_fft // 2 + 1] over the rfft bins."""
-
-    def mel(f: np.ndarray) -> np.ndarray:
-        return 2595.0 * np.log10(1.0 + f / 700.0)
-
-    def hz(m: np.ndarray) -> np.ndarray:
-        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
-
-    edges = hz(np.linspace(mel(np.array(fmin)), mel(np.array(fmax)), n_mels + 2))
-    bins = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
-    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-    rising = (bins - lower) / np.maximum(centre - lower, 1e-9)
-    falling = (upper - bins) / np.maximum(upper - centre, 1e-9)
-    return np.maximum(0.0, np.minimum(rising, falling))
 
 
 @dataclass(frozen=True)
@@ -342,7 +263,7 @@ class Softmax(BuiltinStage):
 
     def check(self, spec: TensorSpec, lookup: Lookup) -> tuple[TensorSpec, ...]:
         """Float in, same spec out."""
-        _need_float(self.name, spec)
+        need_float(self.name, spec)
         _axis(self.axis, spec, self.name)
         return (spec,)
 
@@ -366,7 +287,7 @@ class Argmax(BuiltinStage):
     def check(self, spec: TensorSpec, lookup: Lookup) -> tuple[TensorSpec, ...]:
         """Drops ``axis``."""
         axis = _axis(self.axis, spec, self.name)
-        return (_spec(spec.name, np.int64, spec.shape[:axis] + spec.shape[axis + 1:]),)
+        return (make_spec(spec.name, np.int64, spec.shape[:axis] + spec.shape[axis + 1:]),)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         """np.argmax."""
@@ -394,7 +315,7 @@ class TopK(BuiltinStage):
                                 describe(spec.dtype, spec.shape), "lower k")
         shape = list(spec.shape)
         shape[axis] = self.k
-        return _spec("indices", np.int64, tuple(shape)), _spec("scores", spec.dtype, tuple(shape))
+        return make_spec("indices", np.int64, tuple(shape)), make_spec("scores", spec.dtype, tuple(shape))
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         """A stable descending sort, cut to k."""
@@ -418,7 +339,7 @@ class Threshold(BuiltinStage):
         """Same shape, bool."""
         if np.dtype(spec.dtype).kind not in "fiu":
             raise StageMismatch("a numeric tensor", describe(spec.dtype, spec.shape), "threshold scores")
-        return (_spec(spec.name, np.bool_, spec.shape),)
+        return (make_spec(spec.name, np.bool_, spec.shape),)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         """Compare."""
@@ -488,13 +409,6 @@ def _fit_hint(got: TensorSpec, want: TensorSpec) -> str:
 
 
 Stage = BuiltinStage | ModelStage
-
-#: Built-in ops by name (model and cascade stages are ModelStage).
-BUILTIN_OPS: dict[str, type[BuiltinStage]] = {
-    c.op: c
-    for c in (Cast, Scale, Normalize, Resize, Transpose, Window, LogMel, Softmax, Argmax, TopK, Threshold)
-}
-
 
 def layout_perm(layout: str) -> tuple[int, ...]:
     """``"NHWC->NCHW"`` -> (0, 3, 1, 2); raises ValueError when the two sides are not a permutation."""

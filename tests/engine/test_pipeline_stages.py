@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from edgert.backends.base import TensorSpec
+from edgert.engine.signal_stages import LogMel, Window
 from edgert.engine.stages import (
     Argmax,
     Cast,
-    LogMel,
     ModelStage,
     Normalize,
     Resize,
@@ -19,7 +19,6 @@ from edgert.engine.stages import (
     Threshold,
     TopK,
     Transpose,
-    Window,
     layout_perm,
 )
 
