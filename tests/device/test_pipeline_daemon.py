@@ -325,3 +325,23 @@ path = "{MODELS / "digits_small_int8.onnx"}"
             assert "digits-top3" not in c.models() and "digits" in c.models()
     finally:
         running.stop()
+
+
+def test_tritonclient_sees_one_model(mnv2) -> None:
+    httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the dev extra")
+    frames = np.random.default_rng(3).integers(0, 256, (1, 240, 320, 3), dtype=np.uint8)
+    client = httpclient.InferenceServerClient(url=mnv2.daemon.addresses["http"], concurrency=1)
+    try:
+        assert client.is_model_ready("mnv2-top5")
+        meta = client.get_model_metadata("mnv2-top5")
+        assert [i["name"] for i in meta["inputs"]] == ["frame"]
+        inp = httpclient.InferInput("frame", list(frames.shape), "UINT8")
+        inp.set_data_from_numpy(frames, binary_data=True)
+        outs = [httpclient.InferRequestedOutput(n, binary_data=True) for n in ("indices", "scores")]
+        result = client.infer("mnv2-top5", [inp], outputs=outs)
+    finally:
+        client.close()
+    with Client("unix://" + mnv2.socket) as c:
+        want = c.infer("mnv2-top5", {"frame": frames})
+    np.testing.assert_array_equal(result.as_numpy("indices"), want["indices"])
+    np.testing.assert_array_equal(result.as_numpy("scores"), want["scores"])
