@@ -434,3 +434,73 @@ class RabbitMQ:
                 proc.wait(STOP_TIMEOUT_S)
             self.log.close()
         subprocess.run(["epmd", "-kill"], env=env, capture_output=True, timeout=30)
+
+
+# -- two listeners (provisioning) ------------------------------------------------------------------
+@dataclass
+class TwoListenerMosquitto(Mosquitto):
+    """mosquitto with the provisioning listeners of :mod:`edgert.provision.broker_conf`.
+
+    ``port`` is the device listener (mutual TLS against ``fleet_ca``, the device ACL); ``claim_port``
+    the claim listener (passwords, the claim ACL). ``tls`` is (fleet CA, server cert, server key).
+    """
+
+    fleet: str = "f1"
+    claim_port: int = field(default_factory=free_port)
+    claim_tls: bool = True
+
+    def write_config(self) -> Path:
+        """mosquitto.conf from edgert's own generator, plus the process settings tests need."""
+        from edgert.provision.broker_conf import (
+            BrokerFiles,
+            claim_listener_acl,
+            device_acl,
+            mosquitto_conf,
+        )
+
+        assert self.tls is not None, "the device listener needs (fleet CA, server cert, server key)"
+        d = self.directory
+        d.mkdir(parents=True, exist_ok=True)
+        pw = d / "passwd"
+        pw.write_text("")
+        for user, password in (self.passwords or {}).items():
+            subprocess.run([MOSQUITTO_PASSWD, "-b", str(pw), user, password], check=True, capture_output=True)
+        (d / "devices.acl").write_text(device_acl(self.fleet))
+        (d / "claims.acl").write_text(claim_listener_acl(self.fleet))
+        ca, cert, key = self.tls
+        files = BrokerFiles(
+            str(ca), str(cert), str(key), str(pw), str(d / "devices.acl"), str(d / "claims.acl")
+        )
+        lines = [
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
+            "max_queued_messages 0",
+            "max_inflight_messages 0",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "persistence false",
+            mosquitto_conf(
+                files, device_port=self.port, claim_port=self.claim_port, bind="127.0.0.1",
+                claim_tls=self.claim_tls,
+            ),
+        ]  # fmt: skip
+        conf = d / "mosquitto.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        return conf
+
+    def start(self) -> TwoListenerMosquitto:
+        """Start and wait until both listeners accept."""
+        super().start()
+        wait_port(self.claim_port, START_TIMEOUT_S, self.proc)
+        return self
+
+    def add_claim(self, user: str, password: str) -> None:
+        """Add a claim to the password file and reload mosquitto (SIGHUP), as an operator would."""
+        assert self.proc is not None
+        self.passwords = {**(self.passwords or {}), user: password}
+        subprocess.run(
+            [MOSQUITTO_PASSWD, "-b", str(self.directory / "passwd"), user, password],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        os.kill(self.proc.pid, signal.SIGHUP)

@@ -37,6 +37,29 @@ def bundle() -> None:
 @click.option("--expires", default="7d", show_default=True, help="Claim lifetime (45m, 12h, 7d).")
 @click.option("--uses", default=50, show_default=True, type=int, help="Devices the claim may enroll.")
 @click.option("--telemetry-interval", default=60.0, show_default=True, type=float)
+@click.option(
+    "--broker",
+    default=None,
+    metavar="HOST:PORT",
+    help="Device listener (mutual TLS, device certificates). Default: fleet.toml [broker].",
+)
+@click.option(
+    "--claim-broker",
+    default=None,
+    metavar="HOST:PORT",
+    help="Claim listener (claim id + secret, enrollment topics only). Default: same as --broker.",
+)
+@click.option(
+    "--broker-ca",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="CA certificate that signed the broker's server certificate. Default: fleet.toml [broker] ca_file.",
+)
+@click.option(
+    "--claim-tls/--claim-plain",
+    default=None,
+    help="TLS on the claim listener. Default: TLS when there is a CA.",
+)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Bundle file (0600).")
 @click.option("--json", "as_json", is_flag=True)
 def bundle_create(
@@ -45,12 +68,16 @@ def bundle_create(
     expires: str,
     uses: int,
     telemetry_interval: float,
+    broker: str | None,
+    claim_broker: str | None,
+    broker_ca: str | None,
+    claim_tls: bool | None,
     output: str,
     as_json: bool,
 ) -> None:
-    """Create a claim in the fleet and write a site bundle around it."""
+    """Create a claim in the fleet and write a signed site bundle around it."""
     from edgert.fleet.fleetdir import parse_duration
-    from edgert.provision.bundle import create_bundle, write_bundle
+    from edgert.provision.bundle import create_bundle, parse_endpoint, write_bundle
 
     b = create_bundle(
         fleet_dir,
@@ -58,6 +85,10 @@ def bundle_create(
         lifetime=parse_duration(expires),
         uses=uses,
         telemetry_interval=telemetry_interval,
+        broker=parse_endpoint(broker, "--broker") if broker else None,
+        claim_broker=parse_endpoint(claim_broker, "--claim-broker") if claim_broker else None,
+        broker_ca=broker_ca,
+        claim_tls=claim_tls,
     )
     write_bundle(b, output)
     doc = {
@@ -67,12 +98,19 @@ def bundle_create(
         "groups": list(b.groups),
         "uses": uses,
         "expires": b.expires,
+        "broker": b.broker.to_json(),
+        "claim_broker": b.claim_broker.to_json(),
+        "fleet_key": b.publisher,
     }
     _emit(
         as_json,
         doc,
         f"wrote {output} (fleet {b.fleet}, claim {b.claim_id}, groups {','.join(b.groups)}, "
-        f"{uses} uses, expires {b.expires}); keep it private: it holds the claim secret",
+        f"{uses} uses, expires {b.expires}); keep it private: it holds the claim secret\n"
+        f"devices connect to {b.broker.host}:{b.broker.port}, enroll at {b.claim_broker.host}:"
+        f"{b.claim_broker.port}\n"
+        f"broker password file: mosquitto_passwd -b PASSWD {b.claim_id} '<the claim secret in the bundle>'\n"
+        f"signed with the fleet key; technicians check it with --fleet-key {b.publisher}",
     )
 
 
@@ -179,7 +217,10 @@ def _flow_output(as_json: bool, report: Any) -> None:
     )
     click.echo(f"selftest latency  {lat}")
     reach = {True: "yes", False: "no", None: "not checked"}[report.broker_reachable]
-    click.echo(f"broker reachable  {reach}")
+    cred = {"device": " (device certificate)", "claim": " (enrollment claim)"}.get(
+        report.broker_credential or "", ""
+    )
+    click.echo(f"broker reachable  {reach}{cred if report.broker_reachable is not None else ''}")
     if report.installed:
         rate = report.transfer_bytes / report.transfer_seconds if report.transfer_seconds else 0
         click.echo(f"installed         {report.installed} ({report.transfer_bytes} bytes at {rate:,.0f} B/s)")
@@ -211,9 +252,26 @@ def _hooks(as_json: bool) -> tuple[Any, Any]:
     return on_step, progress
 
 
+def _fleet_key_opt(f: Any) -> Any:
+    return click.option(
+        "--fleet-key",
+        envvar="EDGERT_FLEET_KEY",
+        required=True,
+        help="The fleet key you trust ('ed25519:...' or a file holding it; env EDGERT_FLEET_KEY): "
+        "the bundle must be signed with it.",
+    )(f)
+
+
+def _load_trusted_bundle(bundle_path: str, fleet_key: str) -> Any:
+    from edgert.provision.bundle import load_bundle, parse_fleet_key
+
+    return load_bundle(bundle_path, trusted=parse_fleet_key(fleet_key), now=datetime.now(timezone.utc))
+
+
 @provision.command("device")
 @_port_opts
 @click.option("--bundle", "bundle_path", required=True, type=click.Path(dir_okay=False))
+@_fleet_key_opt
 @click.option("--device-id", default=None, help="Default: the id the device reports (serial or hostname).")
 @click.option("--groups", default=None, help="Subset of the bundle's groups (comma-separated).")
 @click.option(
@@ -225,6 +283,7 @@ def device_cmd(
     port: str,
     baud: int,
     bundle_path: str,
+    fleet_key: str,
     device_id: str | None,
     groups: str | None,
     package: str | None,
@@ -232,11 +291,10 @@ def device_cmd(
     as_json: bool,
 ) -> None:
     """Run the whole flow: info, keys, configure, enroll, selftest, [install], finish."""
-    from edgert.provision.bundle import load_bundle
     from edgert.provision.session import HostSession, open_port
     from edgert.provision.technician import run_flow
 
-    b = load_bundle(bundle_path, now=datetime.now(timezone.utc))
+    b = _load_trusted_bundle(bundle_path, fleet_key)
     on_step, progress = _hooks(as_json)
     with open_port(port, baud) as p:
         report = run_flow(
@@ -254,6 +312,7 @@ def device_cmd(
 
 @provision.command("local")
 @click.option("--bundle", "bundle_path", required=True, type=click.Path(dir_okay=False))
+@_fleet_key_opt
 @click.option("--device-id", default=None)
 @click.option("--state-dir", default=None, type=click.Path(file_okay=False))
 @click.option(
@@ -263,6 +322,7 @@ def device_cmd(
 @click.option("--json", "as_json", is_flag=True)
 def local_cmd(
     bundle_path: str,
+    fleet_key: str,
     device_id: str | None,
     state_dir: str | None,
     config_path: str,
@@ -272,12 +332,11 @@ def local_cmd(
     """The same flow on the device itself, without a cable (an in-memory link to the agent)."""
     from edgert import paths
     from edgert.provision.agent import Agent
-    from edgert.provision.bundle import load_bundle
     from edgert.provision.local import LocalPort
     from edgert.provision.session import HostSession
     from edgert.provision.technician import run_flow
 
-    b = load_bundle(bundle_path, now=datetime.now(timezone.utc))
+    b = _load_trusted_bundle(bundle_path, fleet_key)
     agent = Agent(paths.state_dir(state_dir), Path(config_path))
     on_step, progress = _hooks(as_json)
     report = run_flow(

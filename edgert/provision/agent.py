@@ -196,13 +196,25 @@ class Agent:
             "command_key_file": str(fleet_dir / "command.pub.pem"),
             "telemetry_interval": float(b.get("telemetry_interval", 60.0)),
         }
-        if broker.get("ca_pem"):
+        ca_pem = b.get("broker_ca_pem")
+        if broker.get("tls"):
+            if not ca_pem:
+                raise ValueError("broker_ca_pem (the device endpoint uses TLS)")
             mqtt["ca_file"] = str(fleet_dir / "ca.pem")
+        claim = b["claim_broker"]
+        claim_mqtt: dict[str, Any] = {
+            "host": str(claim["host"]),
+            "port": int(claim["port"]),
+            "protocol": str(claim.get("protocol", "5")),
+            "fleet": b["fleet"],
+        }
+        if claim.get("tls"):
+            claim_mqtt["ca_file"] = str(fleet_dir / "ca.pem")
         text = self._config_text(mqtt)
         parse_config(text, str(self.config_path))  # refuse before anything is written
         publisher = parse_publisher_key(b["publisher"])
-        if broker.get("ca_pem"):
-            fs.atomic_write(fleet_dir / "ca.pem", [broker["ca_pem"].encode()], mode=0o600, step="ca")
+        if ca_pem:
+            fs.atomic_write(fleet_dir / "ca.pem", [str(ca_pem).encode()], mode=0o600, step="ca")
         fs.atomic_write(
             fleet_dir / "command.pub.pem", [b["command_pem"].encode()], mode=0o600, step="command"
         )
@@ -213,7 +225,7 @@ class Agent:
         )
         trust_publisher(self.root, publisher)
         self._write_config(mqtt)
-        self._step_done("configure", fleet=b["fleet"], groups=groups, mqtt=mqtt)
+        self._step_done("configure", fleet=b["fleet"], groups=groups, mqtt=mqtt, claim_mqtt=claim_mqtt)
         self._audit(
             "configure",
             device=device_id,
@@ -273,7 +285,7 @@ class Agent:
         mqtt = dict(st["mqtt"])
         try:
             cert = enroll_with_claim(
-                mqtt,
+                st["claim_mqtt"],
                 claim["id"],
                 claim["secret"],
                 device=st["device_id"],
@@ -327,8 +339,11 @@ class Agent:
         }
         st = self.state()
         if st.get("mqtt") and args.get("broker", True):
+            # Before enrollment the claim listener with the claim; after it, the device listener with
+            # the device's own certificate (the claim is gone by then).
             claim = self._claim()
-            ok, detail = broker_check(st["mqtt"], claim, timeout=float(args.get("timeout", 10.0)))
+            where = st["claim_mqtt"] if claim else st["mqtt"]
+            ok, detail = broker_check(where, claim, timeout=float(args.get("timeout", 10.0)))
             out.update(broker_reachable=ok, broker_detail=detail, credential="claim" if claim else "device")
         self._step_done("selftest")
         self._audit(
