@@ -28,12 +28,14 @@ from edgert.provision.enroll_client import broker_check, enroll_with_claim
 from edgert.provision.session import DeviceRefusal, DeviceSession, ErrorCode, read_available
 from edgert.security.atomic import FileSystem, ensure_private_dir
 
-__all__ = ["DEFAULT_CONFIG_PATH", "SELFTEST_MODEL", "Agent", "factory_reset", "serve"]
+__all__ = ["DEFAULT_CONFIG_PATH", "LOCKED_MARKER", "SELFTEST_MODEL", "Agent", "factory_reset", "serve"]
 
 DEFAULT_CONFIG_PATH = Path("/etc/edgert/edgert.toml")
 SELFTEST_MODEL = "digits_small_int8.onnx"
 SELFTEST_RUNS = 20
 MAX_PACKAGE_BYTES = 512 * 1024 * 1024
+#: Exists once the device is provisioned (the agent's systemd unit then does not start).
+LOCKED_MARKER = "locked"
 STEPS = ("keys", "configure", "enroll", "selftest", "install", "finish")
 
 
@@ -448,6 +450,9 @@ class Agent:
         self._need("keys", "configure")
         st = self.state()
         self._save(locked=True, locked_at=self.clock().strftime("%Y-%m-%dT%H:%M:%SZ"))
+        # A file systemd can test (ConditionPathExists=! in packaging/edgert-provision@.service);
+        # factory_reset removes it with the rest of provision/.
+        self._fs().atomic_write(self.dir / LOCKED_MARKER, [b"provisioned\n"], mode=0o600, step="locked")
         self._audit("finish", device=st.get("device_id"), steps=",".join(sorted(st.get("steps", {}))))
         return {"device_id": st.get("device_id"), "locked": True, "enrolled": bool(st.get("enrolled"))}
 
