@@ -439,38 +439,27 @@ class RabbitMQ:
 # -- two listeners (provisioning) ------------------------------------------------------------------
 @dataclass
 class TwoListenerMosquitto(Mosquitto):
-    """mosquitto with the provisioning listeners of :mod:`edgert.provision.broker_conf`.
+    """mosquitto on the listeners ``edgert provision broker-setup`` wrote (``setup_conf``).
 
-    ``port`` is the device listener (mutual TLS against ``fleet_ca``, the device ACL); ``claim_port``
-    the claim listener (passwords, the claim ACL). ``tls`` is (fleet CA, server cert, server key).
+    ``port`` is the device listener (mutual TLS against the fleet CA, the device ACL); ``claim_port``
+    the claim listener (the claim password file, the claim ACL). Both must match what the setup was
+    written with. ``passwords`` are added to the setup's claim password file with mosquitto_passwd.
     """
 
-    fleet: str = "f1"
+    setup_conf: Path | None = None
     claim_port: int = field(default_factory=free_port)
-    claim_tls: bool = True
 
     def write_config(self) -> Path:
-        """mosquitto.conf from edgert's own generator, plus the process settings tests need."""
-        from edgert.provision.broker_conf import (
-            BrokerFiles,
-            claim_listener_acl,
-            device_acl,
-            mosquitto_conf,
-        )
-
-        assert self.tls is not None, "the device listener needs (fleet CA, server cert, server key)"
+        """The process settings tests need, then the setup's listener part, unchanged."""
+        assert self.setup_conf is not None, "write the setup with edgert.provision.broker_setup first"
         d = self.directory
         d.mkdir(parents=True, exist_ok=True)
-        pw = d / "passwd"
-        pw.write_text("")
-        for user, password in (self.passwords or {}).items():
-            subprocess.run([MOSQUITTO_PASSWD, "-b", str(pw), user, password], check=True, capture_output=True)
-        (d / "devices.acl").write_text(device_acl(self.fleet))
-        (d / "claims.acl").write_text(claim_listener_acl(self.fleet))
-        ca, cert, key = self.tls
-        files = BrokerFiles(
-            str(ca), str(cert), str(key), str(pw), str(d / "devices.acl"), str(d / "claims.acl")
+        listeners = self.setup_conf.read_text()
+        passwd = next(
+            line.split(" ", 1)[1] for line in listeners.splitlines() if line.startswith("password_file ")
         )
+        for user, password in (self.passwords or {}).items():
+            subprocess.run([MOSQUITTO_PASSWD, "-b", passwd, user, password], check=True, capture_output=True)
         lines = [
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
             "max_queued_messages 0",
@@ -480,11 +469,8 @@ class TwoListenerMosquitto(Mosquitto):
             "log_type warning",
             "log_type notice",
             "persistence false",
-            mosquitto_conf(
-                files, device_port=self.port, claim_port=self.claim_port, bind="127.0.0.1",
-                claim_tls=self.claim_tls,
-            ),
-        ]  # fmt: skip
+            listeners,
+        ]
         conf = d / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
         return conf
@@ -494,13 +480,3 @@ class TwoListenerMosquitto(Mosquitto):
         super().start()
         wait_port(self.claim_port, START_TIMEOUT_S, self.proc)
         return self
-
-    def add_claim(self, user: str, password: str) -> None:
-        """Add a claim to the password file and reload mosquitto (SIGHUP), as an operator would."""
-        assert self.proc is not None
-        self.passwords = {**(self.passwords or {}), user: password}
-        subprocess.run(
-            [MOSQUITTO_PASSWD, "-b", str(self.directory / "passwd"), user, password],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        os.kill(self.proc.pid, signal.SIGHUP)

@@ -114,6 +114,72 @@ def bundle_create(
     )
 
 
+@provision.command("broker-setup")
+@click.option(
+    "--fleet", "fleet_dir", required=True, type=click.Path(file_okay=False), help="Fleet directory."
+)
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    required=True,
+    help="Name or address devices reach the broker at (repeat for more; the server certificate's names).",
+)
+@click.option("--device-port", default=8883, show_default=True, type=int, help="Mutual-TLS device listener.")
+@click.option("--claim-port", default=8884, show_default=True, type=int, help="Claim (password) listener.")
+@click.option(
+    "--install-dir",
+    default=None,
+    help="Where the files will live on the broker host (paths in mosquitto.conf). Default: OUT.",
+)
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="New directory.")
+@click.option("--json", "as_json", is_flag=True)
+def broker_setup_cmd(
+    fleet_dir: str,
+    hosts: tuple[str, ...],
+    device_port: int,
+    claim_port: int,
+    install_dir: str | None,
+    output: str,
+    as_json: bool,
+) -> None:
+    """Fleet side: certificates, ACLs and mosquitto listeners for devices and enrollment claims."""
+    from edgert.fleet.fleetdir import FleetDir
+    from edgert.provision.broker_conf import controller_identity
+    from edgert.provision.broker_setup import write_broker_setup
+
+    fleet = FleetDir.open(fleet_dir)
+    setup = write_broker_setup(
+        fleet,
+        output,
+        hosts=list(hosts),
+        device_port=device_port,
+        claim_port=claim_port,
+        install_dir=install_dir,
+    )
+    broker = {
+        "host": hosts[0],
+        "port": device_port,
+        "ca_file": str(fleet.public_dir.resolve() / "ca.pem"),
+        "cert_file": str(setup.controller_cert.resolve()),
+        "key_file": str(setup.controller_key.resolve()),
+    }
+    doc = {"directory": str(setup.directory), "mosquitto_conf": str(setup.conf), "fleet_toml_broker": broker}
+    toml = "\n".join(f"{k} = {json.dumps(v)}" for k, v in broker.items())
+    _emit(
+        as_json,
+        doc,
+        f"wrote {setup.directory}: mosquitto.conf (two listeners), broker.crt/key, fleet-ca.pem, "
+        f"devices.acl, claims.acl, claims.passwd; controller/ ({controller_identity(fleet.id)}) stays "
+        "with the fleet controller\n"
+        f"broker host: copy the rest to {setup.files.device_acl.rsplit('/', 1)[0]} (readable by mosquitto) "
+        f"and {setup.conf.name} to /etc/mosquitto/conf.d/edgert.conf\n"
+        f"fleet controller: set in {fleet.path / 'fleet.toml'}\n[broker]\n{toml}\n"
+        f"bundles: edgert provision bundle create --fleet {fleet.path} --broker {hosts[0]}:{device_port} "
+        f"--claim-broker {hosts[0]}:{claim_port} --broker-ca {fleet.public_dir / 'ca.pem'} ...",
+    )
+
+
 @provision.group()
 def claims() -> None:
     """Fleet side: list and revoke enrollment claims."""

@@ -17,13 +17,12 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from edgert.fleet.ca import load_ca
 from edgert.fleet.enrollment import EnrollmentHandler
 from edgert.fleet.fleetdir import FleetDir
 from edgert.fleet.repo_init import init_fleet
-from edgert.provision.broker_conf import controller_identity
+from edgert.provision.broker_setup import BrokerSetup, write_broker_setup
 from edgert.provision.bundle import Bundle, create_bundle, write_bundle
-from tests.brokers import CA, TwoListenerMosquitto, free_port
+from tests.brokers import TwoListenerMosquitto, free_port
 from tests.provision.ptys import FaultProxy, Faults, close_pair, pty_pair
 
 FLEET = "f1"
@@ -31,26 +30,28 @@ FLEET = "f1"
 
 @dataclass(frozen=True)
 class FleetPki:
-    """The fleet CA (as a test CA that can issue), the broker's server cert, the controller's client cert."""
+    """What ``edgert provision broker-setup`` wrote: the broker's listeners and the controller's identity."""
 
-    ca: CA
-    server: tuple[Path, Path]
-    controller: tuple[Path, Path]
+    ca_path: Path  # the fleet CA certificate: verifies the broker and the devices
+    setup: BrokerSetup
 
     @property
     def controller_tls(self) -> tuple[Path, Path, Path]:
         """(CA, cert, key) for a paho/mosquitto_sub client acting as the fleet controller."""
-        return (self.ca.path, *self.controller)
+        return (self.ca_path, self.setup.controller_cert, self.setup.controller_key)
 
 
-def fleet_pki(fleet: FleetDir, directory: Path) -> FleetPki:
-    """Issue the broker's server certificate and the controller's certificate from the fleet CA."""
-    directory.mkdir(parents=True, exist_ok=True)
-    key, cert = load_ca(fleet.ca_key_path, fleet.ca_cert_path)
-    ca = CA(key, cert, fleet.public_dir / "ca.pem")
-    return FleetPki(
-        ca, ca.issue(directory, "localhost", server=True), ca.issue(directory, controller_identity(fleet.id))
+def fleet_pki(fleet: FleetDir, directory: Path, device_port: int, claim_port: int) -> FleetPki:
+    """Run the operator's broker setup for loopback ports (certificates from the fleet CA, ACLs, conf)."""
+    setup = write_broker_setup(
+        fleet,
+        directory,
+        hosts=["localhost", "127.0.0.1"],
+        device_port=device_port,
+        claim_port=claim_port,
+        bind="127.0.0.1",
     )
+    return FleetPki(fleet.public_dir / "ca.pem", setup)
 
 
 def point_fleet_at_broker(fleet_path: Path, port: int, pki: FleetPki) -> FleetDir:
@@ -59,9 +60,9 @@ def point_fleet_at_broker(fleet_path: Path, port: int, pki: FleetPki) -> FleetDi
     text = toml.read_text()
     head, sep, rest = text.partition("[broker]\n")
     _body, sep2, tail = rest.partition("\n[")
-    cert, key = pki.controller
+    _ca, cert, key = pki.controller_tls
     broker = (
-        f'host = "127.0.0.1"\nport = {port}\nca_file = "{pki.ca.path}"\n'
+        f'host = "127.0.0.1"\nport = {port}\nca_file = "{pki.ca_path}"\n'
         f'cert_file = "{cert}"\nkey_file = "{key}"\nreconnect_min = 0.1\nreconnect_max = 1.0\n'
     )
     toml.write_text(head + sep + broker + sep2 + tail)
@@ -126,7 +127,7 @@ def make_site(
     """Fleet, signed bundle, two-listener mosquitto and (unless ``controller=False``) the controller."""
     device_port, claim_port = free_port(), free_port()
     init_fleet(tmp / "fleet", fleet_id=FLEET, broker_port=device_port)
-    pki = fleet_pki(FleetDir.open(tmp / "fleet"), tmp / "pki")
+    pki = fleet_pki(FleetDir.open(tmp / "fleet"), tmp / "broker-setup", device_port, claim_port)
     fleet = point_fleet_at_broker(tmp / "fleet", device_port, pki)
     bundle = create_bundle(
         tmp / "fleet",
@@ -141,8 +142,7 @@ def make_site(
         tmp / "broker",
         port=device_port,
         claim_port=claim_port,
-        fleet=FLEET,
-        tls=(pki.ca.path, *pki.server),
+        setup_conf=pki.setup.conf,
         passwords={bundle.claim_id: bundle.claim_secret},
     ).start()
     ctl = EnrollController(device_port, fleet, pki.controller_tls) if controller else None

@@ -88,7 +88,7 @@ def _claim_tries_device_topic(site: Site, marker: bytes) -> None:
     connected = threading.Event()
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id="claim-abuse", protocol=MQTTProtocolVersion.MQTTv5)
     c.username_pw_set(site.bundle.claim_id, site.bundle.claim_secret)
-    c.tls_set(ca_certs=str(site.pki.ca.path))
+    c.tls_set(ca_certs=str(site.pki.ca_path))
     c.on_connect = lambda c_, u, f, rc, p: connected.set() if not rc.is_failure else None
     c.connect("127.0.0.1", site.broker.claim_port)
     c.loop_start()

@@ -98,7 +98,7 @@ def test_bundle_create_and_claims_json(site: Site, tmp_path: Path) -> None:
             "--claim-broker",
             "mqtt.example.net:8884",
             "--broker-ca",
-            str(site.pki.ca.path),
+            str(site.pki.ca_path),
             "-o",
             str(out),
             "--json",

@@ -204,7 +204,7 @@ def _claim_client(site: Site, client_id: str) -> Any:
 
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5)
     c.username_pw_set(site.bundle.claim_id, site.bundle.claim_secret)
-    c.tls_set(ca_certs=str(site.pki.ca.path))
+    c.tls_set(ca_certs=str(site.pki.ca_path))
     return c
 
 
