@@ -16,6 +16,9 @@ docs/provisioning.md shows the result; the tests run mosquitto on exactly this t
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import secrets
 from dataclasses import dataclass
 
 from edgert.fleet.enrollment import claim_acl
@@ -29,10 +32,14 @@ __all__ = [
     "controller_identity",
     "device_acl",
     "mosquitto_conf",
+    "mosquitto_password_line",
 ]
 
 DEFAULT_DEVICE_PORT = 8883
 DEFAULT_CLAIM_PORT = 8884
+#: mosquitto 2.0's password hash ($7$: PBKDF2-HMAC-SHA512), its default iterations and salt size.
+PASSWORD_ITERATIONS = 101
+PASSWORD_SALT_BYTES = 12
 
 
 def controller_identity(fleet: str) -> str:
@@ -107,3 +114,13 @@ def mosquitto_conf(
 def claim_listener_acl(fleet: str) -> str:
     """The claim listener's ACL (:func:`edgert.fleet.enrollment.claim_acl`)."""
     return claim_acl(check_id(fleet, "fleet id"))
+
+
+def mosquitto_password_line(user: str, password: str, *, salt: bytes | None = None) -> str:
+    """One password-file line as ``mosquitto_passwd`` writes it (``user:$7$101$salt$hash``)."""
+    if ":" in user or "\n" in user:
+        raise ValueError("a mosquitto user name cannot hold ':' or a newline")
+    salt = salt if salt is not None else secrets.token_bytes(PASSWORD_SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PASSWORD_ITERATIONS)
+    b64 = base64.b64encode
+    return f"{user}:$7${PASSWORD_ITERATIONS}${b64(salt).decode()}${b64(digest).decode()}"

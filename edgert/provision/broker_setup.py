@@ -32,10 +32,11 @@ from edgert.provision.broker_conf import (
     controller_identity,
     device_acl,
     mosquitto_conf,
+    mosquitto_password_line,
 )
 from edgert.security.atomic import FileSystem, ensure_private_dir
 
-__all__ = ["BROKER_CERT_DAYS", "BrokerSetup", "write_broker_setup"]
+__all__ = ["BROKER_CERT_DAYS", "BrokerSetup", "set_claim_password", "write_broker_setup"]
 
 #: Validity of the broker's and the controller's certificates (capped by the CA's own).
 BROKER_CERT_DAYS = DEVICE_CERT_DAYS
@@ -148,3 +149,22 @@ def write_broker_setup(
     return BrokerSetup(
         out, out / "mosquitto.conf", files, controller / "controller.crt", controller / "controller.key"
     )
+
+
+def set_claim_password(path: str | Path, claim_id: str, secret: str | None) -> None:
+    """Add (or with ``secret=None`` remove) a claim in the broker's claim password file, atomically, 0600.
+
+    mosquitto reads the file again on SIGHUP (``systemctl reload mosquitto``).
+    """
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        lines = []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the claim password file {p}: {exc}") from None
+    kept = [line for line in lines if line.split(":", 1)[0] != claim_id]
+    if secret is not None:
+        kept.append(mosquitto_password_line(claim_id, secret))
+    text = "".join(line + "\n" for line in kept)
+    FileSystem().atomic_write(p, [text.encode()], mode=0o600, step="claims-passwd")

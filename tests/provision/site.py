@@ -20,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from edgert.fleet.enrollment import EnrollmentHandler
 from edgert.fleet.fleetdir import FleetDir
 from edgert.fleet.repo_init import init_fleet
-from edgert.provision.broker_setup import BrokerSetup, write_broker_setup
+from edgert.provision.broker_setup import BrokerSetup, set_claim_password, write_broker_setup
 from edgert.provision.bundle import Bundle, create_bundle, write_bundle
 from tests.brokers import TwoListenerMosquitto, free_port
 from tests.provision.ptys import FaultProxy, Faults, close_pair, pty_pair
@@ -138,12 +138,10 @@ def make_site(
         telemetry_interval=telemetry_interval,
     )
     write_bundle(bundle, tmp / "site.bundle")
+    # what 'edgert provision bundle create --claim-passwords FILE' does
+    set_claim_password(pki.setup.directory / "claims.passwd", bundle.claim_id, bundle.claim_secret)
     broker = TwoListenerMosquitto(
-        tmp / "broker",
-        port=device_port,
-        claim_port=claim_port,
-        setup_conf=pki.setup.conf,
-        passwords={bundle.claim_id: bundle.claim_secret},
+        tmp / "broker", port=device_port, claim_port=claim_port, setup_conf=pki.setup.conf
     ).start()
     ctl = EnrollController(device_port, fleet, pki.controller_tls) if controller else None
     return Site(tmp, fleet, bundle, tmp / "site.bundle", broker, pki, ctl)

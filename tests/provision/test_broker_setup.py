@@ -67,3 +67,43 @@ def test_no_device_can_be_named_like_the_controller() -> None:
     """Enrollment names the certificate after the device id; the controller's name is not a valid one."""
     with pytest.raises(EdgertError):
         check_id(controller_identity("acme"), "device id")
+
+
+def test_password_lines_are_what_mosquitto_passwd_writes(tmp_path: Path) -> None:
+    """Recompute a line mosquitto_passwd wrote, with its salt: the same (the site tests log in with ours)."""
+    import base64
+    import shutil
+    import subprocess
+
+    from edgert.provision.broker_conf import mosquitto_password_line
+
+    tool = shutil.which("mosquitto_passwd")
+    if tool is None:
+        pytest.skip("mosquitto_passwd is not installed")
+    pw = tmp_path / "passwd"
+    subprocess.run([tool, "-c", "-b", str(pw), "claim-abc", "s3cret"], check=True, capture_output=True)
+    line = pw.read_text().strip()
+    salt = base64.b64decode(line.split("$")[3])
+    assert mosquitto_password_line("claim-abc", "s3cret", salt=salt) == line
+    assert mosquitto_password_line("claim-abc", "other", salt=salt) != line
+
+
+def test_claim_passwords_follow_bundle_create_and_revoke(tmp_path: Path) -> None:
+    fleet = init_fleet(tmp_path / "acme", fleet_id="acme").fleet
+    pw = tmp_path / "claims.passwd"
+    made = []
+    for _ in range(2):
+        out = tmp_path / f"site{len(made)}.bundle"
+        args = ["bundle", "create", "--fleet", str(fleet.path), "--groups", "default",
+                "--claim-passwords", str(pw), "-o", str(out), "--json"]  # fmt: skip
+        r = CliRunner().invoke(provision, args)
+        assert r.exit_code == 0, r.output
+        made.append(json.loads(r.output)["claim"])
+    users = [line.split(":")[0] for line in pw.read_text().splitlines()]
+    assert users == made and oct(pw.stat().st_mode & 0o777) == "0o600"
+    assert all(json.loads((tmp_path / f"site{i}.bundle").read_text())["claim"]["secret"] not in pw.read_text()
+               for i in range(2))  # fmt: skip
+    r = CliRunner().invoke(provision, ["claims", "revoke", "--fleet", str(fleet.path), made[0],
+                                       "--claim-passwords", str(pw)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert [line.split(":")[0] for line in pw.read_text().splitlines()] == [made[1]]
