@@ -183,6 +183,12 @@ class Agent:
 
         self._need("keys")
         b = args["bundle"]
+        if "claim_broker" not in b:
+            raise DeviceRefusal(
+                ErrorCode.BAD_ARGS,
+                "the bundle has no claim endpoint (bundle format 1)",
+                hint="upgrade edgert on the technician's side and make a new bundle",
+            )
         device_id = self.state()["device_id"]
         groups = [str(g) for g in args.get("groups") or b["groups"]]
         fleet_dir = ensure_private_dir(self.root / "fleet")

@@ -116,3 +116,23 @@ def test_endpoint_and_key_errors_are_clear(tmp_path: Path) -> None:
 def test_claim_tls_needs_a_ca(fleet: FleetDir) -> None:
     with pytest.raises(ConfigError, match="no broker CA"):
         create_bundle(fleet.path, groups=["default"], lifetime=timedelta(days=1), uses=1, claim_tls=True)
+
+
+def test_agent_refuses_a_format_1_bundle_with_a_hint(tmp_path: Path) -> None:
+    """An older technician CLI sends a bundle without a claim endpoint: a clear refusal, nothing written."""
+    from edgert.provision.agent import Agent
+    from edgert.provision.session import DeviceRefusal, ErrorCode
+
+    agent = Agent(tmp_path / "state", tmp_path / "edgert.toml")
+    agent.handle("keys", {"device_id": "gw-old"})
+    old = {
+        "v": 1,
+        "fleet": "f1",
+        "broker": {"host": "h", "port": 1883, "ca_pem": None},
+        "groups": ["default"],
+    }
+    with pytest.raises(DeviceRefusal) as info:
+        agent.handle("configure", {"bundle": old})
+    assert info.value.code == ErrorCode.BAD_ARGS and "format 1" in str(info.value)
+    assert "upgrade edgert" in (info.value.hint or "")
+    assert not (tmp_path / "edgert.toml").exists()

@@ -247,30 +247,52 @@ def test_claim_holder_cannot_act_as_a_device(site: Site) -> None:
         watcher.close()
 
 
-def test_claim_cannot_connect_to_the_device_listener(site: Site) -> None:
-    """The device listener wants a certificate from the fleet CA; the claim's password gets nowhere."""
+def _claim_connects(site: Site, port: int) -> bool:
+    """Does the broker accept the bundle's claim on ``port``? (False: refused, or TLS failed.)"""
     import ssl
     import threading
 
-    def attempt(port: int) -> bool:
-        connected, over = threading.Event(), threading.Event()
-        claim = _claim_client(site, f"claimer-{port}")
-        claim.on_connect = lambda c, u, f, rc, p: (connected.set() if not rc.is_failure else None, over.set())
-        claim.on_disconnect = lambda *a: over.set()
-        try:
-            claim.connect("127.0.0.1", port)
-        except (ssl.SSLError, OSError):  # TLS 1.2: the handshake itself fails
-            return False
-        claim.loop_start()
-        try:
-            assert over.wait(20), "no CONNACK and no disconnect"
-            return connected.is_set()
-        finally:
-            claim.disconnect()
-            claim.loop_stop()
+    connected, over = threading.Event(), threading.Event()
+    claim = _claim_client(site, f"claimer-{port}")
+    claim.on_connect = lambda c, u, f, rc, p: (connected.set() if not rc.is_failure else None, over.set())
+    claim.on_disconnect = lambda *a: over.set()
+    try:
+        claim.connect("127.0.0.1", port)
+    except (ssl.SSLError, OSError):  # TLS 1.2: the handshake itself fails
+        return False
+    claim.loop_start()
+    try:
+        assert over.wait(20), "no CONNACK and no disconnect"
+        return connected.is_set()
+    finally:
+        claim.disconnect()
+        claim.loop_stop()
 
-    assert attempt(site.broker.claim_port)  # control: the claim works where it belongs
-    assert not attempt(site.broker.port)  # no client certificate: refused
+
+def test_claim_cannot_connect_to_the_device_listener(site: Site) -> None:
+    """The device listener wants a certificate from the fleet CA; the claim's password gets nowhere."""
+    assert _claim_connects(site, site.broker.claim_port)  # control: the claim works where it belongs
+    assert not _claim_connects(site, site.broker.port)  # no client certificate: refused
+
+
+def test_revoked_claim_is_refused_by_the_broker_after_reload(site: Site) -> None:
+    """'claims revoke --claim-passwords FILE' + a broker reload: the claim cannot even connect."""
+    import os
+
+    from click.testing import CliRunner
+
+    from edgert.cli.provision import provision
+    from tests.mqtt.conftest import wait_for
+
+    assert _claim_connects(site, site.broker.claim_port)
+    passwd = site.pki.setup.directory / "claims.passwd"
+    args = ["claims", "revoke", "--fleet", str(site.fleet.path), site.bundle.claim_id]
+    r = CliRunner().invoke(provision, [*args, "--claim-passwords", str(passwd)])
+    assert r.exit_code == 0, r.output
+    assert load_claim(site.fleet, site.bundle.claim_id).revoked
+    assert site.broker.proc is not None
+    os.kill(site.broker.proc.pid, signal.SIGHUP)  # systemctl reload mosquitto
+    wait_for(lambda: not _claim_connects(site, site.broker.claim_port), what="the broker to refuse the claim")
 
 
 def test_expired_bundle_names_the_date(site: Site) -> None:
