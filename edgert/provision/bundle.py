@@ -24,7 +24,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgert.errors import ConfigError, ProvisionError, SignatureError
+from edgert.errors import ConfigError, KeyFileError, ProvisionError, SignatureError
 from edgert.security.atomic import FileSystem
 
 __all__ = [
@@ -159,6 +159,7 @@ class Bundle:
 
     def verify(self, trusted: Ed25519PublicKey, source: str = "bundle") -> None:
         """SignatureError unless ``trusted`` (the fleet key the technician holds) signed this bundle."""
+        from edgert.security.keys import format_public_key
         from edgert.security.trust import parse_publisher_key, publisher_fingerprint
 
         fp = publisher_fingerprint(trusted)
@@ -166,10 +167,10 @@ class Bundle:
             trusted.verify(base64.b64decode(self.sig, validate=True), _signed_bytes(self.to_json()))
             if publisher_fingerprint(parse_publisher_key(self.publisher)) != fp:
                 raise InvalidSignature
-        except (InvalidSignature, ValueError, SignatureError):
+        except (InvalidSignature, ValueError, SignatureError, KeyFileError):
             raise SignatureError(
-                f"{source} is not signed by the fleet key you trust ({fp}): it was changed after the "
-                "fleet made it, or it belongs to another fleet",
+                f"{source} is not signed by the fleet key you trust ({format_public_key(trusted)}): "
+                "it was changed after the fleet made it, or it belongs to another fleet",
                 hint="get a fresh bundle from the fleet operator; check --fleet-key against theirs",
             ) from None
 

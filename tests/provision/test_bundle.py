@@ -58,7 +58,7 @@ def test_signed_bundle_verifies_with_the_fleet_key(fleet: FleetDir, bundle_path:
 
 @pytest.mark.parametrize(
     "field",
-    ["broker_port", "claim_host", "ca", "tuf_root", "groups", "claim", "publisher", "sig"],
+    ["broker_port", "claim_host", "ca", "tuf_root", "groups", "claim", "publisher", "bad_publisher", "sig"],
 )
 def test_tampered_bundle_is_refused(fleet: FleetDir, bundle_path: Path, field: str) -> None:
     other = format_public_key(generate_publisher_key(bundle_path.parent / "evil.pem"))
@@ -70,6 +70,7 @@ def test_tampered_bundle_is_refused(fleet: FleetDir, bundle_path: Path, field: s
         "groups": lambda d: d.update(groups=["default", "prod"]),
         "claim": lambda d: d["claim"].update(secret="x" + d["claim"]["secret"]),
         "publisher": lambda d: d.update(publisher=other),
+        "bad_publisher": lambda d: d.update(publisher="ed25519:not-base64!"),
         "sig": lambda d: d.update(sig=d["sig"][:-4] + "AAA="),
     }
     _edit(bundle_path, changes[field])
