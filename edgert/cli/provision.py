@@ -230,13 +230,23 @@ def local_cmd(
     "--config", "config_path", default=DEFAULT_CONFIG, show_default=True, type=click.Path(dir_okay=False)
 )
 @click.option("--profile", default="auto", show_default=True)
-def agent_cmd(port: str, baud: int, state_dir: str | None, config_path: str, profile: str) -> None:
+@click.option(
+    "--fleet-key",
+    default=None,
+    envvar="EDGERT_FLEET_KEY",
+    help="Fleet key pinned in the image ('ed25519:...' or a file): only bundles it signed are accepted.",
+)
+def agent_cmd(
+    port: str, baud: int, state_dir: str | None, config_path: str, profile: str, fleet_key: str | None
+) -> None:
     """Device side: answer the technician on PORT until the device is provisioned."""
     from edgert import paths
     from edgert.provision.agent import Agent, serve
+    from edgert.provision.bundle import parse_fleet_key
     from edgert.provision.session import open_port
 
-    agent = Agent(paths.state_dir(state_dir), Path(config_path), profile=profile)
+    pinned = parse_fleet_key(fleet_key) if fleet_key else None
+    agent = Agent(paths.state_dir(state_dir), Path(config_path), profile=profile, fleet_key=pinned)
     if agent.state().get("locked"):
         click.echo(
             f"device {agent.state().get('device_id')} is already provisioned; nothing to do "

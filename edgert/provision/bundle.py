@@ -36,6 +36,7 @@ __all__ = [
     "load_bundle",
     "parse_endpoint",
     "parse_fleet_key",
+    "verify_device_part",
     "write_bundle",
 ]
 
@@ -43,6 +44,8 @@ BUNDLE_VERSION = 2
 MAX_BUNDLE_BYTES = 1 << 20
 #: Domain separation: a bundle signature can never be taken for a package or document signature.
 SIG_CONTEXT = b"edgert site bundle v2\n"
+#: The part the device receives (no claim) carries its own signature, for devices with a pinned fleet key.
+DEVICE_SIG_CONTEXT = b"edgert site bundle v2 device part\n"
 _TS = "%Y-%m-%dT%H:%M:%SZ"
 RECREATE_HINT = (
     "recreate it with 'edgert provision bundle create --fleet DIR --groups G "
@@ -94,10 +97,37 @@ def parse_fleet_key(text: str) -> Ed25519PublicKey:
     return parse_publisher_key(text)
 
 
-def _signed_bytes(doc: dict[str, Any]) -> bytes:
-    body = {k: v for k, v in doc.items() if k != "sig"}
+def _signed_bytes(doc: dict[str, Any], context: bytes = SIG_CONTEXT) -> bytes:
+    body = {k: v for k, v in doc.items() if k not in ("sig", "device_sig")}
     canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return SIG_CONTEXT + canon.encode("ascii")
+    return context + canon.encode("ascii")
+
+
+def _refused(what: str, trusted: Ed25519PublicKey) -> SignatureError:
+    from edgert.security.keys import format_public_key
+
+    return SignatureError(
+        f"{what} is not signed by the fleet key you trust ({format_public_key(trusted)}): "
+        "it was changed after the fleet made it, or it belongs to another fleet",
+        hint="get a fresh bundle from the fleet operator; check --fleet-key against theirs",
+    )
+
+
+def verify_device_part(doc: Any, trusted: Ed25519PublicKey) -> None:
+    """SignatureError unless ``doc`` (what ``configure`` gets) is signed (``device_sig``) by ``trusted``."""
+    from edgert.security.trust import parse_publisher_key, publisher_fingerprint
+
+    try:
+        trusted.verify(
+            base64.b64decode(str(doc["device_sig"]), validate=True),
+            _signed_bytes(dict(doc), DEVICE_SIG_CONTEXT),
+        )
+        if publisher_fingerprint(parse_publisher_key(str(doc["publisher"]))) != publisher_fingerprint(
+            trusted
+        ):
+            raise InvalidSignature
+    except (InvalidSignature, ValueError, TypeError, KeyError, SignatureError, KeyFileError):
+        raise _refused("the bundle", trusted) from None
 
 
 @dataclass(frozen=True)
@@ -118,6 +148,7 @@ class Bundle:
     expires: str
     telemetry_interval: float = 60.0
     sig: str = ""
+    device_sig: str = ""
 
     @property
     def expires_at(self) -> datetime:
@@ -151,15 +182,18 @@ class Bundle:
         }
         if self.sig:
             doc["sig"] = self.sig
+        if self.device_sig:
+            doc["device_sig"] = self.device_sig
         return doc
 
     def signed(self, key: Ed25519PrivateKey) -> Bundle:
-        """This bundle signed by the fleet's publisher key."""
-        return replace(self, sig=base64.b64encode(key.sign(_signed_bytes(self.to_json()))).decode())
+        """This bundle signed by the fleet's publisher key (the whole, and the part the device gets)."""
+        b64 = base64.b64encode
+        device_sig = b64(key.sign(_signed_bytes(self._device_doc(), DEVICE_SIG_CONTEXT))).decode()
+        return replace(self, sig=b64(key.sign(_signed_bytes(self.to_json()))).decode(), device_sig=device_sig)
 
     def verify(self, trusted: Ed25519PublicKey, source: str = "bundle") -> None:
         """SignatureError unless ``trusted`` (the fleet key the technician holds) signed this bundle."""
-        from edgert.security.keys import format_public_key
         from edgert.security.trust import parse_publisher_key, publisher_fingerprint
 
         fp = publisher_fingerprint(trusted)
@@ -168,11 +202,7 @@ class Bundle:
             if publisher_fingerprint(parse_publisher_key(self.publisher)) != fp:
                 raise InvalidSignature
         except (InvalidSignature, ValueError, SignatureError, KeyFileError):
-            raise SignatureError(
-                f"{source} is not signed by the fleet key you trust ({format_public_key(trusted)}): "
-                "it was changed after the fleet made it, or it belongs to another fleet",
-                hint="get a fresh bundle from the fleet operator; check --fleet-key against theirs",
-            ) from None
+            raise _refused(source, trusted) from None
 
     @classmethod
     def from_json(cls, doc: Any, source: str) -> Bundle:
@@ -204,6 +234,7 @@ class Bundle:
                 str(doc["expires"]),
                 float(doc.get("telemetry_interval", 60.0)),
                 str(doc.get("sig", "")),
+                str(doc.get("device_sig", "")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(
@@ -211,12 +242,15 @@ class Bundle:
                 hint="make a new one with 'edgert provision bundle create'",
             ) from None
 
-    def device_public(self) -> dict[str, Any]:
-        """What the device's ``configure`` step receives (everything but the claim and signature)."""
+    def _device_doc(self) -> dict[str, Any]:
         doc = self.to_json()
-        doc.pop("claim")
-        doc.pop("sig", None)
+        for k in ("claim", "sig", "device_sig"):
+            doc.pop(k, None)
         return doc
+
+    def device_public(self) -> dict[str, Any]:
+        """What the device's ``configure`` step receives: everything but the claim, with ``device_sig``."""
+        return {**self._device_doc(), "device_sig": self.device_sig}
 
 
 def create_bundle(

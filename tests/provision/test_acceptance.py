@@ -3,10 +3,10 @@ technician command, over a real pty.
 
 Real processes only: a two-listener mosquitto (mutual TLS for devices against the fleet CA, passwords
 for the claim; edgert.provision.broker_conf), the fleet controller (``edgert fleet serve``, answering
-enrollment), the device agent (``edgert provision agent``) on one end of a pty link paced at 115200
-baud, the technician's ``edgert provision device`` on the other, and then the device's ``edgert
-daemon`` on the config the agent wrote. The fleet side reads the telemetry with ``mosquitto_sub`` as
-the controller's identity, over mutual TLS.
+enrollment), the device agent (``edgert provision agent``, the fleet key pinned) on one end of a pty
+link paced at 115200 baud, the technician's ``edgert provision device`` on the other, and then the
+device's ``edgert daemon`` on the config the agent wrote. The fleet side reads the telemetry with
+``mosquitto_sub`` as the controller's identity, over mutual TLS.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def test_one_command_takes_a_fresh_device_to_reporting_telemetry(site: Site, tmp
         _wait_controller_answers(site)
         procs["agent"] = subprocess.Popen(
             _edgert("provision", "agent", "--port", link.device_path, "--state-dir", str(state),
-                    "--config", str(config), "--profile", "cpu-generic"),
+                    "--config", str(config), "--profile", "cpu-generic", "--fleet-key", site.fleet_key),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         assert procs["agent"].stderr is not None
@@ -146,6 +146,7 @@ def test_one_command_takes_a_fresh_device_to_reporting_telemetry(site: Site, tmp
         )  # fmt: skip
         assert info.returncode == 0, info.stderr
         assert json.loads(info.stdout)["provisioned"] is False
+        assert json.loads(info.stdout)["fleet_key"] is not None  # the image pins the fleet key
         run = subprocess.run(
             _edgert("provision", "device", "--port", link.host_path, "--bundle", str(site.bundle_path),
                     "--fleet-key", site.fleet_key, "--device-id", DEVICE),

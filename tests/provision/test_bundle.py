@@ -137,3 +137,34 @@ def test_agent_refuses_a_format_1_bundle_with_a_hint(tmp_path: Path) -> None:
     assert info.value.code == ErrorCode.BAD_ARGS and "format 1" in str(info.value)
     assert "upgrade edgert" in (info.value.hint or "")
     assert not (tmp_path / "edgert.toml").exists()
+
+
+def test_device_with_a_pinned_fleet_key_checks_the_part_it_receives(
+    fleet: FleetDir, bundle_path: Path, tmp_path: Path
+) -> None:
+    """configure carries the bundle without the claim, signed on its own (device_sig): a device image
+    with the fleet key pinned refuses anything else, before writing anything, and audits it."""
+    from edgert.provision.agent import Agent
+    from edgert.provision.session import DeviceRefusal, ErrorCode
+    from tests.provision.site import agent_events
+
+    b = load_bundle(bundle_path, trusted=None)
+    pinned = parse_fleet_key(fleet.publisher_public)
+    other = init_fleet(tmp_path / "other", fleet_id="f1").fleet  # same id, another fleet's keys
+    forged = create_bundle(other.path, groups=["default"], lifetime=timedelta(days=1), uses=1).device_public()
+    tampered = {**b.device_public(), "broker": {**b.device_public()["broker"], "host": "evil.example"}}
+    unsigned = {k: v for k, v in b.device_public().items() if k != "device_sig"}
+    state, config = tmp_path / "state", tmp_path / "etc" / "edgert.toml"
+    agent = Agent(state, config, fleet_key=pinned)
+    assert agent.handle("info", {})["fleet_key"] is not None
+    agent.handle("keys", {"device_id": "gw-p"})
+    for doc in (tampered, forged, unsigned):
+        with pytest.raises(DeviceRefusal) as info:
+            agent.handle("configure", {"bundle": doc})
+        assert info.value.code == ErrorCode.SECURITY and "not signed by the fleet key" in str(info.value)
+        assert not config.exists() and not (state / "fleet").exists()
+    assert agent_events(state).count("provision_bundle_refused") == 3
+    assert agent.handle("configure", {"bundle": b.device_public()})["fleet"] == "f1"
+    assert config.exists()
+    # without a pinned key the device takes what the (verifying) technician sends
+    assert Agent(tmp_path / "s2", tmp_path / "c2.toml").handle("info", {})["fleet_key"] is None
