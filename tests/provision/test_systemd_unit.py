@@ -32,6 +32,7 @@ def test_unit_runs_the_agent_on_the_instance_port_as_the_daemon_user(repo_root: 
     for line in ("User=edgert", "Group=edgert", "SupplementaryGroups=dialout", "DeviceAllow=/dev/%I rw"):
         assert line in unit
     assert "Conflicts=serial-getty@%i.service" in unit
+    assert "EnvironmentFile=-/etc/default/edgert-provision" in unit  # EDGERT_FLEET_KEY, read by the agent
 
 
 def test_unit_is_skipped_once_provisioned(repo_root: Path, tmp_path: Path) -> None:
