@@ -434,3 +434,49 @@ class RabbitMQ:
                 proc.wait(STOP_TIMEOUT_S)
             self.log.close()
         subprocess.run(["epmd", "-kill"], env=env, capture_output=True, timeout=30)
+
+
+# -- two listeners (provisioning) ------------------------------------------------------------------
+@dataclass
+class TwoListenerMosquitto(Mosquitto):
+    """mosquitto on the listeners ``edgert provision broker-setup`` wrote (``setup_conf``).
+
+    ``port`` is the device listener (mutual TLS against the fleet CA, the device ACL); ``claim_port``
+    the claim listener (the claim password file, the claim ACL). Both must match what the setup was
+    written with. ``passwords`` are added to the setup's claim password file with mosquitto_passwd.
+    """
+
+    setup_conf: Path | None = None
+    claim_port: int = field(default_factory=free_port)
+
+    def write_config(self) -> Path:
+        """The process settings tests need, then the setup's listener part, unchanged."""
+        assert self.setup_conf is not None, "write the setup with edgert.provision.broker_setup first"
+        d = self.directory
+        d.mkdir(parents=True, exist_ok=True)
+        listeners = self.setup_conf.read_text()
+        passwd = next(
+            line.split(" ", 1)[1] for line in listeners.splitlines() if line.startswith("password_file ")
+        )
+        for user, password in (self.passwords or {}).items():
+            subprocess.run([MOSQUITTO_PASSWD, "-b", passwd, user, password], check=True, capture_output=True)
+        lines = [
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
+            "max_queued_messages 0",
+            "max_inflight_messages 0",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "persistence false",
+            listeners,
+        ]
+        conf = d / "mosquitto.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        return conf
+
+    def start(self) -> TwoListenerMosquitto:
+        """Start and wait until both listeners accept."""
+        super().start()
+        wait_port(self.claim_port, START_TIMEOUT_S, self.proc)
+        return self

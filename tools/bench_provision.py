@@ -4,8 +4,11 @@
 
 Two real pty pairs joined by a proxy that paces bytes at the line rate of BAUD with 8N1 framing
 (BAUD / 10 bytes per second; one thread for both directions, so answers and data never overlap,
-which is the pessimistic case), the agent in its own process, a real mosquitto with the claim ACL
-and the enrollment controller. Prints one JSON document. Needs mosquitto (tools/install_test_brokers.sh).
+which is the pessimistic case), the agent in its own process, a real two-listener mosquitto (the
+claim listener with the claim ACL, the mutual-TLS device listener the enrolled device's selftest
+connects to with its own certificate) and the enrollment controller. End to end covers hello, info,
+keys, configure, enroll, selftest, the package install and finish. Prints one JSON document. Needs
+mosquitto (tools/install_test_brokers.sh).
 """
 
 from __future__ import annotations
@@ -101,6 +104,8 @@ def main() -> None:
                 "raw_efficiency": round(len(blob) / raw_s / line_bps, 3),
                 "resends": report.resends,
                 "enrolled": report.enrolled,
+                "broker_reachable": report.broker_reachable,
+                "broker_credential": report.broker_credential,
                 "selftest_ms": report.selftest_latency_ms,
             },
             indent=2,

@@ -24,95 +24,6 @@ def provision() -> None:
     """Bring a factory-fresh device into the fleet over a serial cable (docs/provisioning.md)."""
 
 
-@provision.group()
-def bundle() -> None:
-    """Fleet side: make site bundles (broker, CA, TUF root, public keys, a short-lived claim)."""
-
-
-@bundle.command("create")
-@click.option(
-    "--fleet", "fleet_dir", required=True, type=click.Path(file_okay=False), help="Fleet directory."
-)
-@click.option("--groups", required=True, help="Comma-separated groups devices may enroll into.")
-@click.option("--expires", default="7d", show_default=True, help="Claim lifetime (45m, 12h, 7d).")
-@click.option("--uses", default=50, show_default=True, type=int, help="Devices the claim may enroll.")
-@click.option("--telemetry-interval", default=60.0, show_default=True, type=float)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Bundle file (0600).")
-@click.option("--json", "as_json", is_flag=True)
-def bundle_create(
-    fleet_dir: str,
-    groups: str,
-    expires: str,
-    uses: int,
-    telemetry_interval: float,
-    output: str,
-    as_json: bool,
-) -> None:
-    """Create a claim in the fleet and write a site bundle around it."""
-    from edgert.fleet.fleetdir import parse_duration
-    from edgert.provision.bundle import create_bundle, write_bundle
-
-    b = create_bundle(
-        fleet_dir,
-        groups=[g for g in groups.split(",") if g],
-        lifetime=parse_duration(expires),
-        uses=uses,
-        telemetry_interval=telemetry_interval,
-    )
-    write_bundle(b, output)
-    doc = {
-        "bundle": output,
-        "fleet": b.fleet,
-        "claim": b.claim_id,
-        "groups": list(b.groups),
-        "uses": uses,
-        "expires": b.expires,
-    }
-    _emit(
-        as_json,
-        doc,
-        f"wrote {output} (fleet {b.fleet}, claim {b.claim_id}, groups {','.join(b.groups)}, "
-        f"{uses} uses, expires {b.expires}); keep it private: it holds the claim secret",
-    )
-
-
-@provision.group()
-def claims() -> None:
-    """Fleet side: list and revoke enrollment claims."""
-
-
-@claims.command("list")
-@click.option("--fleet", "fleet_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True)
-def claims_list(fleet_dir: str, as_json: bool) -> None:
-    """Claims of a fleet with their use counts."""
-    from edgert.fleet.enrollment import list_claims
-    from edgert.fleet.fleetdir import FleetDir
-
-    rows = [c.to_json() for c in list_claims(FleetDir.open(fleet_dir))]
-    for r in rows:
-        r.pop("secret_sha256")
-    text = "\n".join(
-        f"{r['id']}  {r['uses']}/{r['max_uses']}  expires {r['expires']}  "
-        f"{'REVOKED' if r['revoked'] else 'active'}  groups {','.join(r['groups'])}"
-        for r in rows
-    )
-    _emit(as_json, rows, text or "no claims")
-
-
-@claims.command("revoke")
-@click.option("--fleet", "fleet_dir", required=True, type=click.Path(file_okay=False))
-@click.argument("claim_id")
-@click.option("--json", "as_json", is_flag=True)
-def claims_revoke(fleet_dir: str, claim_id: str, as_json: bool) -> None:
-    """Revoke a claim: no further device can enroll with it."""
-    from edgert.fleet.enrollment import revoke_claim
-    from edgert.fleet.fleetdir import FleetDir
-
-    c = revoke_claim(FleetDir.open(fleet_dir), claim_id)
-    _emit(as_json, {"claim": c.id, "revoked": True}, f"revoked {c.id}")
-
-
 def _port_opts(f: Any) -> Any:
     f = click.option("--baud", default=DEFAULT_BAUD, show_default=True, type=int)(f)
     return click.option(
@@ -179,7 +90,10 @@ def _flow_output(as_json: bool, report: Any) -> None:
     )
     click.echo(f"selftest latency  {lat}")
     reach = {True: "yes", False: "no", None: "not checked"}[report.broker_reachable]
-    click.echo(f"broker reachable  {reach}")
+    cred = {"device": " (device certificate)", "claim": " (enrollment claim)"}.get(
+        report.broker_credential or "", ""
+    )
+    click.echo(f"broker reachable  {reach}{cred if report.broker_reachable is not None else ''}")
     if report.installed:
         rate = report.transfer_bytes / report.transfer_seconds if report.transfer_seconds else 0
         click.echo(f"installed         {report.installed} ({report.transfer_bytes} bytes at {rate:,.0f} B/s)")
@@ -211,9 +125,26 @@ def _hooks(as_json: bool) -> tuple[Any, Any]:
     return on_step, progress
 
 
+def _fleet_key_opt(f: Any) -> Any:
+    return click.option(
+        "--fleet-key",
+        envvar="EDGERT_FLEET_KEY",
+        required=True,
+        help="The fleet key you trust ('ed25519:...' or a file holding it; env EDGERT_FLEET_KEY): "
+        "the bundle must be signed with it.",
+    )(f)
+
+
+def _load_trusted_bundle(bundle_path: str, fleet_key: str) -> Any:
+    from edgert.provision.bundle import load_bundle, parse_fleet_key
+
+    return load_bundle(bundle_path, trusted=parse_fleet_key(fleet_key), now=datetime.now(timezone.utc))
+
+
 @provision.command("device")
 @_port_opts
 @click.option("--bundle", "bundle_path", required=True, type=click.Path(dir_okay=False))
+@_fleet_key_opt
 @click.option("--device-id", default=None, help="Default: the id the device reports (serial or hostname).")
 @click.option("--groups", default=None, help="Subset of the bundle's groups (comma-separated).")
 @click.option(
@@ -225,6 +156,7 @@ def device_cmd(
     port: str,
     baud: int,
     bundle_path: str,
+    fleet_key: str,
     device_id: str | None,
     groups: str | None,
     package: str | None,
@@ -232,11 +164,10 @@ def device_cmd(
     as_json: bool,
 ) -> None:
     """Run the whole flow: info, keys, configure, enroll, selftest, [install], finish."""
-    from edgert.provision.bundle import load_bundle
     from edgert.provision.session import HostSession, open_port
     from edgert.provision.technician import run_flow
 
-    b = load_bundle(bundle_path, now=datetime.now(timezone.utc))
+    b = _load_trusted_bundle(bundle_path, fleet_key)
     on_step, progress = _hooks(as_json)
     with open_port(port, baud) as p:
         report = run_flow(
@@ -254,6 +185,7 @@ def device_cmd(
 
 @provision.command("local")
 @click.option("--bundle", "bundle_path", required=True, type=click.Path(dir_okay=False))
+@_fleet_key_opt
 @click.option("--device-id", default=None)
 @click.option("--state-dir", default=None, type=click.Path(file_okay=False))
 @click.option(
@@ -263,6 +195,7 @@ def device_cmd(
 @click.option("--json", "as_json", is_flag=True)
 def local_cmd(
     bundle_path: str,
+    fleet_key: str,
     device_id: str | None,
     state_dir: str | None,
     config_path: str,
@@ -272,12 +205,11 @@ def local_cmd(
     """The same flow on the device itself, without a cable (an in-memory link to the agent)."""
     from edgert import paths
     from edgert.provision.agent import Agent
-    from edgert.provision.bundle import load_bundle
     from edgert.provision.local import LocalPort
     from edgert.provision.session import HostSession
     from edgert.provision.technician import run_flow
 
-    b = load_bundle(bundle_path, now=datetime.now(timezone.utc))
+    b = _load_trusted_bundle(bundle_path, fleet_key)
     agent = Agent(paths.state_dir(state_dir), Path(config_path))
     on_step, progress = _hooks(as_json)
     report = run_flow(
@@ -298,13 +230,23 @@ def local_cmd(
     "--config", "config_path", default=DEFAULT_CONFIG, show_default=True, type=click.Path(dir_okay=False)
 )
 @click.option("--profile", default="auto", show_default=True)
-def agent_cmd(port: str, baud: int, state_dir: str | None, config_path: str, profile: str) -> None:
+@click.option(
+    "--fleet-key",
+    default=None,
+    envvar="EDGERT_FLEET_KEY",
+    help="Fleet key pinned in the image ('ed25519:...' or a file): only bundles it signed are accepted.",
+)
+def agent_cmd(
+    port: str, baud: int, state_dir: str | None, config_path: str, profile: str, fleet_key: str | None
+) -> None:
     """Device side: answer the technician on PORT until the device is provisioned."""
     from edgert import paths
     from edgert.provision.agent import Agent, serve
+    from edgert.provision.bundle import parse_fleet_key
     from edgert.provision.session import open_port
 
-    agent = Agent(paths.state_dir(state_dir), Path(config_path), profile=profile)
+    pinned = parse_fleet_key(fleet_key) if fleet_key else None
+    agent = Agent(paths.state_dir(state_dir), Path(config_path), profile=profile, fleet_key=pinned)
     if agent.state().get("locked"):
         click.echo(
             f"device {agent.state().get('device_id')} is already provisioned; nothing to do "
@@ -337,3 +279,12 @@ def factory_reset_cmd(state_dir: str | None, config_path: str, wipe_keys: bool, 
         raise ConfigError("factory reset needs --yes", hint="it removes the config and the fleet enrollment")
     factory_reset(paths.state_dir(state_dir), Path(config_path), wipe_keys=wipe_keys)
     click.echo("factory reset done; run 'edgert provision agent' to provision again")
+
+
+def _register_fleet_side() -> None:
+    from edgert.cli.provision_fleet import register
+
+    register(provision)
+
+
+_register_fleet_side()

@@ -12,28 +12,31 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
-import os
 import platform
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgert import __version__, paths
 from edgert.errors import EdgertError
 from edgert.provision.enroll_client import broker_check, enroll_with_claim
+from edgert.provision.install import InstallSteps
 from edgert.provision.session import DeviceRefusal, DeviceSession, ErrorCode, read_available
 from edgert.security.atomic import FileSystem, ensure_private_dir
 
-__all__ = ["DEFAULT_CONFIG_PATH", "SELFTEST_MODEL", "Agent", "factory_reset", "serve"]
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+__all__ = ["DEFAULT_CONFIG_PATH", "LOCKED_MARKER", "SELFTEST_MODEL", "Agent", "factory_reset", "serve"]
 
 DEFAULT_CONFIG_PATH = Path("/etc/edgert/edgert.toml")
 SELFTEST_MODEL = "digits_small_int8.onnx"
 SELFTEST_RUNS = 20
-MAX_PACKAGE_BYTES = 512 * 1024 * 1024
+#: Exists once the device is provisioned (the agent's systemd unit then does not start).
+LOCKED_MARKER = "locked"
 STEPS = ("keys", "configure", "enroll", "selftest", "install", "finish")
 
 
@@ -41,7 +44,7 @@ def _toml(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (str, bool, list)) else repr(value)
 
 
-class Agent:
+class Agent(InstallSteps):
     """Operations on one device's state directory and config file (no port: see :func:`serve`)."""
 
     def __init__(
@@ -52,8 +55,11 @@ class Agent:
         fs: FileSystem | None = None,
         profile: str = "auto",
         clock: Callable[[], datetime] | None = None,
+        fleet_key: Ed25519PublicKey | None = None,
     ) -> None:
         self.root, self.config_path, self.fs, self.profile = Path(state_dir), Path(config_path), fs, profile
+        #: The fleet key pinned in the device image, if any: bundles must be signed by it.
+        self.fleet_key = fleet_key
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self.dir = self.root / "provision"
         self._transfer: dict[str, Any] | None = None
@@ -148,6 +154,7 @@ class Agent:
             "device_id": st.get("device_id"),
             "steps": st.get("steps", {}),
             "fingerprints": {},
+            "fleet_key": self._pinned_fingerprint(),
         }
         with contextlib.suppress(Exception):
             from edgert.detect import detect
@@ -158,6 +165,11 @@ class Agent:
             summary = self._keys().public_summary()
             out["fingerprints"] = {k: v for k, v in summary.items() if k.endswith("fingerprint")}
         return out
+
+    def _pinned_fingerprint(self) -> str | None:
+        from edgert.security.trust import publisher_fingerprint
+
+        return publisher_fingerprint(self.fleet_key) if self.fleet_key is not None else None
 
     def op_keys(self, args: dict[str, Any]) -> dict[str, Any]:
         """Create the device keys here (or reuse them); public keys plus a CSR for the TLS key."""
@@ -181,6 +193,14 @@ class Agent:
 
         self._need("keys")
         b = args["bundle"]
+        if "claim_broker" not in b:
+            raise DeviceRefusal(
+                ErrorCode.BAD_ARGS,
+                "the bundle has no claim endpoint (bundle format 1)",
+                hint="upgrade edgert on the technician's side and make a new bundle",
+            )
+        if self.fleet_key is not None:
+            self._check_pinned(b, self.fleet_key)
         device_id = self.state()["device_id"]
         groups = [str(g) for g in args.get("groups") or b["groups"]]
         fleet_dir = ensure_private_dir(self.root / "fleet")
@@ -196,13 +216,25 @@ class Agent:
             "command_key_file": str(fleet_dir / "command.pub.pem"),
             "telemetry_interval": float(b.get("telemetry_interval", 60.0)),
         }
-        if broker.get("ca_pem"):
+        ca_pem = b.get("broker_ca_pem")
+        if broker.get("tls"):
+            if not ca_pem:
+                raise ValueError("broker_ca_pem (the device endpoint uses TLS)")
             mqtt["ca_file"] = str(fleet_dir / "ca.pem")
+        claim = b["claim_broker"]
+        claim_mqtt: dict[str, Any] = {
+            "host": str(claim["host"]),
+            "port": int(claim["port"]),
+            "protocol": str(claim.get("protocol", "5")),
+            "fleet": b["fleet"],
+        }
+        if claim.get("tls"):
+            claim_mqtt["ca_file"] = str(fleet_dir / "ca.pem")
         text = self._config_text(mqtt)
         parse_config(text, str(self.config_path))  # refuse before anything is written
         publisher = parse_publisher_key(b["publisher"])
-        if broker.get("ca_pem"):
-            fs.atomic_write(fleet_dir / "ca.pem", [broker["ca_pem"].encode()], mode=0o600, step="ca")
+        if ca_pem:
+            fs.atomic_write(fleet_dir / "ca.pem", [str(ca_pem).encode()], mode=0o600, step="ca")
         fs.atomic_write(
             fleet_dir / "command.pub.pem", [b["command_pem"].encode()], mode=0o600, step="command"
         )
@@ -213,7 +245,7 @@ class Agent:
         )
         trust_publisher(self.root, publisher)
         self._write_config(mqtt)
-        self._step_done("configure", fleet=b["fleet"], groups=groups, mqtt=mqtt)
+        self._step_done("configure", fleet=b["fleet"], groups=groups, mqtt=mqtt, claim_mqtt=claim_mqtt)
         self._audit(
             "configure",
             device=device_id,
@@ -227,6 +259,16 @@ class Agent:
             "fleet": b["fleet"],
             "groups": groups,
         }
+
+    def _check_pinned(self, doc: dict[str, Any], key: Ed25519PublicKey) -> None:
+        from edgert.errors import SignatureError
+        from edgert.provision.bundle import verify_device_part
+
+        try:
+            verify_device_part(doc, key)
+        except SignatureError as exc:
+            self._audit("bundle_refused", reason="signature")
+            raise DeviceRefusal(ErrorCode.SECURITY, exc.message, hint=exc.hint) from None
 
     def _config_text(self, mqtt: dict[str, Any]) -> str:
         lines = [
@@ -273,7 +315,7 @@ class Agent:
         mqtt = dict(st["mqtt"])
         try:
             cert = enroll_with_claim(
-                mqtt,
+                st["claim_mqtt"],
                 claim["id"],
                 claim["secret"],
                 device=st["device_id"],
@@ -327,8 +369,11 @@ class Agent:
         }
         st = self.state()
         if st.get("mqtt") and args.get("broker", True):
+            # Before enrollment the claim listener with the claim; after it, the device listener with
+            # the device's own certificate (the claim is gone by then).
             claim = self._claim()
-            ok, detail = broker_check(st["mqtt"], claim, timeout=float(args.get("timeout", 10.0)))
+            where = st["claim_mqtt"] if claim else st["mqtt"]
+            ok, detail = broker_check(where, claim, timeout=float(args.get("timeout", 10.0)))
             out.update(broker_reachable=ok, broker_detail=detail, credential="claim" if claim else "device")
         self._step_done("selftest")
         self._audit(
@@ -346,93 +391,14 @@ class Agent:
         except (OSError, ValueError):
             return None
 
-    # -- install over the cable ---------------------------------------------------------------------
-    def op_install_begin(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Start (or resume) receiving a package; answers the offset to continue from."""
-        self._need("keys")
-        size, digest = int(args["size"]), str(args["sha256"]).lower()
-        if (
-            not 0 < size <= MAX_PACKAGE_BYTES
-            or len(digest) != 64
-            or not all(c in "0123456789abcdef" for c in digest)
-        ):
-            raise DeviceRefusal(
-                ErrorCode.BAD_ARGS,
-                f"package size {size} or hash is invalid",
-                hint=f"packages up to {MAX_PACKAGE_BYTES} bytes",
-            )
-        incoming = ensure_private_dir(self.dir / "incoming")
-        part = incoming / f"{digest}.part"
-        have = part.stat().st_size if part.exists() else 0
-        if have > size:
-            part.unlink()
-            have = 0
-        self._transfer = {"path": part, "size": size, "sha256": digest, "name": str(args.get("name", ""))}
-        self._audit("install_begin", package=self._transfer["name"], size=size, resume_from=have)
-        return {"offset": have}
-
-    def data(self, offset: int, chunk: bytes) -> dict[str, Any]:
-        """One chunk of the current transfer (a repeated or stale chunk is ignored)."""
-        t = self._transfer
-        if t is None:
-            raise DeviceRefusal(
-                ErrorCode.OUT_OF_ORDER, "no transfer in progress", hint="send install_begin first"
-            )
-        part: Path = t["path"]
-        have = part.stat().st_size if part.exists() else 0
-        if offset == have and have + len(chunk) <= t["size"]:
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                os.write(fd, chunk)
-            finally:
-                os.close(fd)
-            have += len(chunk)
-        return {"next": have}
-
-    def op_install_commit(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Verify the received package, install it (not yet active) and serve it via the Deployer."""
-        from edgert.device.control import deploy_from_cli
-        from edgert.security.loader import open_audit, open_store
-
-        t = self._transfer
-        if t is None:
-            raise DeviceRefusal(
-                ErrorCode.OUT_OF_ORDER, "no transfer in progress", hint="send install_begin first"
-            )
-        part: Path = t["path"]
-        h = hashlib.sha256()
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        if part.stat().st_size != t["size"] or h.hexdigest() != t["sha256"]:
-            raise DeviceRefusal(
-                ErrorCode.TRANSFER,
-                f"received {part.stat().st_size} of {t['size']} bytes or the SHA-256 differs",
-                hint="run the install step again; it resumes",
-            )
-        keys = self._keys()
-        with open_audit(self.root, keys) as audit:
-            store = open_store(self.root, keys, audit)
-            manifest = store.install(part, activate=False)
-            outcome = deploy_from_cli(
-                store,
-                manifest.name,
-                manifest.version,
-                socket_path=None,
-                profile=self.profile,
-                audit=audit.append,
-            )
-        part.unlink()
-        self._transfer = None
-        self._step_done("install")
-        self._audit("install", model=manifest.name, version=manifest.version, active=outcome.version)
-        return {"model": manifest.name, "version": manifest.version, "note": outcome.message}
-
     def op_finish(self, args: dict[str, Any]) -> dict[str, Any]:
         """Lock provisioning; the agent stops. Re-provisioning needs :func:`factory_reset`."""
         self._need("keys", "configure")
         st = self.state()
         self._save(locked=True, locked_at=self.clock().strftime("%Y-%m-%dT%H:%M:%SZ"))
+        # A file systemd can test (ConditionPathExists=! in packaging/edgert-provision@.service);
+        # factory_reset removes it with the rest of provision/.
+        self._fs().atomic_write(self.dir / LOCKED_MARKER, [b"provisioned\n"], mode=0o600, step="locked")
         self._audit("finish", device=st.get("device_id"), steps=",".join(sorted(st.get("steps", {}))))
         return {"device_id": st.get("device_id"), "locked": True, "enrolled": bool(st.get("enrolled"))}
 

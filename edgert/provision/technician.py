@@ -26,6 +26,7 @@ class FlowReport:
     cert_fingerprint: str | None = None
     enrolled: bool = False
     broker_reachable: bool | None = None
+    broker_credential: str | None = None
     selftest_latency_ms: float | None = None
     provider: str | None = None
     installed: str | None = None
@@ -84,10 +85,12 @@ def run_flow(
     report.enrolled, report.cert_fingerprint = bool(enr.get("enrolled")), enr.get("cert_fingerprint")
     st = step("selftest", lambda: host.request("selftest"))
     report.selftest_latency_ms, report.provider = st.get("latency_ms_p50"), st.get("provider")
-    # Enrollment is itself a round trip through the broker with the claim; selftest then tries the
-    # device's own credential (a client certificate needs a TLS broker).
-    reached = [v for v in (enr.get("broker_reachable"), st.get("broker_reachable")) if v is not None]
-    report.broker_reachable = any(reached) if reached else None
+    # The selftest connects with the credential the device will keep using (its own certificate once
+    # enrolled), so its answer is the one reported; enrollment's round trip only stands in when the
+    # selftest did not check the broker.
+    reached = st.get("broker_reachable", enr.get("broker_reachable"))
+    report.broker_reachable = None if reached is None else bool(reached)
+    report.broker_credential = st.get("credential")
     if package is not None:
         data = Path(package).read_bytes()
 

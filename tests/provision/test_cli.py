@@ -53,10 +53,21 @@ def test_device_command_runs_the_flow_and_prints_a_summary(site: Site, tmp_path:
     try:
         r = CliRunner().invoke(
             provision,
-            ["device", "--port", link.host_path, "--bundle", str(site.bundle_path), "--device-id", "gw-c"],
+            [
+                "device",
+                "--port",
+                link.host_path,
+                "--bundle",
+                str(site.bundle_path),
+                "--fleet-key",
+                site.fleet_key,
+                "--device-id",
+                "gw-c",
+            ],
         )
         assert r.exit_code == 0, r.output
-        assert "device id         gw-c" in r.output and "broker reachable  yes" in r.output
+        assert "device id         gw-c" in r.output
+        assert "broker reachable  yes (device certificate)" in r.output
         assert "selftest latency" in r.output
         assert agent.wait(60) == 0  # locked: the agent is done
         assert agent.stderr is not None and b"provisioned; agent stopped" in agent.stderr.read()
@@ -82,6 +93,12 @@ def test_bundle_create_and_claims_json(site: Site, tmp_path: Path) -> None:
             "2h",
             "--uses",
             "3",
+            "--broker",
+            "mqtt.example.net:8883",
+            "--claim-broker",
+            "mqtt.example.net:8884",
+            "--broker-ca",
+            str(site.pki.ca_path),
             "-o",
             str(out),
             "--json",
@@ -90,6 +107,9 @@ def test_bundle_create_and_claims_json(site: Site, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
     assert doc["uses"] == 3 and out.exists()
+    assert doc["broker"] == {"host": "mqtt.example.net", "port": 8883, "protocol": "5", "tls": True}
+    assert doc["claim_broker"]["port"] == 8884 and doc["claim_broker"]["tls"] is True
+    assert doc["fleet_key"] == site.fleet_key
     r = CliRunner().invoke(provision, ["claims", "revoke", "--fleet", str(site.fleet.path), doc["claim"]])
     assert r.exit_code == 0
     rows = json.loads(

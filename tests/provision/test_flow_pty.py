@@ -9,6 +9,7 @@ import signal
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -77,7 +78,9 @@ def test_full_flow_over_pty(site: Site, tmp_path: Path, models_dir: Path) -> Non
                 "enroll",
                 "selftest",
             ]
-            assert report.enrolled and report.broker_reachable and report.selftest_latency_ms is not None
+            assert report.enrolled and report.selftest_latency_ms is not None
+            # the selftest reached the device listener with the device's own certificate (mutual TLS)
+            assert report.broker_reachable is True and report.broker_credential == "device"
             assert report.provider == "CPUExecutionProvider"
             # the fleet CA signed a certificate for gw-7 over the device's own TLS key
             cert = x509.load_pem_x509_certificate((state / "tls" / "device.crt").read_bytes())
@@ -88,6 +91,10 @@ def test_full_flow_over_pty(site: Site, tmp_path: Path, models_dir: Path) -> Non
             assert not (state / "provision" / "claim.json").exists()  # never used again
             cfg = load_config(config)
             assert cfg.mqtt is not None and cfg.mqtt.sync.device_id == "gw-7" and cfg.mqtt.sync.fleet == "f1"
+            broker = cfg.mqtt.broker
+            assert (broker.port, broker.cert_file) == (site.broker.port, str(state / "tls" / "device.crt"))
+            assert broker.key_file == str(state / "keys" / "tls-p256.pem") and broker.username is None
+            assert site.bundle.claim_secret not in config.read_text()
             assert (state / "tuf" / "root.json").read_bytes() == site.fleet.root_bytes()
             # install a signed package over the cable, with progress, then lock
             pkg = _package_for(site, site.fleet.device("gw-7").x25519, models_dir)
@@ -190,33 +197,30 @@ def test_kill_mid_configure_then_restart(site: Site, tmp_path: Path) -> None:
         link.close()
 
 
+def _claim_client(site: Site, client_id: str) -> Any:
+    """A paho client holding the bundle's claim, on the claim listener (TLS against the bundle's CA)."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5)
+    c.username_pw_set(site.bundle.claim_id, site.bundle.claim_secret)
+    c.tls_set(ca_certs=str(site.pki.ca_path))
+    return c
+
+
 def test_claim_holder_cannot_act_as_a_device(site: Site) -> None:
     """The broker ACL: the claim user may only publish its request and read its reply."""
     import threading
 
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
+    from tests.mqtt.conftest import Recorder, wait_for
 
-    from tests.provision.site import CONTROLLER_PW, CONTROLLER_USER
-
-    seen: list[str] = []
-    got = threading.Event()
-    watcher = paho.Client(CallbackAPIVersion.VERSION2, client_id="watch")
-    watcher.username_pw_set(CONTROLLER_USER, CONTROLLER_PW)
-    watcher.on_message = lambda c, u, m: (seen.append(m.topic), got.set())
-    watcher.on_subscribe = lambda *a: got.set()
-    watcher.connect("127.0.0.1", site.broker.port)
-    watcher.loop_start()
-    watcher.subscribe("edgert/#", qos=1)
-    assert got.wait(20)
-    got.clear()
+    watcher = Recorder(site.broker.port, "edgert/#", tls=site.pki.controller_tls)  # the controller's view
 
     def claim_publish(topic: str) -> None:
         connected = threading.Event()
-        claim = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"claimer-{len(topic)}")
-        claim.username_pw_set(site.bundle.claim_id, site.bundle.claim_secret)
+        claim = _claim_client(site, f"claimer-{len(topic)}")
         claim.on_connect = lambda *a: connected.set()
-        claim.connect("127.0.0.1", site.broker.port)
+        claim.connect("127.0.0.1", site.broker.claim_port)
         claim.loop_start()
         try:
             assert connected.wait(20)
@@ -235,12 +239,60 @@ def test_claim_holder_cannot_act_as_a_device(site: Site) -> None:
         ):
             claim_publish(topic)
         # control: the one topic it may use does arrive (so the watcher would have seen the others)
-        claim_publish(f"edgert/v1/f1/enroll/{site.bundle.claim_id}/request")
-        assert got.wait(20)
-        assert seen == [f"edgert/v1/f1/enroll/{site.bundle.claim_id}/request"]
+        mine = f"edgert/v1/f1/enroll/{site.bundle.claim_id}/request"
+        claim_publish(mine)
+        wait_for(lambda: bool(watcher.on("/request")), what="the claim's own request")
+        assert [m.topic for m in watcher.messages] == [mine]
     finally:
-        watcher.disconnect()
-        watcher.loop_stop()
+        watcher.close()
+
+
+def _claim_connects(site: Site, port: int) -> bool:
+    """Does the broker accept the bundle's claim on ``port``? (False: refused, or TLS failed.)"""
+    import ssl
+    import threading
+
+    connected, over = threading.Event(), threading.Event()
+    claim = _claim_client(site, f"claimer-{port}")
+    claim.on_connect = lambda c, u, f, rc, p: (connected.set() if not rc.is_failure else None, over.set())
+    claim.on_disconnect = lambda *a: over.set()
+    try:
+        claim.connect("127.0.0.1", port)
+    except (ssl.SSLError, OSError):  # TLS 1.2: the handshake itself fails
+        return False
+    claim.loop_start()
+    try:
+        assert over.wait(20), "no CONNACK and no disconnect"
+        return connected.is_set()
+    finally:
+        claim.disconnect()
+        claim.loop_stop()
+
+
+def test_claim_cannot_connect_to_the_device_listener(site: Site) -> None:
+    """The device listener wants a certificate from the fleet CA; the claim's password gets nowhere."""
+    assert _claim_connects(site, site.broker.claim_port)  # control: the claim works where it belongs
+    assert not _claim_connects(site, site.broker.port)  # no client certificate: refused
+
+
+def test_revoked_claim_is_refused_by_the_broker_after_reload(site: Site) -> None:
+    """'claims revoke --claim-passwords FILE' + a broker reload: the claim cannot even connect."""
+    import os
+
+    from click.testing import CliRunner
+
+    from edgert.cli.provision import provision
+    from tests.mqtt.conftest import wait_for
+
+    assert _claim_connects(site, site.broker.claim_port)
+    passwd = site.pki.setup.directory / "claims.passwd"
+    args = ["claims", "revoke", "--fleet", str(site.fleet.path), site.bundle.claim_id]
+    r = CliRunner().invoke(provision, [*args, "--claim-passwords", str(passwd)])
+    assert r.exit_code == 0, r.output
+    assert load_claim(site.fleet, site.bundle.claim_id).revoked
+    assert site.broker.proc is not None
+    os.kill(site.broker.proc.pid, signal.SIGHUP)  # systemctl reload mosquitto
+    wait_for(lambda: not _claim_connects(site, site.broker.claim_port), what="the broker to refuse the claim")
 
 
 def test_expired_bundle_names_the_date(site: Site) -> None:
@@ -248,7 +300,7 @@ def test_expired_bundle_names_the_date(site: Site) -> None:
 
     later = datetime.now(timezone.utc) + timedelta(days=8)
     with pytest.raises(ProvisionError, match=f"bundle expired on {site.bundle.expires}"):
-        load_bundle(site.bundle_path, now=later)
+        load_bundle(site.bundle_path, trusted=None, now=later)
 
 
 def test_bundle_holds_no_private_key(site: Site) -> None:
