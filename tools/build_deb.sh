@@ -2,7 +2,7 @@
 # Build a Debian package of edgert for this machine's architecture and Debian/Ubuntu Python:
 #   /opt/edgert                        a venv built from this clone's wheel: edgert[fast] and its dependencies
 #   /usr/bin/edgert                    -> /opt/edgert/bin/edgert
-#   /usr/lib/systemd/system/edgert.service, /usr/lib/sysusers.d/edgert.conf, /usr/lib/tmpfiles.d/edgert.conf
+#   /usr/lib/systemd/system/edgert.service, edgert-provision@.service, /usr/lib/sysusers.d/edgert.conf, /usr/lib/tmpfiles.d/edgert.conf
 #   /etc/edgert/edgert.toml            the annotated example config (a conffile)
 #   /usr/share/edgert/models           -> the bundled sample models
 #   bash tools/build_deb.sh [OUT_DIR]  (default dist/); prints the path of the .deb it wrote
@@ -72,6 +72,7 @@ site="$PREFIX/lib/python$pyver/site-packages"
 
 echo "== adding the unit, users, directories and config"
 install -D -m 0644 packaging/edgert.service "$root/usr/lib/systemd/system/edgert.service"
+install -D -m 0644 packaging/edgert-provision@.service "$root/usr/lib/systemd/system/edgert-provision@.service"
 install -D -m 0644 packaging/sysusers.d/edgert.conf "$root/usr/lib/sysusers.d/edgert.conf"
 install -D -m 0644 packaging/tmpfiles.d/edgert.conf "$root/usr/lib/tmpfiles.d/edgert.conf"
 install -D -m 0644 packaging/edgert.toml "$root/etc/edgert/edgert.toml"

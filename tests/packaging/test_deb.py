@@ -47,6 +47,8 @@ WATCHED = (
     "/usr/share/doc/edgert",
     UNIT,
     "/lib/systemd/system/edgert.service",
+    "/usr/lib/systemd/system/edgert-provision@.service",
+    "/lib/systemd/system/edgert-provision@.service",
     "/usr/lib/sysusers.d/edgert.conf",
     "/usr/lib/tmpfiles.d/edgert.conf",
 )
@@ -137,6 +139,7 @@ def test_package_metadata_and_contents(deb: Path) -> None:
         "./opt/edgert/pyvenv.cfg",
         "./usr/bin/edgert -> /opt/edgert/bin/edgert",
         "." + UNIT,
+        "./usr/lib/systemd/system/edgert-provision@.service",
         "./usr/lib/sysusers.d/edgert.conf",
         "./usr/lib/tmpfiles.d/edgert.conf",
         "./etc/edgert/edgert.toml",
