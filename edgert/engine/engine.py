@@ -26,7 +26,7 @@ from edgert.engine.cache import cache_key
 from edgert.engine.cascade_run import cascade_info, check_members, run_cascade_async, run_cascade_sync
 from edgert.engine.config import CascadeConfig, InferResult, ModelConfig, ModelInfo, ServableModel
 from edgert.engine.served import Progress, Served, check_compatible, prepare
-from edgert.engine.stats import InferenceStats
+from edgert.engine.stats import InferenceStats, register_cost_metrics
 from edgert.errors import (
     BackendError,
     ConfigError,
@@ -108,6 +108,7 @@ class Engine:
         self._pool: ThreadPoolExecutor | None = None
         #: Triton-style statistics per model version, and sampled CPU cost per inference.
         self.stats = InferenceStats()
+        register_cost_metrics(metrics, self.stats)
         metrics.add_gauge_source("queue_depth", "Requests waiting in the batch queue.", self._queue_depths)
         metrics.add_gauge_source("in_flight", "Admitted requests not yet finished.", self._in_flight)
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from edgert.errors import UnknownModelError
-from edgert.metrics.timing import RequestTiming
+from edgert.metrics import Metrics
+from edgert.metrics.timing import CPU_SAMPLE_EVERY, RequestTiming
 
-__all__ = ["CPU_STAGES", "InferenceStats", "VersionStats"]
+__all__ = ["CPU_STAGES", "InferenceStats", "VersionStats", "register_cost_metrics"]
 
 #: Stages whose CPU time is measured (sampled: see edgert.metrics.timing.CPU_SAMPLE_EVERY).
 CPU_STAGES = ("input", "infer", "output")
@@ -236,3 +237,26 @@ class InferenceStats:
                 out[name] = {"input": i / n / 1e9, "infer": r / n / 1e9, "output": o / n / 1e9,
                              "samples": float(n)}
         return out
+
+
+def register_cost_metrics(metrics: Metrics, stats: InferenceStats) -> None:
+    """Export the sampled CPU cost per inference of every model as Prometheus gauges (and telemetry)."""
+
+    def reader(key: str) -> Callable[[], dict[str, float]]:
+        def read() -> dict[str, float]:
+            cost = stats.cpu_per_inference()
+            if key == "total":
+                return {m: c["input"] + c["infer"] + c["output"] for m, c in cost.items()}
+            return {m: c[key] for m, c in cost.items()}
+
+        return read
+
+    every = f"sampled on one request in {CPU_SAMPLE_EVERY}"
+    metrics.add_gauge_source("inference_cpu_seconds", f"Mean CPU seconds per request, all stages ({every}).",
+                             reader("total"))
+    for stage, what in (("input", "decoding and validating inputs"), ("infer", "the session run"),
+                        ("output", "splitting and selecting outputs")):
+        metrics.add_gauge_source(f"inference_cpu_{stage}_seconds",
+                                 f"Mean CPU seconds per request spent {what} ({every}).", reader(stage))
+    metrics.add_gauge_source("inference_cpu_samples", "Requests whose CPU time was measured.",
+                             reader("samples"))
