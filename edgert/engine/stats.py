@@ -46,7 +46,7 @@ class VersionStats:
         "infer_ns",
         "inference_count",
         "input_ns",
-        "last_inference_ms",
+        "last_ns",
         "output_ns",
         "queue_ns",
         "stage_n",
@@ -59,7 +59,7 @@ class VersionStats:
         self.stage_n = self.queue_ns = self.input_ns = self.infer_ns = self.output_ns = 0
         self.cache_n = self.cache_ns = 0
         self.inference_count = self.execution_count = 0
-        self.last_inference_ms = 0
+        self.last_ns = 0  # monotonic ns of the last request (0: none yet)
         #: batch size -> [runs, input ns, infer ns, output ns]
         self.batches: dict[int, list[int]] = {}
         self.cpu_requests = self.cpu_input_ns = self.cpu_infer_ns = self.cpu_output_ns = 0
@@ -82,7 +82,7 @@ class VersionStats:
         return {
             "name": name,
             "version": version,
-            "last_inference": self.last_inference_ms,
+            "last_inference": _wall_ms(self.last_ns),
             "inference_count": self.inference_count,
             "execution_count": self.execution_count,
             "inference_stats": {
@@ -117,6 +117,13 @@ class VersionStats:
         }
 
 
+def _wall_ms(monotonic_ns: int) -> int:
+    """Milliseconds since the epoch of a monotonic time (0 stays 0: never)."""
+    if not monotonic_ns:
+        return 0
+    return (time.time_ns() - time.monotonic_ns() + monotonic_ns) // 1_000_000
+
+
 def _duration(count: int, ns: int) -> dict[str, int]:
     return {"count": count, "ns": ns}
 
@@ -137,11 +144,11 @@ class InferenceStats:
     # -- recording (request path) ------------------------------------------------------------------
     def record(self, t: RequestTiming, ok: bool) -> None:
         """Count one finished request of ``t.model`` version ``t.version``."""
-        total = (t.finished_ns or time.monotonic_ns()) - t.received_ns
-        wall_ms = time.time_ns() // 1_000_000
+        end = t.finished_ns or time.monotonic_ns()
+        total = end - t.received_ns
         with self._lock:
             s = self._get(t.model, t.version)
-            s.last_inference_ms = wall_ms
+            s.last_ns = end
             if not ok:
                 s.fail_n += 1
                 s.fail_ns += total
@@ -172,7 +179,7 @@ class InferenceStats:
         with self._lock:
             s = self._get(name, version)
             s.fail_n += 1
-            s.last_inference_ms = time.time_ns() // 1_000_000
+            s.last_ns = time.monotonic_ns()
 
     def record_batch(self, name: str, version: str, rows: int, input_ns: int, infer_ns: int,
                      output_ns: int) -> None:

@@ -27,7 +27,7 @@ import logging
 import time
 from typing import Any
 
-from edgert.metrics.tracecontext import TraceContext, new_span_id, new_trace_id, parse_traceparent
+from edgert.metrics.tracecontext import TRACEPARENT_VERSION, new_ids, new_span_id, parse_traceparent
 
 __all__ = ["CPU_SAMPLE_EVERY", "DEFAULT_SLOW_REQUEST_MS", "RequestTiming", "Tracer"]
 
@@ -51,8 +51,10 @@ class RequestTiming:
     Class attributes are the defaults, so making one costs a dict and two stores on the fast path.
     """
 
-    trace: TraceContext | None = None
-    span_id = ""
+    trace_id = ""  # 32 hex digits; "" for in-process requests
+    parent_id = ""  # the caller's span, from its traceparent ("" when we started the trace)
+    flags = "00"
+    span_id = ""  # ours
     transport = "inproc"
     model = ""
     version = ""
@@ -82,11 +84,6 @@ class RequestTiming:
         self.received_ns = _now() if received_ns is None else received_ns
         if next(_sample_counter) % CPU_SAMPLE_EVERY == 0:
             self.cpu = True
-
-    @property
-    def trace_id(self) -> str:
-        """The request's trace id ("" for in-process requests)."""
-        return self.trace.trace_id if self.trace is not None else ""
 
     @property
     def admission_ns(self) -> int:
@@ -136,17 +133,18 @@ class Tracer:
         """
         timing = RequestTiming(received_ns)
         timing.transport = transport
-        timing.trace = parse_traceparent(traceparent) if traceparent else None
-        if timing.trace is None:
-            timing.trace = TraceContext(new_trace_id())
-        timing.span_id = new_span_id()
+        given = parse_traceparent(traceparent) if traceparent else None
+        if given is None:
+            timing.trace_id, timing.span_id = new_ids()
+        else:
+            timing.trace_id, timing.parent_id, timing.flags = given.trace_id, given.parent_id, given.flags
+            timing.span_id = new_span_id()
         return timing
 
     @staticmethod
     def reply_traceparent(timing: RequestTiming) -> str:
         """The ``traceparent`` to return: the same trace id, our span as the parent."""
-        assert timing.trace is not None
-        return timing.trace.traceparent(timing.span_id)
+        return f"{TRACEPARENT_VERSION}-{timing.trace_id}-{timing.span_id}-{timing.flags}"
 
     def finish(self, timing: RequestTiming, status: int) -> None:
         """The transport has answered (``status``): log the request if it was slow."""

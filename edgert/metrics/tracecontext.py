@@ -10,7 +10,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-__all__ = ["TRACEPARENT_VERSION", "TraceContext", "new_span_id", "new_trace_id", "parse_traceparent"]
+__all__ = [
+    "TRACEPARENT_VERSION",
+    "TraceContext",
+    "new_ids",
+    "new_span_id",
+    "new_trace_id",
+    "parse_traceparent",
+]
 
 #: The version this module writes; higher versions are read as the spec says (prefix only).
 TRACEPARENT_VERSION = "00"
@@ -64,6 +71,15 @@ def parse_traceparent(value: str | None) -> TraceContext | None:
         return None
     # Of the flags, only "sampled" (bit 0) is defined; we pass on only what we understand.
     return TraceContext(trace_id, parent_id, "01" if int(flags, 16) & 1 else "00")
+
+
+def new_ids() -> tuple[str, str]:
+    """A new random trace id and span id at once (one random draw: this is on every request's path)."""
+    text = f"{random.getrandbits(192):048x}"
+    trace_id, span_id = text[:32], text[32:]
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:  # 2**-64 odds; the spec forbids zero ids
+        return new_trace_id(), new_span_id()
+    return trace_id, span_id
 
 
 def new_trace_id() -> str:
