@@ -392,7 +392,7 @@ class Engine:
             with self._lock:
                 served.running -= 1
                 served.last_progress = time.monotonic()
-        rows = batch_rows(inputs)
+        rows = t.rows if t is not None else batch_rows(inputs)
         if t is not None:
             t.queue_ns, t.infer_ns, t.batch_size = begin - t.validated_ns, time.monotonic_ns() - begin, rows
             if cpu0:

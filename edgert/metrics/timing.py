@@ -13,7 +13,9 @@ admission  arrival at the transport to admission into the engine, minus decoding
 input      decoding the tensors (transport) + validating them (engine) + joining a batch
 queue      waiting in the model's batch queue or for a pool thread (0 when run inline)
 load       decrypt + load of a cold model this request waited for (``None``: the model was
-           loaded). Filled by the lazy-load path; nothing else writes it
+           loaded). Filled by the lazy-load path, which gets the record as the ``timing``
+           argument of ``ServingPort.infer``: ``timing.load_ns = time.monotonic_ns() - waited_from``
+           before it calls ``Engine.infer``; nothing else writes it. It is left out of admission
 infer      the session run (for a batched request: its batch's run)
 output     splitting a batch and selecting outputs (engine)
 encode     encoding the response (transport)
@@ -87,10 +89,10 @@ class RequestTiming:
 
     @property
     def admission_ns(self) -> int:
-        """Arrival to admission, minus decoding."""
+        """Arrival to admission, minus decoding and any cold load waited for before admission."""
         if not self.admitted_ns:
             return 0
-        return max(0, self.admitted_ns - self.received_ns - self.decode_ns)
+        return max(0, self.admitted_ns - self.received_ns - self.decode_ns - (self.load_ns or 0))
 
     @property
     def total_ns(self) -> int:
