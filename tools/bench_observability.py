@@ -10,7 +10,9 @@ Reported: medians of the rounds and the on/off ratios, for
 2. OIP HTTP JSON, one client: p50 round trip;
 3. OIP HTTP JSON, 32 clients (tools/loadgen.py, separate processes): req/s and the daemon's CPU
    per request (from /proc/PID/stat: the whole process, HTTP parsing included);
-4. cost per inference from the "on" daemon itself: ``edgert_inference_cpu_*_seconds`` (sampled).
+4. cost per inference from the "on" daemon itself: ``edgert_inference_cpu_*_seconds`` (sampled);
+5. the added work per request, timed in this process (``--micro-only`` runs just this): on a
+   shared 2-core machine it is far below the noise of the end-to-end rows.
 
     python tools/bench_observability.py [--rounds 3] [--seconds 3] [--baseline-ref REF]
 """
@@ -185,7 +187,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="length of each 32-client run")
     ap.add_argument("--baseline-ref", default=None, help="git ref without the observability work")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--micro-only", action="store_true", help="only time the added work per request")
     args = ap.parse_args()
+    if args.micro_only:
+        print(json.dumps(micro(), indent=2))
+        return
     ref = args.baseline_ref or baseline_ref()
     sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout.strip()
@@ -204,6 +210,7 @@ def main() -> None:
                 print(f"round {i + 1}/{args.rounds} {side}: {results[side]['inproc'][-1]} "
                       f"{results[side]['daemon'][-1]}", file=sys.stderr)
     report = summarise(results, sha, args)
+    report["added_work_us"] = micro()
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -242,6 +249,39 @@ def print_report(report: dict) -> None:
     print("cost per inference (on, sampled, us of CPU per request):")
     for key, value in sorted(report["cost_per_inference_us"].items()):
         print(f"  {key:<36} {value}")
+    print("added work per request (this tree, timed in-process, us):")
+    for key, value in report["added_work_us"].items():
+        print(f"  {key:<36} {value}")
+
+
+def micro(n: int = 200_000) -> dict[str, float]:
+    """Microseconds of the work this feature adds to one request, timed with timeit in this process."""
+    import timeit
+
+    sys.path.insert(0, str(REPO))
+    from edgert.engine.stats import InferenceStats
+    from edgert.metrics.timing import RequestTiming, Tracer
+
+    tracer, stats = Tracer(100.0), InferenceStats()
+    done = RequestTiming()
+    done.model, done.version, done.rows, done.batch_size, done.infer_ns = "digits", "1", 1, 1, 1000
+    done.finished_ns = done.received_ns + 50_000
+
+    def transport() -> None:
+        t = tracer.start("http", None)
+        tracer.reply_traceparent(t)
+        tracer.finish(t, 200)
+
+    def stamps() -> None:  # the monotonic reads the engine adds: admit, validate, run x2, output x2
+        for _ in range(6):
+            time.monotonic_ns()
+
+    cases = {"transport: trace ids, header, slow check": transport,
+             "engine: record one request": lambda: stats.record(done, True),
+             "engine: six stage stamps": stamps}
+    out = {name: round(min(timeit.repeat(fn, number=n, repeat=5)) / n * 1e6, 3) for name, fn in cases.items()}
+    out["total"] = round(sum(out.values()), 3)
+    return out
 
 
 if __name__ == "__main__":

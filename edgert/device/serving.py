@@ -132,9 +132,10 @@ class ServingAdapter:
     def inference_stats(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
         """Triton's statistics document (edgert.engine.stats) for the served models."""
         infos = self.engine.models()
-        if name is not None and any(i.name == name and i.kind == "cascade" for i in infos):
+        kind = next((i.kind for i in infos if i.name == name), "model")
+        if kind != "model":  # a cascade (or another composite): its members run the requests
             raise UnknownModelError(
-                f"{name!r} is a cascade: statistics are kept per member model",
+                f"{name!r} is a {kind}: statistics are kept per member model",
                 hint="GET /v2/models/stats lists every model with statistics",
             )
         served = [(i.name, v) for i in infos if i.kind == "model" for v in i.versions]

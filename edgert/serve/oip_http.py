@@ -166,6 +166,7 @@ class OipRouter:
                 name, decoded.inputs, version=version, outputs=decoded.output_names, request_id=request_id,
                 timing=t,
             )
+            t.version = t.version or outcome.model_version  # a cascade: the engine did not stamp it
             encode_start = time.monotonic_ns()
             header, chunks, header_length = encode_infer_response(
                 outcome.model_name,

@@ -451,6 +451,7 @@ class UdsServer:
             t.decode_ns = time.monotonic_ns() - decode_start
             outcome = await b.infer(name, inputs, version=version, outputs=outputs, request_id=request_id,
                                     timing=t)
+            t.version = t.version or outcome.model_version  # a cascade: the engine did not stamp it
             encode_start = time.monotonic_ns()
             doc: dict[str, Any] = {"m": outcome.model_name, "v": outcome.model_version,
                                    "tp": b.tracer.reply_traceparent(t)}
