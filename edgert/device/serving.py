@@ -26,11 +26,12 @@ def _tensors(specs: Sequence[Any]) -> tuple[TensorMeta, ...]:
 class ServingAdapter:
     """Adapter from the servers' ServingPort interface to the daemon's engine."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, tracer: Tracer | None = None) -> None:
         self.daemon = daemon
         self.engine = daemon.engine
         self.shadows = daemon.shadows  # the Deployer's candidates in shadow evaluation, by model name
-        self.tracer = Tracer(daemon.config.slow_request_ms)
+        #: Request timings, trace context and the slow-request log ([daemon] slow_request_ms).
+        self.tracer = tracer or Tracer()
 
     def live(self) -> bool:
         """The process is up."""
