@@ -23,10 +23,7 @@ from edgert.errors import UnknownModelError
 from edgert.metrics import Metrics
 from edgert.metrics.timing import CPU_SAMPLE_EVERY, RequestTiming
 
-__all__ = ["CPU_STAGES", "InferenceStats", "VersionStats", "register_cost_metrics"]
-
-#: Stages whose CPU time is measured (sampled: see edgert.metrics.timing.CPU_SAMPLE_EVERY).
-CPU_STAGES = ("input", "infer", "output")
+__all__ = ["InferenceStats", "VersionStats", "register_cost_metrics"]
 
 
 class VersionStats:
