@@ -145,6 +145,9 @@ class DaemonConfig:
     #: [security] trusted_publishers: fleet publisher keys ("ed25519:<base64>") pinned by config, in
     #: addition to those pinned in the state directory with `edgert keys trust`.
     trusted_publishers: tuple[str, ...] = ()
+    #: [daemon] slow_request_ms: requests slower than this log one JSON line with their stages
+    #: (0 logs every request; a negative value turns the log off). See docs/observability.md.
+    slow_request_ms: float = 100.0
 
 
 def is_loopback(host: str) -> bool:
@@ -295,6 +298,7 @@ def parse_config(text: str, source: str = "<config>") -> DaemonConfig:
         cascades=tuple(_parse_cascade(t) for t in root.tables("cascades")),
         mqtt=_parse_mqtt(root) if root.has("mqtt") else None,
         trusted_publishers=_parse_security(root.table("security")),
+        slow_request_ms=daemon.number("slow_request_ms", 100.0, minimum=None),
     )
     cfg = _with_pipelines(root, cfg)
     daemon.check_unknown()

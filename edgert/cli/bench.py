@@ -1,4 +1,4 @@
-"""``edgert bench MODEL``: latency percentiles and throughput of in-process inference."""
+"""``edgert bench MODEL``: latency percentiles, throughput and CPU cost of in-process inference."""
 
 from __future__ import annotations
 
@@ -16,11 +16,20 @@ WARMUP_RUNS = 20
 
 
 def measure(
-    model: Any, feed: dict[str, np.ndarray], seconds: float, max_iterations: int | None = None
+    model: Any,
+    feed: dict[str, np.ndarray],
+    seconds: float,
+    max_iterations: int | None = None,
+    cpu: dict[str, float] | None = None,
 ) -> np.ndarray:
-    """Latencies (seconds) of back-to-back ``model.infer`` calls for ``seconds``."""
+    """Latencies (seconds) of back-to-back ``model.infer`` calls for ``seconds``.
+
+    With ``cpu``, it receives the CPU seconds of the timed runs (after warm-up): ``process`` (every
+    thread, onnxruntime's intra-op pool included) and ``thread`` (the calling thread alone).
+    """
     for _ in range(WARMUP_RUNS):
         model.infer(feed)
+    process0, thread0 = time.process_time(), time.thread_time()
     latencies = []
     deadline = time.perf_counter() + seconds
     clock = time.perf_counter
@@ -31,6 +40,9 @@ def measure(
         latencies.append(t1 - t0)
         if t1 >= deadline or (max_iterations and len(latencies) >= max_iterations):
             break
+    if cpu is not None:
+        cpu["process"] = time.process_time() - process0
+        cpu["thread"] = time.thread_time() - thread0
     return np.asarray(latencies)
 
 
@@ -59,7 +71,8 @@ def bench(
 
     model = Runtime(profile).load(model_path, options=ModelOptions(threads=threads, max_batch=max(batch, 1)))
     feed = random_inputs(model.inputs, batch, parse_shapes(shapes))
-    lat = measure(model, feed, seconds, iterations)
+    cpu: dict[str, float] = {}
+    lat = measure(model, feed, seconds, iterations, cpu)
     total = float(lat.sum())
     p50, p90, p99 = (float(np.percentile(lat, q)) for q in (50, 90, 99))
     doc = {
@@ -76,6 +89,10 @@ def bench(
         "mean_ms": round(total / lat.size * 1e3, 4),
         "throughput_per_s": round(lat.size * batch / total, 1),
         "load_ms": round(model.load_seconds * 1e3, 2),
+        # CPU cost per inference call (one call = `batch` rows): whole process, and the calling thread.
+        "cpu_ms_per_inference": round(cpu["process"] / lat.size * 1e3, 4),
+        "thread_cpu_ms_per_inference": round(cpu["thread"] / lat.size * 1e3, 4),
+        "cpu_utilization": round(cpu["process"] / total, 3) if total else None,
     }
     if as_json:
         echo_json(doc)
@@ -87,3 +104,7 @@ def bench(
         f"latency    p50 {doc['p50_ms']:.3f} ms   p90 {doc['p90_ms']:.3f} ms   p99 {doc['p99_ms']:.3f} ms"
     )
     click.echo(f"throughput {doc['throughput_per_s']:,.1f} inferences/s")
+    click.echo(
+        f"cpu        {doc['cpu_ms_per_inference']:.4f} ms per inference (calling thread "
+        f"{doc['thread_cpu_ms_per_inference']:.4f} ms; {doc['cpu_utilization']} cores busy)"
+    )

@@ -31,6 +31,7 @@ COMMANDS = {
     "mqtt": ("edgert.cli.mqtt:mqtt", "Check the MQTT broker connection, TLS and ACLs."),
     "fleet": ("edgert.cli.fleet:fleet", "Fleet side: repository, devices, keys, rollouts, controller."),
     "provision": ("edgert.cli.provision:provision", "Provision devices over a serial cable."),
+    "trace": ("edgert.cli.trace:trace", "Follow slow-request traces (per-stage timings) from daemon logs."),
 }
 
 

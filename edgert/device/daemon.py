@@ -115,6 +115,7 @@ class Daemon:
         from edgert.device.serving import ServingAdapter
         from edgert.engine import Engine
         from edgert.metrics import Metrics
+        from edgert.metrics.timing import Tracer
 
         self.config = config
         self.config_path = Path(config_path) if config_path else None
@@ -126,7 +127,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self._store_factory = store_factory
         self.shadows: dict[str, Any] = {}  # Deployer.shadows: candidates in shadow evaluation (ShadowRunner)
-        self.backend = ServingAdapter(self)
+        self.backend = ServingAdapter(self, Tracer(config.slow_request_ms))
         self.http: HttpServer | None = None
         self.metrics_http: HttpServer | None = None
         self.uds: UdsServer | None = None

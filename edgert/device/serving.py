@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgert.errors import ServeError, UnknownModelError
+from edgert.metrics.timing import RequestTiming, Tracer
 from edgert.serve.port import InferOutcome, ModelMeta, TensorMeta
 
 if TYPE_CHECKING:
@@ -25,10 +26,12 @@ def _tensors(specs: Sequence[Any]) -> tuple[TensorMeta, ...]:
 class ServingAdapter:
     """Adapter from the servers' ServingPort interface to the daemon's engine."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, tracer: Tracer | None = None) -> None:
         self.daemon = daemon
         self.engine = daemon.engine
         self.shadows = daemon.shadows  # the Deployer's candidates in shadow evaluation, by model name
+        #: Request timings, trace context and the slow-request log ([daemon] slow_request_ms).
+        self.tracer = tracer or Tracer()
 
     def live(self) -> bool:
         """The process is up."""
@@ -102,6 +105,7 @@ class ServingAdapter:
         version: str | None = None,
         outputs: Sequence[str] | None = None,
         request_id: str | None = None,
+        timing: RequestTiming | None = None,
     ) -> InferOutcome:
         """One request through the engine (offered to a shadow candidate of ``name`` once answered)."""
         shadow = self.shadows.get(name)  # one lookup; None unless a fleet shadow evaluation runs
@@ -113,6 +117,7 @@ class ServingAdapter:
                 version=version,
                 outputs=list(outputs) if outputs is not None else None,
                 request_id=request_id,
+                timing=timing,
             )
         except UnknownModelError as exc:
             raise self._not_serving(name, exc) from None
@@ -124,6 +129,23 @@ class ServingAdapter:
         if shadow is not None and not getattr(result, "cached", False):
             shadow.offer(inputs, result.outputs, time.perf_counter() - start)  # never blocks or raises
         return result
+
+    def inference_stats(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """Triton's statistics document (edgert.engine.stats) for the served models."""
+        infos = self.engine.models()
+        kind = next((i.kind for i in infos if i.name == name), "model")
+        if kind != "model":  # a cascade (or another composite): its members run the requests
+            raise UnknownModelError(
+                f"{name!r} is a {kind}: statistics are kept per member model",
+                hint="GET /v2/models/stats lists every model with statistics",
+            )
+        served = [(i.name, v) for i in infos if i.kind == "model" for v in i.versions]
+        try:
+            return self.engine.stats.model_stats(served, name, version)
+        except UnknownModelError as exc:
+            if name is not None and version is None:  # a configured model serving no version says why
+                raise self._not_serving(name, exc) from None
+            raise
 
     async def load(self, name: str, version: str | None = None, *, allow_downgrade: bool = False) -> None:
         """Repository load: the Deployer serves ``name`` at ``version`` (the store's active one if None)."""

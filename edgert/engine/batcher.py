@@ -15,11 +15,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgert.engine.batching import WAIT, join_inputs, plan_batch, split_outputs
 from edgert.errors import BackendError, EdgertError
+
+if TYPE_CHECKING:
+    from edgert.metrics.timing import RequestTiming
 
 __all__ = ["STOP_JOIN_TIMEOUT_S", "Batcher"]
 
@@ -30,14 +34,17 @@ STOP_JOIN_TIMEOUT_S = 10.0
 
 Outputs = dict[str, np.ndarray]
 Runner = Callable[[dict[str, np.ndarray]], Outputs]
+#: Called once per batch run: (rows, join ns, run ns, split ns).
+BatchHook = Callable[[int, int, int, int], None]
 
 
 class _Request:
-    __slots__ = ("enqueued", "error", "event", "future", "inputs", "loop", "result", "rows")
+    __slots__ = ("enqueued", "error", "event", "future", "inputs", "loop", "result", "rows", "timing")
 
-    def __init__(self, inputs: dict[str, np.ndarray], rows: int) -> None:
+    def __init__(self, inputs: dict[str, np.ndarray], rows: int, timing: RequestTiming | None) -> None:
         self.inputs = inputs
         self.rows = rows
+        self.timing = timing
         self.enqueued = time.monotonic()
         self.result: Outputs | None = None
         self.error: BaseException | None = None
@@ -79,6 +86,8 @@ class Batcher:
         self._cond = threading.Condition(threading.Lock())
         self._stopping = False
         self._rows = 0  # rows queued, guarded by _cond
+        #: Statistics hook, called on the worker thread after each batch run (set by the engine).
+        self.on_batch: BatchHook | None = None
         self._thread = threading.Thread(target=self._work, name=f"edgert-batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -101,17 +110,24 @@ class Batcher:
             if len(self._queue) == 1 or self._rows >= self._max_batch or self._rows in self._preferred:
                 self._cond.notify()
 
-    def submit_async(self, inputs: dict[str, np.ndarray], rows: int) -> asyncio.Future[Outputs]:
-        """Queue a request from the running event loop; await the returned future."""
-        req = _Request(inputs, rows)
+    def submit_async(
+        self, inputs: dict[str, np.ndarray], rows: int, timing: RequestTiming | None = None
+    ) -> asyncio.Future[Outputs]:
+        """Queue a request from the running event loop; await the returned future.
+
+        ``timing`` gets the request's queue wait and its batch's join, run and split times.
+        """
+        req = _Request(inputs, rows, timing)
         req.loop = asyncio.get_running_loop()
         req.future = req.loop.create_future()
         self._enqueue(req)
         return req.future
 
-    def submit_sync(self, inputs: dict[str, np.ndarray], rows: int) -> Outputs:
+    def submit_sync(
+        self, inputs: dict[str, np.ndarray], rows: int, timing: RequestTiming | None = None
+    ) -> Outputs:
         """Queue a request from any thread and block until its outputs are ready."""
-        req = _Request(inputs, rows)
+        req = _Request(inputs, rows, timing)
         req.event = threading.Event()
         self._enqueue(req)
         req.event.wait()
@@ -169,9 +185,16 @@ class Batcher:
     def _execute(self, batch: list[_Request]) -> None:
         rows = [r.rows for r in batch]
         try:
-            outputs = self._run(join_inputs([r.inputs for r in batch]))
+            t0 = time.monotonic_ns()
+            joined = join_inputs([r.inputs for r in batch])
+            t1 = time.monotonic_ns()
+            cpu0 = time.thread_time_ns() if any(r.timing is not None and r.timing.cpu for r in batch) else 0
+            outputs = self._run(joined)
+            cpu = (time.thread_time_ns() - cpu0) // len(batch) if cpu0 else 0
+            t2 = time.monotonic_ns()
             for req, out in zip(batch, split_outputs(outputs, rows), strict=False):
                 req.result = out
+            _stamp(batch, t0, t1, t2, time.monotonic_ns(), sum(rows), cpu, self.on_batch)
         except BaseException as exc:  # a worker must never die; the error goes to the callers
             if len(batch) > 1:
                 # Isolate the failure: run each request alone so one bad request fails only itself.
@@ -192,6 +215,22 @@ class Batcher:
                 loop.call_soon_threadsafe(_resolve_async, reqs)
             except RuntimeError:  # the loop closed: nobody is waiting any more
                 log.debug("dropping results for a closed event loop", extra={"model": self.name})
+
+
+def _stamp(
+    batch: list[_Request], t0: int, t1: int, t2: int, t3: int, rows: int, cpu: int, hook: BatchHook | None
+) -> None:
+    """Give each request its batch's join (t0-t1), run (t1-t2), split (t2-t3) and CPU share."""
+    for req in batch:
+        t = req.timing
+        if t is not None:
+            t.input_ns += t1 - t0
+            t.infer_ns, t.output_ns, t.batch_size, t.batched = t2 - t1, t3 - t2, rows, True
+            t.queue_ns = t0 - t.validated_ns
+            if t.cpu:
+                t.cpu_infer_ns += cpu
+    if hook is not None:
+        hook(rows, t1 - t0, t2 - t1, t3 - t2)
 
 
 def _head(queue: deque[_Request], n: int) -> list[_Request]:

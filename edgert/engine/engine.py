@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from edgert.engine.config import CascadeConfig, InferResult, ModelConfig, ModelI
 from edgert.engine.pipeline import PipelineSet
 from edgert.engine.pipeline_config import PipelineConfig
 from edgert.engine.served import Progress, Served, check_compatible, prepare
+from edgert.engine.stats import InferenceStats, register_cost_metrics
 from edgert.errors import (
     BackendError,
     ConfigError,
@@ -36,6 +38,7 @@ from edgert.errors import (
     UnknownModelError,
 )
 from edgert.metrics import Metrics
+from edgert.metrics.timing import RequestTiming
 
 __all__ = ["DRAIN_POLL_S", "SWAP_DRAIN_TIMEOUT_S", "Engine", "UnknownModelError"]
 
@@ -69,11 +72,14 @@ class _Admitted:
     ``@contextmanager`` because this is on every request's path and a generator costs more.
     """
 
-    __slots__ = ("engine", "name", "served", "start")
+    __slots__ = ("engine", "name", "served", "start", "timing")
 
-    def __init__(self, engine: Engine, name: str, version: str | None, start: float) -> None:
-        self.engine, self.name, self.start = engine, name, start
+    def __init__(
+        self, engine: Engine, name: str, version: str | None, start: float, t: RequestTiming
+    ) -> None:
+        self.engine, self.name, self.start, self.timing = engine, name, start, t
         self.served = engine._admit(name, version)  # raises before anything needs undoing
+        t.admitted_ns, t.model, t.version = time.monotonic_ns(), name, self.served.model.version
 
     def __enter__(self) -> Served:
         return self.served
@@ -84,6 +90,10 @@ class _Admitted:
                 self.engine.record_failure(self.name, self.start, exc)
         finally:
             self.engine._release(self.served)
+        t = self.timing
+        t.finished_ns = time.monotonic_ns()
+        if not isinstance(exc, asyncio.CancelledError):
+            self.engine.stats.record(t, exc is None)
         if exc is None:
             self.engine.metrics.observe_request(self.name, time.perf_counter() - self.start)
 
@@ -99,6 +109,9 @@ class Engine:
         self._draining = False
         self._pool: ThreadPoolExecutor | None = None
         self.pipelines = PipelineSet(self)  # pipelines (engine/pipeline.py): one model name over stages
+        #: Triton-style statistics per model version, and sampled CPU cost per inference.
+        self.stats = InferenceStats()
+        register_cost_metrics(metrics, self.stats)
         metrics.add_gauge_source("queue_depth", "Requests waiting in the batch queue.", self._queue_depths)
         metrics.add_gauge_source("in_flight", "Admitted requests not yet finished.", self._in_flight)
 
@@ -161,6 +174,7 @@ class Engine:
         if served is not None:
             self._retire(served)
         self.metrics.remove_model(name)
+        self.stats.remove(name)
 
     def models(self) -> list[ModelInfo]:
         """Describe every served model and cascade."""
@@ -217,8 +231,12 @@ class Engine:
         version: str | None = None,
         outputs: Sequence[str] | None = None,
         request_id: str | None = None,
+        timing: RequestTiming | None = None,
     ) -> InferResult:
-        """Run one request (validated, admitted, cached, batched); raises InputError/OverloadedError/..."""
+        """Run one request (validated, admitted, cached, batched); raises InputError/OverloadedError/...
+
+        ``timing`` (from a transport) is filled with the request's stages; see edgert.metrics.timing.
+        """
         start = time.perf_counter()
         cascade = self._cascades.get(name)
         if cascade is not None:
@@ -226,18 +244,19 @@ class Engine:
         pipeline = self.pipelines.get(name)
         if pipeline is not None:
             return await self.pipelines.infer(pipeline, inputs, version, outputs, start)
-        with _Admitted(self, name, version, start) as served:
-            validated, key, hit = self._before(served, inputs, outputs)
+        t = timing or RequestTiming()
+        with _Admitted(self, name, version, start, t) as served:
+            validated, key, hit = self._before(served, inputs, outputs, t)
             if hit is not None:
                 out = hit
             elif served.batcher is not None:
-                out = await served.batcher.submit_async(validated, batch_rows(validated))
+                out = await served.batcher.submit_async(validated, t.rows, t)
             elif served.inline:
-                out = self._run(served, validated)
+                out = self._run(served, validated, t)
             else:
                 loop = asyncio.get_running_loop()
-                out = await loop.run_in_executor(self._executor(), self._run, served, validated)
-            return self._after(served, out, outputs, key, cached=hit is not None)
+                out = await loop.run_in_executor(self._executor(), self._run, served, validated, t)
+            return self._after(served, out, outputs, key, t, cached=hit is not None)
 
     def infer_sync(
         self,
@@ -247,6 +266,7 @@ class Engine:
         version: str | None = None,
         outputs: Sequence[str] | None = None,
         request_id: str | None = None,
+        timing: RequestTiming | None = None,
     ) -> InferResult:
         """Blocking :meth:`infer` for threads (never call it from a running event loop: it blocks)."""
         start = time.perf_counter()
@@ -256,15 +276,16 @@ class Engine:
         pipeline = self.pipelines.get(name)
         if pipeline is not None:
             return self.pipelines.infer_sync(pipeline, inputs, version, outputs, start)
-        with _Admitted(self, name, version, start) as served:
-            validated, key, hit = self._before(served, inputs, outputs)
+        t = timing or RequestTiming()
+        with _Admitted(self, name, version, start, t) as served:
+            validated, key, hit = self._before(served, inputs, outputs, t)
             if hit is not None:
                 out = hit
             elif served.batcher is not None:
-                out = served.batcher.submit_sync(validated, batch_rows(validated))
+                out = served.batcher.submit_sync(validated, t.rows, t)
             else:
-                out = self._run(served, validated)
-            return self._after(served, out, outputs, key, cached=hit is not None)
+                out = self._run(served, validated, t)
+            return self._after(served, out, outputs, key, t, cached=hit is not None)
 
     def _admit(self, name: str, version: str | None) -> Served:
         with self._lock:
@@ -286,6 +307,7 @@ class Engine:
                 served.active += 1
                 return served
         self.metrics.observe_request(name, 0.0, error="overloaded")
+        self.stats.record_rejected(name, served.model.version)
         raise error
 
     @staticmethod
@@ -312,9 +334,10 @@ class Engine:
             self.metrics.observe_request(name, time.perf_counter() - start, error=_reason(exc))
 
     def _before(
-        self, served: Served, inputs: Mapping[str, Any], outputs: Sequence[str] | None
+        self, served: Served, inputs: Mapping[str, Any], outputs: Sequence[str] | None, t: RequestTiming
     ) -> tuple[dict[str, np.ndarray], bytes | None, dict[str, np.ndarray] | None]:
         """Validate, then look up the cache: returns (validated inputs, cache key, cached outputs)."""
+        cpu0 = time.thread_time_ns() if t.cpu else 0
         if outputs:
             unknown = [o for o in outputs if o not in served.output_names]
             if unknown:
@@ -330,11 +353,17 @@ class Engine:
                         f"input {name!r} contains NaN or Inf, which model {served.name!r} rejects",
                         hint='clean the input, or set nan_policy = "allow" for this model',
                     )
+        t.rows = batch_rows(validated)
+        t.validated_ns = time.monotonic_ns()
+        t.input_ns = t.validated_ns - t.admitted_ns
+        if cpu0:
+            t.cpu_input_ns += time.thread_time_ns() - cpu0
         if served.cache is None:
             return validated, None, None
         key = cache_key(served.name, served.model.version, validated, outputs)
         hit = served.cache.get(key)
         self.metrics.observe_cache(served.name, hit is not None)
+        t.cached = hit is not None
         return validated, key, hit
 
     def _after(
@@ -343,17 +372,30 @@ class Engine:
         out: dict[str, np.ndarray],
         outputs: Sequence[str] | None,
         key: bytes | None,
+        t: RequestTiming,
         *,
         cached: bool,
     ) -> InferResult:
+        start = time.monotonic_ns()
+        cpu0 = time.thread_time_ns() if t.cpu else 0
         if outputs:
             out = {o: out[o] for o in outputs}
         if key is not None and not cached and served.cache is not None:
             served.cache.put(key, out)
+        t.output_ns += time.monotonic_ns() - start
+        if cpu0:
+            t.cpu_output_ns += time.thread_time_ns() - cpu0
         return InferResult(out, served.name, served.model.version, cached=cached)
 
-    def _run(self, served: Served, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one (possibly batched) session call with progress tracking and batch-size metrics."""
+    def _run(
+        self, served: Served, inputs: dict[str, np.ndarray], t: RequestTiming | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run one (possibly batched) session call with progress tracking and batch-size metrics.
+
+        With ``t`` (an unbatched request), its queue wait, run time and run CPU are stamped on it.
+        """
+        begin = time.monotonic_ns() if t is not None else 0
+        cpu0 = time.thread_time_ns() if t is not None and t.cpu else 0
         with self._lock:
             if served.running == 0:
                 served.last_progress = time.monotonic()
@@ -370,7 +412,12 @@ class Engine:
             with self._lock:
                 served.running -= 1
                 served.last_progress = time.monotonic()
-        self.metrics.observe_batch(served.name, batch_rows(inputs))
+        rows = t.rows if t is not None else batch_rows(inputs)
+        if t is not None:
+            t.queue_ns, t.infer_ns, t.batch_size = begin - t.validated_ns, time.monotonic_ns() - begin, rows
+            if cpu0:
+                t.cpu_infer_ns += time.thread_time_ns() - cpu0
+        self.metrics.observe_batch(served.name, rows)
         return out
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -382,7 +429,10 @@ class Engine:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def _prepare(self, model: ServableModel, config: ModelConfig, warmup: int) -> Served:
-        return prepare(model, config, warmup, self._run)
+        served = prepare(model, config, warmup, self._run)
+        if served.batcher is not None:
+            served.batcher.on_batch = partial(self.stats.record_batch, config.name, model.version)
+        return served
 
     async def swap(
         self,

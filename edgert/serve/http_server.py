@@ -80,6 +80,8 @@ class Request:
     query: str
     headers: dict[str, str]
     body: bytes
+    #: time.monotonic_ns() when the request was fully read (0: unknown), for its timing record.
+    received_ns: int = 0
 
 
 @dataclass
@@ -274,7 +276,7 @@ class _Connection(WritePressure, asyncio.Protocol):
         self.body = []  # the chunks are joined: free them now, not at the next request
         parser = self.parser
         assert parser is not None  # only called from inside parser.feed_data
-        request = Request(parser.get_method().decode(), path, query, self.headers, body)
+        request = Request(parser.get_method().decode(), path, query, self.headers, body, time.monotonic_ns())
         keep_alive = parser.should_keep_alive()
         self.in_request = False
         self.deadline = time.monotonic() + self.limits.keepalive_timeout_s

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import unquote
 
 from edgert.errors import InputError, UnknownModelError
+from edgert.metrics.timing import RequestTiming
 from edgert.serve.http_server import Request, Response, error_response
 from edgert.serve.oip_codec import (
     decode_infer_request,
@@ -71,6 +73,8 @@ class OipRouter:
             return self._get(req) or _json(self.backend.server_metadata())
         if p[0] == "health" and n == 2 and p[1] in ("live", "ready"):
             return self._get(req) or self._health(p[1])
+        if p == ["models", "stats"]:  # Triton's statistics extension: every model
+            return self._get(req) or _json(self.backend.inference_stats())
         if p[0] == "models" and n >= 2:
             name, rest = p[1], p[2:]
             version = None
@@ -82,6 +86,8 @@ class OipRouter:
                 return self._get(req) or self._model_ready(name, version)
             if rest == ["infer"]:
                 return self._post(req) or self._infer(req, name, version)
+            if rest == ["stats"]:
+                return self._get(req) or _json(self.backend.inference_stats(name, version))
         if p[0] == "repository":
             if p[1:] == ["index"]:
                 return self._post(req) or self._index()
@@ -120,13 +126,16 @@ class OipRouter:
                 )
         return _json(items)
 
-    def _error(self, exc: BaseException, req: Request, request_id: str | None = None) -> Response:
+    def _error(
+        self, exc: BaseException, req: Request, request_id: str | None = None, trace_id: str | None = None
+    ) -> Response:
         status = 415 if isinstance(exc, _UnsupportedMedia) else status_for(exc)
         headers = (
             [("retry-after", str(max(1, round(getattr(exc, "retry_after", 1)))))] if status == 503 else []
         )
         if status >= 500 and not hasattr(exc, "retry_after"):
-            log.error("request failed", exc_info=exc, extra={"path": req.path, "request_id": request_id})
+            log.error("request failed", exc_info=exc,
+                      extra={"path": req.path, "request_id": request_id, "trace_id": trace_id})
         elif log.isEnabledFor(logging.INFO):
             log.info(
                 "request refused",
@@ -134,6 +143,7 @@ class OipRouter:
                     "path": req.path,
                     "status": status,
                     "request_id": request_id,
+                    "trace_id": trace_id,
                     "error": error_text(exc),
                 },
             )
@@ -142,16 +152,22 @@ class OipRouter:
     async def _infer(self, req: Request, name: str, version: str | None) -> Response:
         header_len = req.headers.get("inference-header-content-length")
         request_id = req.headers.get("x-request-id")
+        tracer = self.backend.tracer
+        t = tracer.start("http", req.headers.get("traceparent"), req.received_ns or None)
+        t.model = name
         try:
             hlen = self._check_content(req, header_len)
-            decoded = decode_infer_request(req.body, hlen)
+            decoded = _decode_timed(req.body, hlen, t)
             # The inputs are decoded (copied out of the body): free the body now, not after the
             # inference, so a queue of large requests holds each request's tensor and no more.
             req.body = b""
             request_id = decoded.id or request_id
             outcome = await self.backend.infer(
-                name, decoded.inputs, version=version, outputs=decoded.output_names, request_id=request_id
+                name, decoded.inputs, version=version, outputs=decoded.output_names, request_id=request_id,
+                timing=t,
             )
+            t.version = t.version or outcome.model_version  # a cascade: the engine did not stamp it
+            encode_start = time.monotonic_ns()
             header, chunks, header_length = encode_infer_response(
                 outcome.model_name,
                 outcome.model_version,
@@ -160,9 +176,15 @@ class OipRouter:
                 requested=decoded.outputs,
                 binary_default=decoded.binary_output_default,
             )
+            t.encode_ns = time.monotonic_ns() - encode_start
         except Exception as exc:
-            return self._error(exc, req, request_id)
+            resp = self._error(exc, req, request_id, t.trace_id)
+            resp.headers.append(("traceparent", tracer.reply_traceparent(t)))
+            tracer.finish(t, resp.status)
+            return resp
         extra = [("x-request-id", request_id)] if request_id and "x-request-id" in req.headers else []
+        extra.append(("traceparent", tracer.reply_traceparent(t)))
+        tracer.finish(t, 200)
         if header_length is None:
             return Response(200, [header], headers=extra)
         extra.append(("inference-header-content-length", str(header_length)))
@@ -203,6 +225,17 @@ class OipRouter:
         except Exception as exc:
             return self._error(exc, req)
         return _json({})
+
+
+def _decode_timed(body: bytes, hlen: int | None, t: RequestTiming) -> Any:
+    """Decode an infer request, stamping the decode time (and thread CPU on a sampled request) on ``t``."""
+    start = time.monotonic_ns()
+    cpu0 = time.thread_time_ns() if t.cpu else 0
+    decoded = decode_infer_request(body, hlen)
+    t.decode_ns = time.monotonic_ns() - start
+    if cpu0:
+        t.cpu_input_ns += time.thread_time_ns() - cpu0
+    return decoded
 
 
 class _UnsupportedMedia(InputError):

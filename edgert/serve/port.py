@@ -24,6 +24,7 @@ from edgert.errors import (
     StoreError,
     UnknownModelError,
 )
+from edgert.metrics.timing import RequestTiming, Tracer
 
 __all__ = ["InferOutcome", "ModelMeta", "ServingPort", "TensorMeta", "status_for"]
 
@@ -61,6 +62,9 @@ class InferOutcome(Protocol):
 class ServingPort(Protocol):
     """The daemon as seen by the servers."""
 
+    #: Starts each request's timing and trace context; logs slow requests.
+    tracer: Tracer
+
     def live(self) -> bool:
         """True while the process is up."""
         ...
@@ -89,8 +93,13 @@ class ServingPort(Protocol):
         version: str | None = None,
         outputs: Sequence[str] | None = None,
         request_id: str | None = None,
+        timing: RequestTiming | None = None,
     ) -> InferOutcome:
-        """Run one request through the engine."""
+        """Run one request through the engine (``timing``: its stages, filled on the way)."""
+        ...
+
+    def inference_stats(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """Triton statistics-extension document for ``name``/``version`` (all models when None)."""
         ...
 
     async def load(self, name: str, version: str | None = None, *, allow_downgrade: bool = False) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgert.errors import InputError, UnknownModelError
+from edgert.metrics.timing import RequestTiming
 from edgert.serve import eager, linger, memory, sockfile
 from edgert.serve import uds_frames as fr
 from edgert.serve.backpressure import NO_DEADLINE, WritePressure
@@ -394,23 +395,39 @@ class UdsServer:
     async def handle(self, kind: int, meta_len: int, frame: bytes) -> list[Any]:
         """Answer one frame; never raises (errors become ERROR frames)."""
         request_id = None
+        timing = None
+        received = time.monotonic_ns()
         try:
             meta, data = fr.decode_body(memoryview(frame)[fr.HEADER.size :], meta_len)
             request_id = meta.get("id") if isinstance(meta.get("id"), str) else None
-            return await self._dispatch(kind, meta, data, meta_len, request_id)
+            if kind == fr.INFER:
+                tp = meta.get("tp")
+                timing = self.backend.tracer.start("socket", tp if isinstance(tp, str) else None, received)
+            return await self._dispatch(kind, meta, data, meta_len, request_id, timing)
         except Exception as exc:
             status = status_for(exc)
+            trace_id = timing.trace_id if timing is not None else None
             if status >= 500 and not hasattr(exc, "retry_after"):
-                log.error("socket request failed", exc_info=exc, extra={"request_id": request_id})
+                log.error("socket request failed", exc_info=exc,
+                          extra={"request_id": request_id, "trace_id": trace_id})
             doc: dict[str, Any] = {"error": error_text(exc), "status": status}
             if hasattr(exc, "retry_after"):
                 doc["retry_after"] = exc.retry_after
             if request_id:
                 doc["id"] = request_id
+            if timing is not None:
+                doc["tp"] = self.backend.tracer.reply_traceparent(timing)
+                self.backend.tracer.finish(timing, status)
             return fr.encode_frame(fr.ERROR, doc)
 
     async def _dispatch(
-        self, kind: int, meta: dict[str, Any], data: memoryview, meta_len: int, request_id: str | None
+        self,
+        kind: int,
+        meta: dict[str, Any],
+        data: memoryview,
+        meta_len: int,
+        request_id: str | None,
+        timing: RequestTiming | None = None,
     ) -> list[Any]:
         b = self.backend
         name = meta.get("m")
@@ -427,12 +444,23 @@ class UdsServer:
                 isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)
             ):
                 raise InputError("'o' must be a list of output names (strings), e.g. [\"logits\"]")
+            t = timing or b.tracer.start("socket", None)
+            t.model = name
+            decode_start = time.monotonic_ns()
             inputs = fr.decode_tensors(meta, data, meta_len)
-            outcome = await b.infer(name, inputs, version=version, outputs=outputs, request_id=request_id)
-            doc: dict[str, Any] = {"m": outcome.model_name, "v": outcome.model_version}
+            t.decode_ns = time.monotonic_ns() - decode_start
+            outcome = await b.infer(name, inputs, version=version, outputs=outputs, request_id=request_id,
+                                    timing=t)
+            t.version = t.version or outcome.model_version  # a cascade: the engine did not stamp it
+            encode_start = time.monotonic_ns()
+            doc: dict[str, Any] = {"m": outcome.model_name, "v": outcome.model_version,
+                                   "tp": b.tracer.reply_traceparent(t)}
             if request_id:
                 doc["id"] = request_id
-            return fr.encode_frame(fr.OK, doc, outcome.outputs)
+            reply = fr.encode_frame(fr.OK, doc, outcome.outputs)
+            t.encode_ns = time.monotonic_ns() - encode_start
+            b.tracer.finish(t, 200)
+            return reply
         if kind == fr.META:
             return fr.encode_frame(fr.OK, model_metadata_doc(b.model_meta(str(name), version)))
         if kind == fr.READY:
