@@ -46,6 +46,7 @@ DEFAULT_SOCKET_PATH = "/run/edgert/edgert.sock"
 CASCADE_RULES = ("max_softmax", "margin")
 NAN_POLICIES = ("allow", "reject")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOAD_MODES = ("eager", "lazy")  # [[models]] load: at start, or on the first request (docs/memory.md)
 CONFIG_HINT = "see packaging/edgert.toml for an example"
 _PLACEHOLDER_NAME = "invalid-name"
 
@@ -86,6 +87,8 @@ class ModelEntry:
     version: str = ""  # store version; "" = the active one
     threads: int = 0  # 0 = the profile's choice
     serving: ModelConfig | None = None  # None = the engine's defaults for this name
+    load: str = "eager"  # "eager": at start; "lazy": on the first request (docs/memory.md)
+    pin: bool = False  # never unloaded to make room under daemon.memory_budget_mb
 
     def __post_init__(self) -> None:
         if self.serving is None:
@@ -143,6 +146,8 @@ class DaemonConfig:
     #: [security] trusted_publishers: fleet publisher keys ("ed25519:<base64>") pinned by config, in
     #: addition to those pinned in the state directory with `edgert keys trust`.
     trusted_publishers: tuple[str, ...] = ()
+    #: [daemon] memory_budget_mb: loaded models' measured footprints stay under it (0 = no budget).
+    memory_budget_mb: float = 0.0
 
 
 def is_loopback(host: str) -> bool:
@@ -239,6 +244,8 @@ def _parse_model(table: Table, allow_plaintext: bool) -> ModelEntry:
         version=table.string("version"),
         threads=table.integer("threads", 0),
         serving=serving,
+        load=table.choice("load", "eager", LOAD_MODES),
+        pin=table.boolean("pin", False),
     )
     table.check_unknown()
     if entry.path and not allow_plaintext:
@@ -293,10 +300,12 @@ def parse_config(text: str, source: str = "<config>") -> DaemonConfig:
         cascades=tuple(_parse_cascade(t) for t in root.tables("cascades")),
         mqtt=_parse_mqtt(root) if root.has("mqtt") else None,
         trusted_publishers=_parse_security(root.table("security")),
+        memory_budget_mb=daemon.number("memory_budget_mb", 0.0, minimum=0.0),
     )
     daemon.check_unknown()
     root.check_unknown()
     _check_names(root, cfg)
+    _check_lazy_members(root, cfg)
     problems.raise_if_any()
     return cfg
 
@@ -342,6 +351,17 @@ def _check_names(root: Table, cfg: DaemonConfig) -> None:
                 root.fail(
                     f"cascades[{i}].{key}", f"names {target!r}, which is not a model (allowed: {allowed})"
                 )
+
+
+def _check_lazy_members(root: Table, cfg: DaemonConfig) -> None:
+    """A cascade serves only while both members serve, so its members load at start and stay loaded."""
+    lazy = {m.name for m in cfg.models if m.load == "lazy"}
+    for i, cascade in enumerate(cfg.cascades):
+        for key in ("small", "large"):
+            member = getattr(cascade, key)
+            if member in lazy:
+                root.fail(f"cascades[{i}].{key}", f'names {member!r}, which has load = "lazy"; cascade '
+                          'members must have load = "eager" (allowed for members: eager)')
 
 
 def load_config(path: str | os.PathLike[str]) -> DaemonConfig:

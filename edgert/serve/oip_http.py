@@ -25,6 +25,8 @@ log = logging.getLogger("edgert.serve.oip")
 
 _JSON_TYPES = ("application/json", "")
 _PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
+#: Response header of a request that waited for its model to load (milliseconds; docs/memory.md).
+COLD_LOAD_HEADER = "x-edgert-cold-load-ms"
 
 
 def _json(doc: Any, status: int = 200, headers: list[tuple[str, str]] | None = None) -> Response:
@@ -163,6 +165,9 @@ class OipRouter:
         except Exception as exc:
             return self._error(exc, req, request_id)
         extra = [("x-request-id", request_id)] if request_id and "x-request-id" in req.headers else []
+        cold = getattr(outcome, "cold_load_s", None)  # the model was loaded for this request
+        if cold:
+            extra.append((COLD_LOAD_HEADER, f"{cold * 1000:.3f}"))
         if header_length is None:
             return Response(200, [header], headers=extra)
         extra.append(("inference-header-content-length", str(header_length)))

@@ -430,6 +430,9 @@ class UdsServer:
             inputs = fr.decode_tensors(meta, data, meta_len)
             outcome = await b.infer(name, inputs, version=version, outputs=outputs, request_id=request_id)
             doc: dict[str, Any] = {"m": outcome.model_name, "v": outcome.model_version}
+            cold = getattr(outcome, "cold_load_s", None)
+            if cold:  # the model was loaded for this request (docs/memory.md)
+                doc["cold_load_ms"] = round(cold * 1000, 3)
             if request_id:
                 doc["id"] = request_id
             return fr.encode_frame(fr.OK, doc, outcome.outputs)
