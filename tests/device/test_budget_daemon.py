@@ -56,7 +56,8 @@ def daemon(tmp_path: Path, store_dir: Path) -> Iterator[dict[str, Any]]:
     config = write_config(tmp_path, store_dir, BUDGET_MB, models, http_port, metrics_port)
     proc = start_daemon(config)
     try:
-        yield {"http": http_port, "metrics": metrics_port, "sock": tmp_path / "edgert.sock", "proc": proc}
+        yield {"http": http_port, "metrics": metrics_port, "sock": tmp_path / "edgert.sock", "proc": proc,
+               "config": config}
     finally:
         code, err = stop_daemon(proc)
         assert code == 0, err[-2000:]
@@ -89,6 +90,9 @@ def test_lazy_is_told_from_loaded_and_the_cold_header_comes_only_with_a_load(dae
     assert code == 200 and meta["inputs"][0]["name"] == "pixels" and meta["versions"] == ["1"]
     with Client(f"unix://{daemon['sock']}") as c:
         assert set(c.models()) >= set(NAMES)  # lazy ones are listed too
+    listed = cli("models", "list", "--config", str(daemon["config"]))
+    assert listed.returncode == 0, listed.stderr
+    assert "lazy (daemon: loads on its next request)" in listed.stdout
     x = digits_inputs(8)
     seen_cold = seen_warm = 0
     # sequentially, so the daemon's view before each request says whether it is cold
