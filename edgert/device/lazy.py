@@ -71,6 +71,7 @@ class _Slot:
     cold_loads: int = 0
     cold_seconds: float = 0.0
     evictions: int = 0
+    held: bool = False  # the engine refused to unload it (a cascade or pipeline uses it): never a victim
 
 
 class MemoryKeeper:
@@ -210,9 +211,9 @@ class MemoryKeeper:
                 raise ModelError(room.why, hint="raise [daemon] memory_budget_mb, unpin other models, or "
                                                 "serve a smaller variant of this model")
             if room.verdict != WAIT:
-                for victim in room.victims:
-                    self._evict(victim, name)
-                return
+                if all([self._evict(victim, name) for victim in room.victims]):
+                    return
+                continue  # one was held by a cascade or pipeline: plan again without it
             left = deadline - time.monotonic()
             if left <= 0:
                 raise OverloadedError(f"no room to load model {name!r}: {room.why}",
@@ -235,17 +236,26 @@ class MemoryKeeper:
             except UnknownModelError:
                 pinned = False
             busy = slot.leases > 0 or self.deployer.deploying(name)
-            out.append(Loaded(name, slot.footprint, pinned, busy, slot.last_used))
+            out.append(Loaded(name, slot.footprint, pinned or slot.held, busy, slot.last_used))
         return out
 
-    def _evict(self, name: str, for_model: str) -> None:
+    def _evict(self, name: str, for_model: str) -> bool:
         slot = self._slot(name)
-        self.deployer.unload_for_room(name)
+        try:
+            self.deployer.unload_for_room(name)
+        except UnknownModelError:
+            pass  # not served any more: nothing to unload, it no longer counts
+        except EdgertError as exc:  # used by a cascade or pipeline: it stays, and is treated as pinned
+            slot.held = True
+            log.warning("model is in use by a cascade or pipeline; not unloaded for room",
+                        extra={"model": name, "error": exc.message[:200]})
+            return False
         slot.loaded, slot.evicted = False, True
         slot.evictions += 1
         trim_heap()
         log.info("model unloaded to make room", extra={
             "model": name, "for": for_model, "footprint_mb": round(slot.footprint / MIB, 2)})
+        return True
 
     def _slot(self, name: str) -> _Slot:
         slot = self._slots.get(name)

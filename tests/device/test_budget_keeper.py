@@ -126,3 +126,26 @@ def test_concurrent_requests_share_one_load() -> None:
         assert await d.memory.acquire("a") == 0.0  # loaded now: warm
 
     asyncio.run(scenario())
+
+
+def test_a_model_the_engine_will_not_unload_is_skipped_and_treated_as_pinned() -> None:
+    from edgert.errors import ConfigError
+
+    async def scenario() -> None:
+        d = FakeDeployer(["a", "b", "c"], budget=7 * MIB)
+        d.memory.before_boot([], "test.toml")
+        for name in ("a", "b"):
+            await d.memory.acquire(name)
+            d.memory.release(name)
+        unload = d.unload_for_room
+
+        def refuse_a(name: str) -> None:
+            if name == "a":  # as the engine does for a member of a cascade or pipeline
+                raise ConfigError("model 'a' is used by pipeline(s) ['p']")
+            unload(name)
+
+        d.unload_for_room = refuse_a  # type: ignore[method-assign]
+        assert await d.memory.acquire("c") > 0
+        assert d.unloaded == ["b"] and d.served == {"a", "c"} and "c" not in d.unavailable
+
+    asyncio.run(scenario())
