@@ -47,6 +47,7 @@ DEFAULT_SOCKET_PATH = "/run/edgert/edgert.sock"
 CASCADE_RULES = ("max_softmax", "margin")
 NAN_POLICIES = ("allow", "reject")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOAD_MODES = ("eager", "lazy")  # [[models]] load: at start, or on the first request (docs/memory.md)
 CONFIG_HINT = "see packaging/edgert.toml for an example"
 _PLACEHOLDER_NAME = "invalid-name"
 
@@ -87,6 +88,8 @@ class ModelEntry:
     version: str = ""  # store version; "" = the active one
     threads: int = 0  # 0 = the profile's choice
     serving: ModelConfig | None = None  # None = the engine's defaults for this name
+    load: str = "eager"  # "eager": at start; "lazy": on the first request (docs/memory.md)
+    pin: bool = False  # never unloaded to make room under daemon.memory_budget_mb
 
     def __post_init__(self) -> None:
         if self.serving is None:
@@ -148,6 +151,8 @@ class DaemonConfig:
     #: [daemon] slow_request_ms: requests slower than this log one JSON line with their stages
     #: (0 logs every request; a negative value turns the log off). See docs/observability.md.
     slow_request_ms: float = 100.0
+    #: [daemon] memory_budget_mb: loaded models' measured footprints stay under it (0 = no budget).
+    memory_budget_mb: float = 0.0
 
 
 def is_loopback(host: str) -> bool:
@@ -244,6 +249,8 @@ def _parse_model(table: Table, allow_plaintext: bool) -> ModelEntry:
         version=table.string("version"),
         threads=table.integer("threads", 0),
         serving=serving,
+        load=table.choice("load", "eager", LOAD_MODES),
+        pin=table.boolean("pin", False),
     )
     table.check_unknown()
     if entry.path and not allow_plaintext:
@@ -299,11 +306,13 @@ def parse_config(text: str, source: str = "<config>") -> DaemonConfig:
         mqtt=_parse_mqtt(root) if root.has("mqtt") else None,
         trusted_publishers=_parse_security(root.table("security")),
         slow_request_ms=daemon.number("slow_request_ms", 100.0, minimum=None),
+        memory_budget_mb=daemon.number("memory_budget_mb", 0.0, minimum=0.0),
     )
     cfg = _with_pipelines(root, cfg)
     daemon.check_unknown()
     root.check_unknown()
     _check_names(root, cfg)
+    _check_lazy_members(root, cfg)
     problems.raise_if_any()
     return cfg
 
@@ -366,6 +375,22 @@ def _check_names(root: Table, cfg: DaemonConfig) -> None:
                 root.fail(
                     f"cascades[{i}].{key}", f"names {target!r}, which is not a model (allowed: {allowed})"
                 )
+
+
+def _check_lazy_members(root: Table, cfg: DaemonConfig) -> None:
+    """Cascades and pipelines serve only while their members do, so members load at start and stay."""
+    lazy = {m.name for m in cfg.models if m.load == "lazy"}
+    for i, cascade in enumerate(cfg.cascades):
+        for key in ("small", "large"):
+            member = getattr(cascade, key)
+            if member in lazy:
+                root.fail(f"cascades[{i}].{key}", f'names {member!r}, which has load = "lazy"; cascade '
+                          'members must have load = "eager" (allowed for members: eager)')
+    for i, pipeline in enumerate(cfg.pipelines):
+        for member in pipeline.members:
+            if member in lazy:
+                root.fail(f"pipelines[{i}].stages", f'stage model {member!r} has load = "lazy"; pipeline '
+                          'members must have load = "eager" (allowed for members: eager)')
 
 
 def load_config(path: str | os.PathLike[str]) -> DaemonConfig:

@@ -214,6 +214,9 @@ def _serving(entries: list[Any], socket_path: str | None,
             if m.get("variant"):
                 out[name] = {"version": m["version"], "variant": m["variant"], "reason": m["variant_reason"],
                              "source": "daemon"}
+            elif m.get("state") in ("lazy", "failed"):  # not loaded: on its next request, or it failed
+                out[name] = {"version": m.get("version") or "", "variant": m["state"], "source": "daemon",
+                             "reason": m.get("error") or "loads on its next request"}
     except (EdgertError, OSError):
         pass
     missing = [e for e in entries if e.name not in out and e.active and e.variants.get(e.active)]

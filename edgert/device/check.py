@@ -21,7 +21,7 @@ from edgert.config import DaemonConfig, load_config
 from edgert.errors import ConfigError, EdgertError
 from edgert.tomlschema import ConfigProblems, parse_listen
 
-__all__ = ["ERROR", "OK", "SKIPPED", "Finding", "check_config", "check_file", "has_errors"]
+__all__ = ["ERROR", "OK", "SKIPPED", "Finding", "check_budget", "check_config", "check_file", "has_errors"]
 
 OK, ERROR, SKIPPED = "ok", "error", "skipped"
 #: How long to wait for a daemon that may be answering on the configured Unix socket.
@@ -71,6 +71,7 @@ def check_config(cfg: DaemonConfig, *, profile_dirs: list[Path] | None = None) -
     """Every check of a parsed config: profile, keys and models, cascades, listeners, MQTT files."""
     findings = [check_profile(cfg, profile_dirs)]
     findings += check_models(cfg)
+    findings += check_budget(cfg)
     findings += check_cascades(cfg)
     from edgert.device.pipeline_check import check_pipelines  # [[pipelines]]: chains against members
 
@@ -124,6 +125,70 @@ def check_models(cfg: DaemonConfig) -> list[Finding]:
     for m in store_models:
         findings.append(_check_store_model(store, installed, m.name, m.version, root))
     return findings
+
+
+def check_budget(cfg: DaemonConfig) -> list[Finding]:
+    """Under ``[daemon] memory_budget_mb``: no model is bigger than the budget, and the pinned ones fit.
+
+    What is knowable without loading is a lower bound: a model's footprint is at least the decrypted size
+    of its smallest variant (from the signed manifest; nothing is decrypted). The daemon measures the
+    real footprint at load and refuses there what this cannot see.
+    """
+    if cfg.memory_budget_mb <= 0:
+        return []
+    from edgert.device.budget import MIB, mb
+
+    budget = int(cfg.memory_budget_mb * MIB)
+    key = f"daemon.memory_budget_mb = {cfg.memory_budget_mb:g}"
+    sizes, skipped = _lower_bounds(cfg)
+    findings = []
+    for name, size in sizes.items():
+        if size > budget:
+            findings.append(Finding(f"budget {name}", ERROR, f"model {name!r} needs at least {mb(size)} "
+                                    f"(its decrypted size), more than {key}",
+                                    "raise memory_budget_mb or serve a smaller variant"))
+    pinned = {m.name: sizes.get(m.name, 0) for m in cfg.models if m.pin}
+    need = sum(pinned.values())
+    if need > budget:
+        listed = ", ".join(f"{n} {mb(b)}" for n, b in pinned.items())
+        findings.append(Finding("budget", ERROR, f"{key} is too small for the pinned models, which need at "
+                                f"least {mb(need)} ({listed})",
+                                "raise memory_budget_mb, or set pin = false on some models"))
+    if not findings:
+        known = f"pinned models need at least {mb(need)}; " if pinned else ""
+        largest = max(sizes.values(), default=0)
+        unsized = f"; not sized: {skipped}" if skipped else ""
+        findings.append(Finding("budget", OK, f"{mb(budget)}: {known}largest model at least {mb(largest)} "
+                                f"(footprints are measured at load){unsized}"))
+    return findings
+
+
+def _lower_bounds(cfg: DaemonConfig) -> tuple[dict[str, int], str]:
+    """Each model's smallest decrypted variant size (bytes), and which models could not be sized."""
+    sizes: dict[str, int] = {}
+    for m in cfg.models:
+        if not m.from_store:
+            try:
+                sizes[m.name] = os.stat(m.path).st_size
+            except OSError:
+                pass
+    store_models = [m for m in cfg.models if m.from_store]
+    root = _state_root(cfg)
+    _, keys = _open_keys(root, needed=bool(store_models))
+    if keys is not None and store_models:
+        from edgert.security.loader import open_store
+
+        try:
+            store = open_store(root, keys)
+            for m in store_models:
+                try:
+                    manifest = store.header(m.name, m.version or None).manifest
+                except EdgertError:
+                    continue  # check_models says why
+                sizes[m.name] = min(v.plaintext_size for v in manifest.variants)
+        except EdgertError:
+            pass
+    return sizes, ", ".join(m.name for m in cfg.models if m.name not in sizes)
 
 
 def _open_keys(root: Path, *, needed: bool) -> tuple[Finding, Any]:

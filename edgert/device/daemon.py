@@ -261,6 +261,7 @@ class Daemon:
             preferred_variants=tuple(getattr(profile, "variants", ()) or ()),
             shadows=self.shadows,
             pipelines=lambda: self.config.pipelines,
+            memory_budget_mb=self.config.memory_budget_mb, source_name=self.config.source,
         )
         deployer.loop = self._loop
         return deployer
@@ -272,7 +273,7 @@ class Daemon:
             self.http = HttpServer(OipRouter(self.backend, token=token), cfg.http.limits)
             self.addresses["http"] = await self._bind(self.http, cfg.http.listen, "http.listen")
         if cfg.metrics.listen:
-            self.metrics_http = HttpServer(metrics_router(self.metrics.render_prometheus))
+            self.metrics_http = HttpServer(metrics_router(self._render_metrics))
             self.addresses["metrics"] = await self._bind(
                 self.metrics_http, cfg.metrics.listen, "metrics.listen"
             )
@@ -288,6 +289,11 @@ class Daemon:
                     hint="check the directory exists and is writable, and socket.owner/group",
                 ) from None
             self.addresses["socket"] = cfg.socket.path
+
+    def _render_metrics(self) -> bytes:
+        """/metrics: the registry's, then the memory budget's (cold loads, evictions, footprints)."""
+        memory = self.deployer.memory if self.deployer is not None else None
+        return self.metrics.render_prometheus() + (memory.render_prometheus() if memory is not None else b"")
 
     async def _bind(self, server: HttpServer, listen: str, key: str) -> str:
         host, port = parse_listen(listen)
@@ -467,8 +473,11 @@ class Daemon:
         for name, item in (self.deployer.unavailable if self.deployer else {}).items():
             models[name] = {"version": None, "provider": "", "ready": False, "kind": "model",
                             "failed_version": item.version, "error": item.reason}
+        memory = self.deployer.memory if self.deployer is not None else None
+        budget = memory.annotate(models) if memory is not None else None  # lazy/loaded/failed, footprints
         profile = getattr(getattr(self.runtime, "profile", None), "name", self.config.profile)
         return {
+            **({"memory": budget} if budget is not None else {}),
             "version": __version__,
             "profile": profile,
             "providers": sorted({m["provider"] for m in models.values() if m["provider"]}),

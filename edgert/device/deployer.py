@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgert.config import CascadeEntry, ModelEntry
+from edgert.device.lazy import COLD_LOAD, MemoryKeeper
 from edgert.errors import BackendError, EdgertError, UnknownModelError
 from edgert.profiles import variant_order
 
@@ -173,8 +174,10 @@ class Deployer:
         cascades: Callable[[], Sequence[CascadeEntry]] = tuple,
         preferred_variants: Sequence[str] = (),
         max_warm_latency_s: float = DEFAULT_MAX_WARM_LATENCY_S,
+        source_name: str = "<config>",
         shadows: dict[str, Any] | None = None,
         pipelines: Callable[[], Sequence[Any]] = tuple,
+        memory_budget_mb: float = 0.0,
     ) -> None:
         self.source = source  # edgert.device.sources.ModelSource
         self.target = target
@@ -183,6 +186,7 @@ class Deployer:
         self._cascades = cascades
         self.preferred_variants = tuple(preferred_variants)
         self.max_warm_latency_s = max_warm_latency_s
+        self.source_name = source_name  # the config file, for error messages
         self.events: list[Callable[[dict[str, Any]], None]] = []
         self.unavailable: dict[str, Unavailable] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -190,6 +194,8 @@ class Deployer:
         #: Candidates in shadow evaluation by model name (ShadowRunner); the serving adapter reads it.
         self.shadows: dict[str, Any] = shadows if shadows is not None else {}
         self._pipelines = pipelines  # [[pipelines]] configs (edgert.engine.pipeline_config.PipelineConfig)
+        #: Lazy loads and the memory budget (edgert.device.lazy); None without an engine.
+        self.memory = MemoryKeeper(self, int(memory_budget_mb * (1 << 20))) if target is not None else None
 
     # ---- lookups -----------------------------------------------------------------------------
     def entry(self, name: str) -> ModelEntry:
@@ -232,6 +238,23 @@ class Deployer:
         """(variant, why) of the version serving under ``name`` ("", "") if unknown."""
         st = self._state.get(name)
         return (st.variant, st.variant_reason) if st else ("", "")
+
+    def entries(self) -> Sequence[ModelEntry]:
+        """The configured models."""
+        return self._models()
+
+    def cascade_entries(self) -> Sequence[CascadeEntry]:
+        """The configured cascades."""
+        return self._cascades()
+
+    def serving(self, name: str) -> bool:
+        """True when a version of model ``name`` serves."""
+        return self._served(name) is not None
+
+    def deploying(self, name: str) -> bool:
+        """True while a deployment or unload of ``name`` runs."""
+        st = self._state.get(name)
+        return st is not None and st.lock.locked()
 
     def _served(self, name: str) -> str | None:
         if self.target is None:
@@ -286,7 +309,7 @@ class Deployer:
             if entry.from_store:
                 self.source.check_activate(entry, version, allow_downgrade=allow_downgrade)
             stage = "load"
-            model, variant, why = await self._load(entry, version)
+            model, variant, why = await self._load_within_budget(entry, version)
             stage = "health"
             try:
                 await asyncio.to_thread(health_check, model, golden or self.source.golden(entry, version),
@@ -309,6 +332,10 @@ class Deployer:
         st = self._st(name)
         st.variant, st.variant_reason = variant, why
         self.unavailable.pop(name, None)
+        if self.memory is not None:
+            self.memory.settled(name, ok=True)
+        if reason == COLD_LOAD:  # a load on demand changes no version: counted in metrics, not audited
+            return Deployment(name, version, previous, variant, why, provider, changed=True)
         done = Deployment(name, version, previous, variant, why, provider, changed=True, pruned=tuple(pruned))
         self.audit("model_deployed", model=name, version=version, previous=previous, variant=variant,
                    provider=provider, origin=origin, reason=reason, pruned=list(pruned))
@@ -336,6 +363,12 @@ class Deployer:
         raise BackendError(f"no variant of {entry.name} {version} loads on this device ({'; '.join(tried)})",
                            hint="'edgert doctor' shows the providers; ship a variant this profile runs")
 
+    async def _load_within_budget(self, entry: ModelEntry, version: str) -> tuple[Any, str, str]:
+        """:meth:`_load`, under the memory budget when there is one (room made first, footprint measured)."""
+        if self.memory is None or self.memory.budget <= 0:
+            return await self._load(entry, version)
+        return await self.memory.measured_load(entry, version, self._load)
+
     async def _swap(self, entry: ModelEntry, model: Any, served: str | None) -> None:
         if self.target is None:
             return
@@ -357,6 +390,8 @@ class Deployer:
 
     def _failed(self, name: str, version: str | None, kept: str | None, stage: str, exc: BaseException,
                 origin: str, reason: str) -> None:
+        if self.memory is not None:
+            self.memory.settled(name, ok=False)
         error = _error_text(exc)
         self.audit("model_deploy_failed", model=name, version=version or "(active)", kept=kept, stage=stage,
                    origin=origin, reason=reason, error=error)
@@ -409,8 +444,22 @@ class Deployer:
             virtual = cascade or self.pipeline(name)
             version = self.target.get(name).versions[0] if virtual else self.target.served_version(name)
             self.target.remove(name)  # UnknownModelError when not served
+            if self.memory is not None:
+                self.memory.unloaded(name)
         self.audit("model_unload", model=name, version=version, origin=origin)
         self._event({"event": "model_unload", "model": name, "version": version, "origin": origin})
+
+    def unload_for_room(self, name: str) -> None:
+        """Unload idle ``name`` for the memory budget (lazy.MemoryKeeper decides); it loads again on demand.
+
+        The engine stops admitting to it at once and closes it when its admitted requests finish.
+        """
+        if self.target is not None:
+            self.target.remove(name)
+
+    def mark_unavailable(self, entry: ModelEntry, version: str | None, exc: BaseException) -> None:
+        """Record that ``entry`` serves no version (a failed load on demand), audited with the reason."""
+        self._mark_unavailable(entry, version, exc)
 
     async def restart(self, name: str, *, origin: str = "supervisor") -> Deployment:
         """Load the serving version again and swap it in (a hung session)."""
@@ -422,7 +471,11 @@ class Deployer:
 
         A model with no servable version is left unready and reported; the others serve. Configured
         cascades whose members serve are (re-)added. Also used by SIGHUP reload for changed entries.
+        Lazy models are not loaded here (edgert.device.lazy), and a memory budget too small for the
+        pinned models is refused (ConfigError).
         """
+        if self.memory is not None:
+            entries = self.memory.before_boot(entries, self.source_name)
         for entry in entries:
             try:
                 await self.deploy(entry.name, entry.version or None, origin=origin, reason="start",
@@ -454,6 +507,8 @@ class Deployer:
                     and not self._is_served(c.name):
                 self.target.add_cascade(_cascade_config(c))
         self._restore_pipelines()
+        if self.memory is not None:
+            self.memory.after_boot(self.source_name)
         return dict(self.unavailable)
 
     def _try_version(self, entry: ModelEntry) -> str | None:

@@ -78,6 +78,9 @@ class ServingAdapter:
     def model_meta(self, name: str, version: str | None = None) -> ModelMeta:
         """Metadata of a served model or cascade; a configured model serving no version is not ready."""
         deployer = self.daemon.deployer
+        lazy = self._lazy_meta(name) if version is None else None
+        if lazy is not None:
+            return lazy
         if deployer is not None and version is None and name in deployer.unavailable:
             # OIP readiness is per model: it exists (it is configured) but nothing can serve it.
             return ModelMeta(name=name, versions=(), platform="", inputs=(), outputs=(), ready=False,
@@ -95,7 +98,26 @@ class ServingAdapter:
 
     def model_names(self) -> list[str]:
         """Served names."""
-        return [info.name for info in self.engine.models()]
+        memory = self._memory()
+        return [info.name for info in self.engine.models()] + (memory.lazy_names() if memory else [])
+
+    def _memory(self) -> Any:
+        deployer = self.daemon.deployer
+        return deployer.memory if deployer is not None else None
+
+    def _lazy_meta(self, name: str) -> ModelMeta | None:
+        """A lazy model that is not loaded: ready (its next request loads it), described by its manifest."""
+        memory = self._memory()
+        described = memory.describe(name) if memory is not None else None
+        if described is None:
+            return None
+        version, fmt, inputs, outputs = described
+
+        def metas(specs: Sequence[dict[str, Any]]) -> tuple[TensorMeta, ...]:
+            return tuple(TensorMeta(s["name"], np.dtype(s["dtype"]), tuple(s["shape"])) for s in specs)
+
+        return ModelMeta(name=name, versions=(version,), platform=fmt, inputs=metas(inputs),
+                         outputs=metas(outputs), ready=self.ready(), provider="")
 
     async def infer(
         self,
@@ -110,6 +132,10 @@ class ServingAdapter:
         """One request through the engine (offered to a shadow candidate of ``name`` once answered)."""
         shadow = self.shadows.get(name)  # one lookup; None unless a fleet shadow evaluation runs
         start = time.perf_counter() if shadow is not None else 0.0
+        memory = self._memory()  # lazy loads and the memory budget: a lease keeps the model loaded
+        cold = await memory.acquire(name) if memory is not None and memory.tracking else None
+        if cold and timing is not None:
+            timing.load_ns = int(cold * 1e9)  # the slow-request line shows the cold load as its own stage
         try:
             result = await self.engine.infer(
                 name,
@@ -121,6 +147,11 @@ class ServingAdapter:
             )
         except UnknownModelError as exc:
             raise self._not_serving(name, exc) from None
+        finally:
+            if cold is not None:
+                memory.release(name)
+        if cold:
+            result.cold_load_s = cold
         capture = self.daemon.capture
         if capture is not None:  # one lookup and, for captured models, one random draw
             capture.offer(

@@ -114,6 +114,19 @@ class ModelSource:
             return [PLAINTEXT_VARIANT]
         return list(self.store.variants(entry.name, version))
 
+    def size_hint(self, entry: ModelEntry, version: str) -> int:
+        """The smallest decrypted size among the version's variants (bytes): a lower bound of its footprint,
+        known without decrypting (the signed manifest says it)."""
+        if not entry.from_store:
+            return Path(entry.path).stat().st_size
+        manifest = self.store.header(entry.name, version).manifest
+        return min(v.plaintext_size for v in manifest.variants)
+
+    def describe(self, entry: ModelEntry, version: str) -> tuple[str, list[Any], list[Any]]:
+        """(format, inputs, outputs) of the version's first variant, from its manifest, without loading."""
+        m = self.store.variant_manifest(entry.name, version)
+        return m.format, list(m.inputs), list(m.outputs)
+
     def golden(self, entry: ModelEntry, version: str) -> Any:
         """The package's golden (inputs, outputs) for the health check, when it carries them."""
         return None

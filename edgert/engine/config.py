@@ -126,6 +126,7 @@ class InferResult:
     cached: bool = False
     escalated: bool | None = None  # cascades only: did any row go to the large model
     escalated_rows: int | None = None  # cascades only: how many rows did
+    cold_load_s: float | None = None  # set by the daemon when the request waited for a load on demand
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ log = logging.getLogger("edgert.serve.oip")
 
 _JSON_TYPES = ("application/json", "")
 _PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
+#: Response header of a request that waited for its model to load (milliseconds; docs/memory.md).
+COLD_LOAD_HEADER = "x-edgert-cold-load-ms"
 
 
 def _json(doc: Any, status: int = 200, headers: list[tuple[str, str]] | None = None) -> Response:
@@ -183,6 +185,9 @@ class OipRouter:
             tracer.finish(t, resp.status)
             return resp
         extra = [("x-request-id", request_id)] if request_id and "x-request-id" in req.headers else []
+        cold = getattr(outcome, "cold_load_s", None)  # the model was loaded for this request
+        if cold:
+            extra.append((COLD_LOAD_HEADER, f"{cold * 1000:.3f}"))
         extra.append(("traceparent", tracer.reply_traceparent(t)))
         tracer.finish(t, 200)
         if header_length is None:

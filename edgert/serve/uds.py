@@ -455,6 +455,9 @@ class UdsServer:
             encode_start = time.monotonic_ns()
             doc: dict[str, Any] = {"m": outcome.model_name, "v": outcome.model_version,
                                    "tp": b.tracer.reply_traceparent(t)}
+            cold = getattr(outcome, "cold_load_s", None)
+            if cold:  # the model was loaded for this request (docs/memory.md)
+                doc["cold_load_ms"] = round(cold * 1000, 3)
             if request_id:
                 doc["id"] = request_id
             reply = fr.encode_frame(fr.OK, doc, outcome.outputs)
