@@ -77,8 +77,8 @@ class ServingTarget(Protocol):
         """Replace the served version atomically."""
         ...
 
-    def remove(self, name: str) -> None:
-        """Stop serving ``name``."""
+    def remove(self, name: str, *, keep_stats: bool = False) -> None:
+        """Stop serving ``name`` (``keep_stats``: its counts continue when it loads again)."""
         ...
 
     def add_cascade(self, config: Any) -> None:
@@ -455,7 +455,7 @@ class Deployer:
         The engine stops admitting to it at once and closes it when its admitted requests finish.
         """
         if self.target is not None:
-            self.target.remove(name)
+            self.target.remove(name, keep_stats=True)  # counts continue when it loads again
 
     def mark_unavailable(self, entry: ModelEntry, version: str | None, exc: BaseException) -> None:
         """Record that ``entry`` serves no version (a failed load on demand), audited with the reason."""

@@ -152,8 +152,11 @@ class Engine:
         """Serve a pipeline over served models/cascades, its stage chain checked; raises ConfigError."""
         self.pipelines.add(config)
 
-    def remove(self, name: str) -> None:
-        """Stop serving ``name``; queued requests finish, running ones finish before the model closes."""
+    def remove(self, name: str, *, keep_stats: bool = False) -> None:
+        """Stop serving ``name``; queued requests finish, running ones finish before the model closes.
+
+        ``keep_stats`` keeps its metrics and statistics (an unload for the memory budget: it loads again).
+        """
         if self.pipelines.discard(name):
             self.metrics.remove_model(name)
             return
@@ -173,8 +176,9 @@ class Engine:
                     raise self._unknown(name)
         if served is not None:
             self._retire(served)
-        self.metrics.remove_model(name)
-        self.stats.remove(name)
+        if not keep_stats:
+            self.metrics.remove_model(name)
+            self.stats.remove(name)
 
     def models(self) -> list[ModelInfo]:
         """Describe every served model and cascade."""

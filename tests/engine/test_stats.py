@@ -82,3 +82,20 @@ async def test_refused_and_invalid_requests_are_failures(engine: Engine, load, d
         await engine.infer("d", {"pixels": x[:1, :10]})
     inf = one(engine, "d")["inference_stats"]
     assert (inf["success"]["count"], inf["fail"]["count"]) == (2, 2)
+
+
+def test_an_unload_for_room_keeps_the_models_counts(engine: Engine, load, digits) -> None:
+    """A memory-budget unload and cold load again continue the counts (Triton stats and Prometheus)."""
+    x, _ = digits
+    engine.add_model(load("digits_small_int8.onnx", "1"), ModelConfig("d"))
+    for i in range(3):
+        engine.infer_sync("d", {"pixels": x[i : i + 1]})
+    engine.remove("d", keep_stats=True)
+    engine.add_model(load("digits_small_int8.onnx", "1"), ModelConfig("d"))
+    engine.infer_sync("d", {"pixels": x[:1]})
+    assert one(engine, "d")["inference_stats"]["success"]["count"] == 4
+    assert "d" in engine.metrics.models()
+    text = engine.metrics.render_prometheus().decode()
+    assert 'edgert_requests_total{model="d"} 4' in text, [
+        line for line in text.splitlines() if line.startswith("edgert_requests_total")
+    ]
