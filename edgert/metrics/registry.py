@@ -21,6 +21,7 @@ from typing import Any
 
 from edgert.metrics import process
 from edgert.metrics.sketch import QuantileSketch
+from edgert.metrics.streams import StreamStats
 
 __all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS", "SUMMARY_QUANTILES", "Metrics"]
 
@@ -128,6 +129,9 @@ class Metrics:
         self._window: dict[str, _ModelStats] = {}
         self._window_start = clock()
         self._sources: list[_GaugeSource] = []
+        #: Stream sessions by model (open, dropped items, lag), rendered as gauge sources.
+        self.streams = StreamStats()
+        self.streams.attach(self)
 
     # -- recording (hot path: keep these tiny) -------------------------------------------------------
     def _stats(self, model: str) -> _ModelStats:
