@@ -29,6 +29,7 @@ class ServingAdapter:
         self.daemon = daemon
         self.engine = daemon.engine
         self.shadows = daemon.shadows  # the Deployer's candidates in shadow evaluation, by model name
+        self.stream_stats = daemon.metrics.streams  # streams report open/dropped/lag here (serve/streams)
 
     def live(self) -> bool:
         """The process is up."""

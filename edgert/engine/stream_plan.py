@@ -38,9 +38,17 @@ _OPTION_KEYS = frozenset(
 class TensorSpec(Protocol):
     """Name, dtype and shape (None = dynamic) of a model input (serve.port.TensorMeta fits)."""
 
-    name: str
-    dtype: np.dtype[Any]
-    shape: tuple[int | None, ...]
+    @property
+    def name(self) -> str:
+        """The input's name."""
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """The input's dtype."""
+
+    @property
+    def shape(self) -> tuple[int | None, ...]:
+        """The input's shape (None = dynamic)."""
 
 
 def _int(doc: Mapping[str, Any], key: str, low: int, high: int, default: int | None) -> int | None:
