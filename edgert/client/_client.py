@@ -351,15 +351,8 @@ class Client:
                 "streams from this client need a unix:// URL",
                 hint="over HTTP, use the WebSocket endpoint /v2/models/{model}/stream (docs/streams.md)",
             )
-        return Stream(
-            self._unix.path,
-            model,
-            items,
-            options,
-            version=version,
-            timeout=self._timeout,
-            error_for=_error_for,
-        )
+        path, timeout = self._unix.path, self._timeout
+        return Stream(path, model, items, options, version=version, timeout=timeout, error_for=_error_for)
 
     def _http_infer(
         self,
@@ -473,10 +466,8 @@ class Client:
             self._unix.call(fr.LOAD, {"m": model, "v": version, **({"d": True} if allow_downgrade else {})})
             return
         if allow_downgrade:
-            raise ServeError(
-                "a downgrade can only be requested over the daemon's Unix socket",
-                hint="use 'edgert models activate --allow-downgrade' on the device",
-            )
+            raise ServeError("a downgrade can only be requested over the daemon's Unix socket",
+                             hint="use 'edgert models activate --allow-downgrade' on the device")
         doc = {"parameters": {"version": version}} if version else None
         self._http_json("POST", f"/v2/repository/models/{quote(model, safe='')}/load", doc)
 
@@ -489,12 +480,8 @@ class Client:
 
 
 def notify_daemon_activate(
-    name: str,
-    version: str | None = None,
-    socket: str = DEFAULT_SOCKET_PATH,
-    *,
-    allow_downgrade: bool = False,
-    timeout: float = 120.0,
+    name: str, version: str | None = None, socket: str = DEFAULT_SOCKET_PATH, *,
+    allow_downgrade: bool = False, timeout: float = 120.0,
 ) -> bool:
     """Ask a running daemon to serve ``name`` at ``version``; False when no daemon listens there.
 

@@ -14,12 +14,21 @@ from typing import Any
 
 from edgert.engine.stream_plan import StreamOptions, StreamPlan
 from edgert.engine.streams import StreamEnd, StreamResult, StreamSession
-from edgert.errors import InputError
+from edgert.errors import EdgertError, InputError
 from edgert.serve import uds_frames as fr
 from edgert.serve.oip_codec import datatype_of
-from edgert.serve.port import ServingPort
+from edgert.serve.port import ServingPort, error_text, status_for
 
-__all__ = ["MAX_STREAMS", "describe", "end_frame", "open_session", "push_arrays", "result_frame"]
+__all__ = [
+    "MAX_STREAMS",
+    "apply_frame",
+    "describe",
+    "end_frame",
+    "item_error",
+    "open_session",
+    "push_arrays",
+    "result_frame",
+]
 
 #: Streams served at once (per transport); more are refused with status 503.
 MAX_STREAMS = 4096
@@ -89,6 +98,27 @@ def result_frame(result: StreamResult) -> list[Any]:
 def end_frame(end: StreamEnd) -> list[Any]:
     """An END frame: why the stream ended and its totals."""
     return fr.encode_frame(fr.STREAM_END, end.meta())
+
+
+def apply_frame(session: StreamSession, kind: int, meta_len: int, frame: memoryview) -> list[Any] | None:
+    """Apply one client frame (PUSH or CLOSE; ``frame`` includes its header) to ``session``.
+
+    Returns the frame to answer with when the item was refused (the stream carries on), else None.
+    """
+    item_id = None
+    try:
+        meta, data = fr.decode_body(frame[fr.HEADER.size :], meta_len)
+        item_id = meta.get("id")
+        if kind == fr.STREAM_PUSH:
+            item_id, ts, arrays = push_arrays(meta, data, meta_len)
+            session.push(item_id, ts, arrays)
+        elif kind == fr.STREAM_CLOSE:
+            session.close()
+        else:
+            raise InputError(f"frame kind {kind} is not valid in an open stream; send PUSH or CLOSE")
+    except EdgertError as exc:
+        return item_error(item_id, error_text(exc), status_for(exc))
+    return None
 
 
 def item_error(item_id: Any, message: str, status: int = 400) -> list[Any]:

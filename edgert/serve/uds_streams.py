@@ -20,18 +20,10 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from edgert.engine.streams import StreamEnd, StreamResult, StreamSession
-from edgert.errors import EdgertError, InputError
+from edgert.errors import EdgertError
 from edgert.serve import uds_frames as fr
 from edgert.serve.port import error_text, status_for
-from edgert.serve.stream_wire import (
-    MAX_STREAMS,
-    describe,
-    end_frame,
-    item_error,
-    open_session,
-    push_arrays,
-    result_frame,
-)
+from edgert.serve.stream_wire import MAX_STREAMS, apply_frame, describe, end_frame, open_session, result_frame
 
 if TYPE_CHECKING:
     from edgert.serve.uds import UdsServer
@@ -122,21 +114,10 @@ class UdsStream(asyncio.Protocol):
 
     # -- frames -------------------------------------------------------------------------------------
     def _frame(self, kind: int, meta_len: int, frame: memoryview) -> None:
-        session = self.session
-        assert session is not None
-        item_id = None
-        try:
-            meta, data = fr.decode_body(frame[fr.HEADER.size :], meta_len)
-            item_id = meta.get("id")
-            if kind == fr.STREAM_PUSH:
-                item_id, ts, arrays = push_arrays(meta, data, meta_len)
-                session.push(item_id, ts, arrays)
-            elif kind == fr.STREAM_CLOSE:
-                session.close()
-            else:
-                raise InputError(f"frame kind {kind} is not valid in an open stream; send PUSH or CLOSE")
-        except EdgertError as exc:
-            self._write(item_error(item_id, error_text(exc), status_for(exc)))
+        assert self.session is not None
+        refused = apply_frame(self.session, kind, meta_len, frame)
+        if refused is not None:
+            self._write(refused)
 
     def _update_reading(self) -> None:
         transport, session = self.transport, self.session
