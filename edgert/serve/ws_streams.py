@@ -160,6 +160,8 @@ class WsStream(asyncio.Protocol):
             # a client close, or wsproto's verdict on broken framing (1002) and the like
             if self.ws.state is ConnectionState.REMOTE_CLOSING:
                 self._send(event.response())
+            elif self.ws.state is ConnectionState.OPEN:  # wsproto's verdict: tell the client why
+                self._send(CloseConnection(code=event.code, reason=(event.reason or "")[:100]))
             self._close()
 
     def _text(self, text: str) -> None:
