@@ -47,15 +47,6 @@ def synth(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32)[:, None, :], y
 
 
-def tone_clip(freq: float = 1000.0, start_s: float = 0.4, length_s: float = 0.2, amp: float = 0.5) -> np.ndarray:
-    """One clean example with a burst (for demos and docs): float32 [16000]."""
-    rng = np.random.default_rng(SEED)
-    x = rng.standard_normal(WINDOW) * 0.05
-    a, n = int(start_s * RATE), int(length_s * RATE)
-    x[a : a + n] += amp * np.sin(2 * np.pi * freq * np.arange(n) / RATE) * np.hanning(n)
-    return x.astype(np.float32)
-
-
 def build_net() -> Any:
     """The torch module (seeded by the caller)."""
     from torch import nn
