@@ -262,3 +262,48 @@ async def test_stream_over_a_real_engine_matches_requests_and_counts_metrics(loa
         assert metrics.stats_copy("d")["requests"] >= 40  # stream items went through Engine.infer
     finally:
         engine.close()
+
+
+@aio
+async def test_streams_hold_one_admission_slot_each_and_retry_when_refused(
+    engine: Engine, load, digits
+) -> None:
+    from .conftest import Instrumented
+
+    x, _ = digits
+    model = Instrumented(load("digits_small_fp32.onnx"))
+    engine.add_model(
+        model, ModelConfig("d", max_batch_size=2, max_queue_delay_us=0, max_in_flight=4, max_queue=100)
+    )
+    spec = SimpleNamespace(name="pixels", dtype=np.dtype(np.float32), shape=(None, 64))
+    model.gate.clear()  # runs block: whatever is admitted stays in flight
+    outs: list[list[StreamResult]] = [[] for _ in range(4)]
+    sessions = [
+        StreamSession(
+            StreamPlan.bind(StreamOptions.from_doc("d", {"queue": 64}), [spec], 1 << 20),
+            engine.infer,
+            o.append,
+        )
+        for o in outs
+    ]
+    tasks = [asyncio.ensure_future(s.run()) for s in sessions[:3]]
+    for s in sessions[:3]:
+        for i in range(20):
+            s.push(i, None, {"pixels": x[i]})
+    await until(lambda: engine.metrics.snapshot()["models"]["d"]["in_flight"] == 3)
+    request = asyncio.ensure_future(engine.infer("d", {"pixels": x[:1]}))  # requests still get a slot
+    await until(lambda: engine.metrics.snapshot()["models"]["d"]["in_flight"] == 4)
+    with pytest.raises(OverloadedError):
+        await engine.infer("d", {"pixels": x[:1]})
+    tasks.append(asyncio.ensure_future(sessions[3].run()))  # a stream refused at the limit waits and retries
+    sessions[3].push("late", None, {"pixels": x[0]})
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert engine.metrics.snapshot()["models"]["d"]["in_flight"] == 4 and outs[3] == []
+    model.gate.set()
+    assert (await request).outputs["logits"].shape == (1, 10)
+    for s in sessions:
+        s.close()
+    ends = await asyncio.gather(*tasks)
+    assert [len(o) for o in outs] == [20, 20, 20, 1] and all(e.dropped == 0 for e in ends)
+    assert all([r.id for r in o] == list(range(20)) for o in outs[:3]) and outs[3][0].id == "late"
