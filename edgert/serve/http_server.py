@@ -17,6 +17,7 @@ import asyncio
 import functools
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -219,6 +220,7 @@ class _Connection(WritePressure, asyncio.Protocol):
         self.transport = None  # taken over: no longer an HTTP connection
         self.parser = None
         self.server.connections.discard(self)
+        self.server.upgraded.add(transport)  # closed by stop()
 
     def _resume_input(self) -> None:
         """After a write pause: read again."""
@@ -414,6 +416,8 @@ class HttpServer:
         self.handler = handler
         self.limits = limits or HttpLimits()
         self.connections: set[_Connection] = set()
+        #: Connections an upgrade handler took over (WebSocket streams), closed at stop.
+        self.upgraded: weakref.WeakSet[Any] = weakref.WeakSet()
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -449,5 +453,7 @@ class HttpServer:
                 if conn.transport is not None:
                     conn.transport.close()
             self.connections.clear()
+            for transport in list(self.upgraded):
+                transport.close()
             await self._server.wait_closed()
             self._server = None

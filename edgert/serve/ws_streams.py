@@ -38,7 +38,15 @@ from edgert.serve.oip_codec import datatype_of, json_dumps, json_loads
 from edgert.serve.port import ServingPort, error_text, status_for
 from edgert.serve.stream_wire import MAX_STREAMS, apply_frame, describe, end_frame, item_error, open_session
 
-__all__ = ["MAX_MESSAGE_BYTES", "SUBPROTOCOL", "WsStream", "offered_bearer", "stream_route"]
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "SUBPROTOCOL",
+    "WRITE_TIMEOUT_S",
+    "WsStream",
+    "offered_bearer",
+    "raw_request",
+    "stream_route",
+]
 
 log = logging.getLogger("edgert.serve.ws")
 
@@ -47,6 +55,8 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 #: The subprotocol the server selects; browsers, which cannot set headers, offer it together with
 #: ``edgert.bearer.<token>`` to authenticate.
 SUBPROTOCOL = "edgert"
+#: A client that reads no result for this long is dropped (as HttpLimits.write_timeout_s).
+WRITE_TIMEOUT_S = 30.0
 BEARER_PREFIX = "edgert.bearer."
 
 _open: set[WsStream] = set()
@@ -265,8 +275,18 @@ class WsStream(asyncio.Protocol):
         self._goodbye(CloseReason.NORMAL_CLOSURE, end.reason)
 
     async def _writable(self) -> None:
-        if not self.can_write.is_set():
-            await self.can_write.wait()
+        if self.can_write.is_set():
+            return
+        try:
+            await asyncio.wait_for(self.can_write.wait(), WRITE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning(
+                "dropping stream client", extra={"reason": f"read no result for {WRITE_TIMEOUT_S:g} s"}
+            )
+            transport, self.transport = self.transport, None
+            _open.discard(self)
+            if transport is not None:
+                transport.abort()
 
     def _update_reading(self) -> None:
         transport, session = self.transport, self.session

@@ -226,22 +226,23 @@ def test_wrong_chunk_mid_stream_names_expected_and_got_and_the_stream_goes_on(
 
 def test_disconnect_mid_window_frees_the_stream(served: Running, digits) -> None:
     x, _ = digits
+    before = open_streams(served)
     s, _ = open_raw(served.socket, {"window": 64, "hop": 16})
-    assert wait_until(lambda: open_streams(served) >= 1)
+    assert wait_until(lambda: open_streams(served) >= before + 1)
     s.sendall(b"".join(push(i, x[0][i * 8 : (i + 1) * 8]) for i in range(5)))  # 40 of 64 samples
     s.close()
-    assert wait_until(lambda: open_streams(served) == 0), "the stream ends when its client goes away"
+    assert wait_until(lambda: open_streams(served) <= before), "the stream ends when its client goes away"
     with Client("unix://" + served.socket) as c:
         assert len(list(c.stream(MODEL, [x[0], x[1]]))) == 2
 
 
-def flood(s: socket.socket, payload: bytes, limit: int) -> int:
-    """Send ``payload`` until the server stops reading (nothing accepted for 1 s) or ``limit`` bytes."""
+def flood(s: socket.socket, payload: bytes, limit: int, idle_s: float = 2.0) -> int:
+    """Send ``payload`` until the server stops reading (nothing taken for ``idle_s``) or ``limit`` bytes."""
     s.setblocking(False)
     sent = 0
     view = memoryview(payload)
     while sent < limit:
-        if not select.select([], [s], [], 1.0)[1]:
+        if not select.select([], [s], [], idle_s)[1]:
             break
         try:
             sent += s.send(view[sent % len(payload) :])
@@ -260,9 +261,7 @@ def test_client_that_stops_reading_latest_stays_bounded_all_back_pressures(serve
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     base = rss_kib()
     with s:
-        sent = 0
-        for _ in range(5):
-            sent += flood(s, burst, len(burst))
+        sent = flood(s, burst, 5 * len(burst), idle_s=15.0)  # a liveness bound on a busy machine
         assert sent == 5 * len(burst)  # never held: latest does not back-pressure
         assert rss_kib() - base < 40 * 1024
     # all: the daemon stops reading once the queue is full and results are unread
@@ -286,6 +285,7 @@ def test_client_that_stops_reading_latest_stays_bounded_all_back_pressures(serve
 
 def test_a_thousand_idle_streams_keep_the_daemon_ready_in_bounded_memory(served: Running, digits) -> None:
     x, _ = digits
+    before = open_streams(served)  # streams other tests may still be ending
     base = rss_kib()
     socks = []
     try:
@@ -301,7 +301,7 @@ def test_a_thousand_idle_streams_keep_the_daemon_ready_in_bounded_memory(served:
     finally:
         for s in socks:
             s.close()
-    assert wait_until(lambda: open_streams(served) == 0)
+    assert wait_until(lambda: open_streams(served) <= before)
 
 
 def test_idle_stream_ends_after_its_timeout(served: Running) -> None:
