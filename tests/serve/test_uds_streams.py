@@ -309,3 +309,9 @@ def test_idle_stream_ends_after_its_timeout(served: Running) -> None:
     with s:
         results, end = read_until_end(s)
     assert results == [] and end["reason"] == "idle" and info["idle_timeout_s"] == 0.2
+
+
+def test_streams_need_the_socket_client(served: Running) -> None:
+    with Client(served.http_url) as c, pytest.raises(InputError, match="need a unix:// URL") as err:
+        c.stream(MODEL, [])
+    assert err.value.hint is not None and "/v2/models/{model}/stream" in err.value.hint
