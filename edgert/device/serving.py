@@ -29,7 +29,11 @@ class ServingAdapter:
         self.daemon = daemon
         self.engine = daemon.engine
         self.shadows = daemon.shadows  # the Deployer's candidates in shadow evaluation, by model name
-        self.stream_stats = daemon.metrics.streams  # streams report open/dropped/lag here (serve/streams)
+
+    @property
+    def stream_stats(self) -> Any:
+        """Where stream sessions report open/dropped/lag (serve/stream_wire.py reads it)."""
+        return self.daemon.metrics.streams
 
     def live(self) -> bool:
         """The process is up."""
