@@ -129,9 +129,6 @@ class Metrics:
         self._window: dict[str, _ModelStats] = {}
         self._window_start = clock()
         self._sources: list[_GaugeSource] = []
-        #: Stream sessions by model (open, dropped items, lag), rendered as gauge sources.
-        self.streams = StreamStats()
-        self.streams.attach(self)
 
     # -- recording (hot path: keep these tiny) -------------------------------------------------------
     def _stats(self, model: str) -> _ModelStats:
@@ -199,6 +196,15 @@ class Metrics:
         with self._lock:
             self._sources = [s for s in self._sources if s.name != name]
             self._sources.append(_GaugeSource(name, help, read))
+
+    @property
+    def streams(self) -> StreamStats:
+        """Stream sessions by model (open, dropped items, lag); published as gauges from first use."""
+        stats: StreamStats | None = self.__dict__.get("_streams")
+        if stats is None:
+            stats = self.__dict__["_streams"] = StreamStats()
+            stats.attach(self)
+        return stats
 
     def models(self) -> list[str]:
         """Return the names of models with recorded stats."""
