@@ -143,15 +143,12 @@ def test_bad_push_names_expected_and_got_and_the_stream_goes_on(served: Running,
             await ws.send(push(1, x[0][:32].astype(np.float64)))
             await ws.send(json.dumps({"type": "dance"}))
             await ws.send(push(2, x[0][32:]))
-            # the close and a late push in one write, so the push arrives before the stream ends
-            ws.protocol.send_text(json.dumps({"type": "close"}).encode())
-            await ws.send(json.dumps({"type": "push", "id": 3, "data": x[1].tolist()}))
+            await ws.send(json.dumps({"type": "close"}))
             return await collect(ws)
 
     results, end = run(go())
     by_id = {r["id"]: r for r in results}
     assert "expected float32 with shape [*], got float64 with shape [32]" in by_id[1]["error"]
-    assert "after the stream was closed" in by_id[3]["error"]
     assert any("unknown message type 'dance'" in r.get("error", "") for r in results)
     assert "outputs" in by_id[2] and end["results"] == 1
 
@@ -378,3 +375,35 @@ def test_a_thousand_idle_websocket_streams(served: Running, digits) -> None:
         for s in socks:
             s.close()
     assert wait_until(lambda: streams.open_streams().get(MODEL, 0) <= before), streams.open_streams()
+
+
+def test_push_after_close_over_websocket_is_refused(served: Running, digits) -> None:
+    x, _ = digits
+    with handshake(served) as s:
+        opened = json.dumps({"type": "open", "results": "json"}).encode()
+        late = json.dumps({"type": "push", "id": 3, "data": x[1].tolist()}).encode()
+        # one write: the late push arrives before the stream has ended
+        s.sendall(ws_frame(0x1, opened) + ws_frame(0x1, b'{"type": "close"}') + ws_frame(0x1, late))
+        texts = read_texts(s)
+    results = [t for t in texts if t["type"] == "result"]
+    assert [r["id"] for r in results] == [3] and "after the stream was closed" in results[0]["error"]
+    assert texts[-1] == {"type": "end", "reason": "closed", "results": 0, "dropped": 0}
+
+
+def read_texts(s: socket.socket) -> list[dict]:
+    """Text messages until the server's close frame."""
+    data, out = b"", []
+    while True:
+        chunk = s.recv(65536)
+        assert chunk, "connection closed without a close frame"
+        data += chunk
+        while len(data) >= 2:
+            opcode, n, start = data[0] & 0x0F, data[1] & 0x7F, 2
+            if n == 126:
+                n, start = struct.unpack("!H", data[2:4])[0], 4
+            if len(data) < start + n:
+                break
+            payload, data = data[start : start + n], data[start + n :]
+            if opcode == 0x8:
+                return out
+            out.append(json.loads(payload))
