@@ -6,6 +6,7 @@ Needs the ``models`` extra (torch, scikit-learn, onnx, onnxscript, tensorflow-cp
     python tools/make_models.py --mobilenet-fp32 # models/generated/mobilenetv2_fp32.onnx (git-ignored)
     python tools/make_models.py --all            # both
     python tools/make_models.py --check          # rebuild into a temp dir, compare with models/
+    python tools/make_models.py --tones          # only the tone-burst stream models (torch, onnx)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Re-exported so callers that import this script keep working; the code lives in tools/modelkit/.
-from modelkit.build import build_committed, check_reproduces, write_fp32_mobilenet
+from modelkit.build import build_committed, build_tones_only, check_reproduces, write_fp32_mobilenet
 from modelkit.cards import render_readme, tool_versions
 from modelkit.common import (
     CARDS,
@@ -94,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--all", action="store_true", help="committed models and the generated fp32 MobileNetV2")
     ap.add_argument("--check", action="store_true", help="rebuild into a temp dir and compare with models/")
+    ap.add_argument("--tones", action="store_true", help="only the tone-burst models (needs torch, not TF)")
     args = ap.parse_args(argv)
+    if args.tones:  # the streaming sample: torch + onnx only, merged into the committed cards
+        for name, card in build_tones_only(MODELS_DIR)["models"].items():
+            if card["family"] == "tones":
+                print(f"{name:32} {card['size_bytes']:>10,} B  acc {card['accuracy_pct']}")
+        return 0
     try:
         import tensorflow  # noqa: F401  (fail early, before minutes of training)
         import torch  # noqa: F401

@@ -6,5 +6,6 @@
 """
 
 from edgert.client._client import Client, notify_daemon_activate
+from edgert.client._streams import Stream, StreamEnded, StreamResult
 
-__all__ = ["Client", "notify_daemon_activate"]
+__all__ = ["Client", "Stream", "StreamEnded", "StreamResult", "notify_daemon_activate"]

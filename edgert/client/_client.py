@@ -14,13 +14,14 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httptools
 import numpy as np
 
+from edgert.client._streams import Stream
 from edgert.config import DEFAULT_SOCKET_PATH
 from edgert.errors import (
     EdgertError,
@@ -283,6 +284,7 @@ class Client:
     ) -> None:
         parts = urlsplit(url)
         self.url = url
+        self._timeout = timeout
         self._unix: _UnixTransport | None = None
         self._http: _HttpTransport | None = None
         if parts.scheme == "unix":
@@ -330,6 +332,27 @@ class Client:
                 meta["id"] = request_id
             return self._unix.call(fr.INFER, meta, arrays)[1]
         return self._http_infer(model, arrays, version, outputs, request_id)
+
+    def stream(
+        self,
+        model: str,
+        items: Iterable[Any] | AsyncIterable[Any],
+        *,
+        version: str | None = None,
+        **options: Any,
+    ) -> Stream:
+        """A stream of ``items`` through ``model``: ``for r in s`` or ``async for r in s`` (docs/streams.md).
+
+        ``options``: policy ("all", "latest", "drop-oldest"), queue, deadline_ms, window, hop, axis,
+        layout, input, outputs, idle_timeout_s. Each stream uses a connection of its own.
+        """
+        if self._unix is None:
+            raise InputError(
+                "streams from this client need a unix:// URL",
+                hint="over HTTP, use the WebSocket endpoint /v2/models/{model}/stream (docs/streams.md)",
+            )
+        path, timeout = self._unix.path, self._timeout
+        return Stream(path, model, items, options, version=version, timeout=timeout, error_for=_error_for)
 
     def _http_infer(
         self,

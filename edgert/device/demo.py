@@ -27,6 +27,7 @@ class DemoModel:
 DEMO_MODELS = (
     DemoModel("digits-small", "digits_small_int8.onnx", "int8"),
     DemoModel("digits-large", "digits_large_int8.onnx", "int8"),
+    DemoModel("tones", "tones_int8.onnx", "int8"),  # the streaming sample (docs/streams.md)
 )
 MOBILENET = DemoModel("mobilenetv2", "mobilenetv2_int8.onnx", "int8")
 #: Name of the cascade of the two digits models.
@@ -92,7 +93,7 @@ def demo_usage(http: str, socket: str, metrics: str) -> str:
         "0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]"
     )
     return f"""edgert demo is serving (Ctrl-C to stop)
-  OIP v2 HTTP   http://{http}      models: digits (cascade), digits-small, digits-large
+  OIP v2 HTTP   http://{http}      models: digits (cascade), digits-small, digits-large, tones
   Unix socket   {socket}
   Prometheus    http://{metrics}/metrics
 
@@ -107,4 +108,11 @@ Python:
   with Client("unix://{socket}") as c:        # or Client("http://{http}")
       logits = c.infer("digits", {{"pixels": np.zeros((1, 64), np.float32)}})["logits"]
       print(logits.argmax(1))
+
+Stream (tone-burst detector, 10 ms chunks of 16 kHz audio, a result every 100 ms; docs/streams.md):
+  chunks = (np.zeros((1, 160), np.float32) for _ in range(300))
+  with Client("unix://{socket}") as c:
+      for r in c.stream("tones", chunks, window=16000, hop=1600, policy="latest"):
+          print(r.id, r.outputs["logits"].argmax(1), r.dropped, r.lag_ms)
+  WebSocket: ws://{http}/v2/models/tones/stream
 """

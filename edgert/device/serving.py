@@ -33,6 +33,11 @@ class ServingAdapter:
         #: Request timings, trace context and the slow-request log ([daemon] slow_request_ms).
         self.tracer = tracer or Tracer()
 
+    @property
+    def stream_stats(self) -> Any:
+        """Where stream sessions report open/dropped/lag (serve/stream_wire.py reads it)."""
+        return self.daemon.metrics.streams
+
     def live(self) -> bool:
         """The process is up."""
         return True

@@ -21,6 +21,7 @@ from typing import Any
 
 from edgert.metrics import process
 from edgert.metrics.sketch import QuantileSketch
+from edgert.metrics.streams import StreamStats
 
 __all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS", "SUMMARY_QUANTILES", "Metrics"]
 
@@ -212,6 +213,15 @@ class Metrics:
         with self._lock:
             self._sources = [s for s in self._sources if s.name != name]
             self._sources.append(_GaugeSource(name, help, read))
+
+    @property
+    def streams(self) -> StreamStats:
+        """Stream sessions by model (open, dropped items, lag); published as gauges from first use."""
+        stats: StreamStats | None = self.__dict__.get("_streams")
+        if stats is None:
+            stats = self.__dict__["_streams"] = StreamStats()
+            stats.attach(self)
+        return stats
 
     def models(self) -> list[str]:
         """Return the names of models with recorded stats."""

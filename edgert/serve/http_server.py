@@ -17,6 +17,7 @@ import asyncio
 import functools
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -139,6 +140,7 @@ class _Connection(WritePressure, asyncio.Protocol):
         self._reset()
         self.deadline = time.monotonic() + self.limits.keepalive_timeout_s
         self.in_request = False
+        self.upgrade_request: Request | None = None  # an Upgrade request waiting for _upgrade
 
     def _reset(self) -> None:
         self.url = b""
@@ -195,14 +197,32 @@ class _Connection(WritePressure, asyncio.Protocol):
                 piece = data[pos : pos + FEED_SLICE_BYTES] if size - pos > FEED_SLICE_BYTES else data[pos:]
                 pos += len(piece)
                 parser.feed_data(piece)
-        except httptools.HttpParserUpgrade:
-            self._reject(400, "protocol upgrades are not supported")
+        except httptools.HttpParserUpgrade as exc:  # WebSocket streams: the handler may take over
+            self._upgrade(data[pos - len(piece) + int(exc.args[0]) :] if exc.args else memoryview(b""))
         except httptools.HttpParserError as exc:
             if not self.rejected:
                 self._reject(400, f"malformed HTTP request: {exc}")
         finally:
             self.feeding = False
         self._update_reading()
+
+    def _upgrade(self, rest: memoryview) -> None:
+        """An Upgrade request: a handler with ``upgrade(request, transport, rest)`` may take the
+        connection (it returns None) or answer it (a Response); otherwise it is refused."""
+        request, self.upgrade_request = self.upgrade_request, None
+        upgrade = getattr(self.server.handler, "upgrade", None)
+        transport = self.transport
+        if upgrade is None or request is None or transport is None or self.busy or self.pending:
+            self._reject(400, "protocol upgrades are not supported here")
+            return
+        answer = upgrade(request, transport, bytes(rest))
+        if answer is not None:
+            self._reject(answer.status, "", answer)
+            return
+        self.transport = None  # taken over: no longer an HTTP connection
+        self.parser = None
+        self.server.connections.discard(self)
+        self.server.upgraded.add(transport)  # closed by stop()
 
     def _resume_input(self) -> None:
         """After a write pause: read again."""
@@ -279,6 +299,9 @@ class _Connection(WritePressure, asyncio.Protocol):
         request = Request(parser.get_method().decode(), path, query, self.headers, body, time.monotonic_ns())
         keep_alive = parser.should_keep_alive()
         self.in_request = False
+        if parser.should_upgrade():  # answered by _upgrade, not queued
+            self.upgrade_request = request
+            return
         self.deadline = time.monotonic() + self.limits.keepalive_timeout_s
         self.pending.append((request, keep_alive))
         if not self.busy:
@@ -365,12 +388,12 @@ class _Connection(WritePressure, asyncio.Protocol):
             self.server.connections.discard(self)
             transport.abort()
 
-    def _reject(self, status: int, message: str) -> None:
+    def _reject(self, status: int, message: str, response: Response | None = None) -> None:
         """Answer with an error and close: the stream can no longer be trusted to be in sync."""
         self.rejected = True
         self.pending.clear()
         if self.transport is not None:
-            self._write(error_response(status, message), keep_alive=False)
+            self._write(response or error_response(status, message), keep_alive=False)
 
     def check_deadline(self, now: float) -> None:
         """Close connections whose request, idle or write deadline has passed."""
@@ -395,6 +418,8 @@ class HttpServer:
         self.handler = handler
         self.limits = limits or HttpLimits()
         self.connections: set[_Connection] = set()
+        #: Connections an upgrade handler took over (WebSocket streams), closed at stop.
+        self.upgraded: weakref.WeakSet[Any] = weakref.WeakSet()
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -430,5 +455,7 @@ class HttpServer:
                 if conn.transport is not None:
                     conn.transport.close()
             self.connections.clear()
+            for transport in list(self.upgraded):
+                transport.close()
             await self._server.wait_closed()
             self._server = None

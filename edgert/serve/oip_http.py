@@ -64,6 +64,24 @@ class OipRouter:
         except Exception as exc:  # sync routes: same error mapping as async ones
             return self._error(exc, req)
 
+    def upgrade(self, req: Request, transport: Any, rest: bytes) -> Response | None:
+        """A WebSocket upgrade: a stream at /v2/models/{m}[/versions/{v}]/stream (serve/ws_streams.py)."""
+        from edgert.serve import ws_streams
+
+        if self.token is not None and not self._authorized(req):
+            offered = ws_streams.offered_bearer(req)  # browsers cannot set Authorization
+            if offered is None or not hmac.compare_digest(offered, self.token):
+                return error_response(401, "missing or wrong bearer token", [("www-authenticate", "Bearer")])
+        route = ws_streams.stream_route(req.path)
+        if route is None or req.headers.get("upgrade", "").lower() != "websocket":
+            return error_response(404, f"no WebSocket route for {req.path}; see /v2/models/{{m}}/stream")
+        try:
+            self.backend.model_meta(*route)
+        except Exception as exc:
+            return self._error(exc, req)
+        ws_streams.WsStream(self.backend, *route).take_over(transport, ws_streams.raw_request(req), rest)
+        return None
+
     def _authorized(self, req: Request) -> bool:
         given = req.headers.get("authorization", "").encode("latin-1")
         assert self.token is not None

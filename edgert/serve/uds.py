@@ -28,6 +28,7 @@ from edgert.serve.backpressure import NO_DEADLINE, WritePressure
 from edgert.serve.oip_http import model_metadata_doc
 from edgert.serve.port import ServingPort, error_text, status_for
 from edgert.serve.uds_limits import BUDGET_MIN_FRAME, FrameBudget, UdsLimits, frame_cap_for
+from edgert.serve.uds_streams import StreamHub
 
 __all__ = ["UdsLimits", "UdsServer"]
 
@@ -143,6 +144,9 @@ class _Connection(WritePressure, asyncio.Protocol):
                 break
             frame = self._take(self.need)
             self.need = None
+            if self.kind == fr.STREAM_OPEN:  # the connection becomes a stream (serve/uds_streams.py)
+                self._stream(frame)
+                return
             self.deadline = time.monotonic() + (
                 self.limits.read_timeout_s if self.buffered else self.limits.idle_timeout_s
             )
@@ -150,6 +154,20 @@ class _Connection(WritePressure, asyncio.Protocol):
             if not self.busy:
                 self._next()
         self._update_reading()
+
+    def _stream(self, frame: bytes) -> None:
+        """Hand this connection over to a stream session (opened on a connection with nothing in flight)."""
+        self._answered(len(frame))
+        transport = self.transport
+        if self.busy or self.pending or transport is None:
+            self._fail(InputError("open a stream on a connection with no requests in flight"))
+            return
+        rest = self._take(self.buffered) if self.buffered else b""
+        self.transport = None
+        self.server.connections.discard(self)
+        if self.reading_paused:
+            transport.resume_reading()
+        self.server.streams.take_over(transport, self.meta_len, frame, rest)
 
     def granted(self) -> None:
         """The budget now holds this connection's large frame: read its body."""
@@ -299,6 +317,7 @@ class UdsServer:
         self.max_frame_bytes = self.limits.max_frame_bytes or 0
         self.budget = FrameBudget(max(self.limits.max_buffered_bytes, self.max_frame_bytes))
         self.connections: set[_Connection] = set()
+        self.streams = StreamHub(self)  # connections turned into stream sessions
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._bound: sockfile.SocketFileId | None = None
@@ -383,6 +402,7 @@ class UdsServer:
         if self._server is None:
             return
         self._server.close()
+        self.streams.stop()
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()

@@ -131,7 +131,7 @@ def test_demo_serves_encrypted_models_and_exits_clean(tmp_path: Path):
 
         # the Python client over the socket, including the cascade
         with Client(f"unix://{sock}") as c:
-            assert set(c.models()) == {"digits", "digits-small", "digits-large"}
+            assert set(c.models()) == {"digits", "digits-small", "digits-large", "tones"}
             logits = c.infer("digits", {"pixels": x})["logits"]
             assert (logits.argmax(1) == y).mean() >= 0.85
             status = c.status()

@@ -26,6 +26,7 @@ from .common import (
 )
 from .digits import LARGE, SMALL, build_digits_family, cascade_table
 from .mobilenet import build_mobilenet, mobilenet_fp32
+from .tones import build_tones
 
 
 def build_committed(out: Path) -> dict[str, Any]:
@@ -40,6 +41,7 @@ def build_committed(out: Path) -> dict[str, Any]:
             models.update(cards)
             logits.update(lg)
         models.update(build_mobilenet(out, Path(tmp), None))
+        models.update(build_tones(out, Path(tmp)))
     macs_s, macs_l = (
         models["digits_small_fp32.onnx"]["macs_per_sample"],
         models["digits_large_fp32.onnx"]["macs_per_sample"],
@@ -66,6 +68,17 @@ def build_committed(out: Path) -> dict[str, Any]:
         "cascade_on_test_split": cascade,
         "models": models,
     }
+    write_atomic(out / CARDS, (json.dumps(cards, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(out / "README.md", render_readme(cards).encode())
+    return cards
+
+
+def build_tones_only(out: Path) -> dict[str, Any]:
+    """Rebuild only the tone-burst models and merge their cards into out's cards.json and README.md."""
+    cards = json.loads((out / CARDS).read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        cards["models"].update(build_tones(out, Path(tmp)))
+    cards["models"] = dict(sorted(cards["models"].items()))
     write_atomic(out / CARDS, (json.dumps(cards, indent=2, sort_keys=True) + "\n").encode())
     write_atomic(out / "README.md", render_readme(cards).encode())
     return cards

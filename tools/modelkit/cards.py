@@ -69,6 +69,10 @@ _FAMILY = {
     "random "
     "weights (torchvision's init; BN running statistics set from seeded random images). "
     "**Intended use: latency and memory work only**; its predictions mean nothing.",
+    "tones": "Tone-burst detector for streams: a 1-D CNN over one second of 16 kHz audio (class 1 = a "
+    "sine burst of 40-300 ms, 300-4000 Hz, is present in the noise). Trained and tested on clips the "
+    "script synthesises (no downloads); accuracy is on its own synthetic test clips, not the digits split. "
+    "Stream it with `window = 16000` and a hop such as 1600 (a result every 100 ms).",
 }
 
 
@@ -99,6 +103,8 @@ def render_readme(cards: dict[str, Any]) -> str:
         )
         if "architecture" in first:
             text += f"\n- Architecture: {first['architecture']}.\n- Training: {first['training']}."
+        if "test_data" in first:
+            text += f"\n- Test data: {first['test_data']}."
         text += (
             "\n\n| file | format | precision | size | sha256 (first 16) | held-out accuracy | how |\n"
             + "|---|---|---|---|---|---|---|\n"
