@@ -25,9 +25,10 @@ from edgert.engine.batching import batch_rows
 from edgert.engine.cache import cache_key
 from edgert.engine.cascade_run import cascade_info, check_members, run_cascade_async, run_cascade_sync
 from edgert.engine.config import CascadeConfig, InferResult, ModelConfig, ModelInfo, ServableModel
+from edgert.engine.lifecycle import DRAIN_POLL_S, SWAP_DRAIN_TIMEOUT_S, EngineLifecycle
 from edgert.engine.pipeline import PipelineSet
 from edgert.engine.pipeline_config import PipelineConfig
-from edgert.engine.served import Progress, Served, check_compatible, prepare
+from edgert.engine.served import Progress, Served, prepare
 from edgert.engine.stats import InferenceStats, register_cost_metrics
 from edgert.errors import (
     BackendError,
@@ -44,10 +45,6 @@ __all__ = ["DRAIN_POLL_S", "SWAP_DRAIN_TIMEOUT_S", "Engine", "UnknownModelError"
 
 log = logging.getLogger("edgert.engine")
 
-#: How long a swap waits for requests still running on the old version before abandoning it.
-SWAP_DRAIN_TIMEOUT_S = 30.0
-#: Poll interval while waiting for in-flight requests to finish (drain, swap).
-DRAIN_POLL_S = 0.002
 #: Bounds of the Retry-After estimate given with OverloadedError.
 RETRY_AFTER_MIN_S = 0.01
 RETRY_AFTER_MAX_S = 5.0
@@ -98,7 +95,7 @@ class _Admitted:
             self.engine.metrics.observe_request(self.name, time.perf_counter() - self.start)
 
 
-class Engine:
+class Engine(EngineLifecycle):
     """Serves loaded models and cascades to async and threaded callers; see the module docstring."""
 
     def __init__(self, metrics: Metrics) -> None:
@@ -437,104 +434,6 @@ class Engine:
         if served.batcher is not None:
             served.batcher.on_batch = partial(self.stats.record_batch, config.name, model.version)
         return served
-
-    async def swap(
-        self,
-        name: str,
-        new_model: ServableModel,
-        *,
-        warmup: int = 3,
-        drain_timeout: float = SWAP_DRAIN_TIMEOUT_S,
-    ) -> None:
-        """Warm up ``new_model`` beside the served one, switch atomically, then retire the old one.
-
-        Requests admitted before the switch finish on the old version; it closes when the last one
-        leaves. On failure (incompatible inputs, warm-up error) the old version keeps serving, the
-        new model is closed (the engine owns it) and the error is raised. If old requests are still
-        running after ``drain_timeout`` (a hung session), queued ones fail and the old session is
-        abandoned unclosed, because closing a session mid-run is unsafe.
-        """
-        with self._lock:
-            old = self._served.get(name)
-        if old is None:
-            raise self._unknown(name)
-        try:
-            check_compatible(old.model, new_model, name)
-            self.pipelines.check_swap(name, new_model)
-            new = await asyncio.to_thread(self._prepare, new_model, old.config, warmup)
-        except BaseException:
-            log.warning(
-                "swap failed; the old version keeps serving",
-                extra={"model": name, "version": old.model.version, "new_version": new_model.version},
-            )
-            await asyncio.to_thread(new_model.close)
-            raise
-        with self._lock:
-            self._served[name] = new
-        self._publish_info(new)
-        log.info(
-            "swapped model",
-            extra={"model": name, "old_version": old.model.version, "version": new_model.version},
-        )
-        await asyncio.to_thread(self._retire, old)
-        deadline = time.monotonic() + drain_timeout
-        while not old.closed and time.monotonic() < deadline:
-            await asyncio.sleep(DRAIN_POLL_S)
-        if not old.closed:
-            log.error(
-                "old version still busy after the swap; abandoning its session",
-                extra={"model": name, "version": old.model.version, "active": old.active},
-            )
-            if old.batcher is not None:
-                old.batcher.stop(
-                    BackendError(
-                        f"model {name!r} was restarted while this request waited", hint="retry the request"
-                    )
-                )
-
-    def _retire(self, served: Served) -> None:
-        """Stop admitting to ``served``; drain its batch queue; close it now or when its last request ends."""
-        with self._lock:
-            served.retired = True
-        if served.batcher is not None:
-            served.batcher.stop()
-        with self._lock:
-            close = served.active == 0 and not served.closed
-            if close:
-                served.closed = True
-        if close:
-            self._close_model(served)
-
-    def _close_model(self, served: Served) -> None:
-        try:
-            served.model.close()
-        except Exception:  # closing must not fail a request; log and move on
-            log.exception("closing model failed", extra={"model": served.name})
-
-    async def drain(self, timeout: float) -> None:
-        """Stop admitting requests and wait up to ``timeout`` s for in-flight ones to finish."""
-        with self._lock:
-            self._draining = True
-        deadline = time.monotonic() + timeout
-        while any(v for v in self._in_flight().values()) and time.monotonic() < deadline:
-            await asyncio.sleep(DRAIN_POLL_S)
-        left = sum(self._in_flight().values())
-        if left:
-            log.warning("drain timed out", extra={"in_flight": left})
-
-    def close(self) -> None:
-        """Stop all batchers, close all models and the thread pool (after :meth:`drain`)."""
-        with self._lock:
-            self._draining = True
-            served = list(self._served.values())
-            self._served.clear()
-            self._cascades.clear()
-            self.pipelines.clear()
-            pool, self._pool = self._pool, None
-        for s in served:
-            self._retire(s)
-        if pool is not None:
-            pool.shutdown(wait=True)
 
     # -- helpers -----------------------------------------------------------------------------------
     def _publish_info(self, served: Served) -> None:
