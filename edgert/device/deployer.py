@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
-
 from edgert.config import CascadeEntry, ModelEntry
+from edgert.device.health import DEFAULT_MAX_WARM_LATENCY_S, WARMUP_RUNS, Golden, health_check
 from edgert.device.lazy import COLD_LOAD, MemoryKeeper
 from edgert.errors import BackendError, EdgertError, UnknownModelError
 from edgert.profiles import variant_order
@@ -45,17 +44,8 @@ __all__ = [
 
 log = logging.getLogger("edgert.device.deployer")
 
-#: Warm-up runs of a new version before it takes traffic.
-WARMUP_RUNS = 3
-#: A new version whose median warm run takes longer than this fails its health check (seconds).
-DEFAULT_MAX_WARM_LATENCY_S = 10.0
 #: How long a caller on another thread (MQTT commands) waits for a deployment.
 DEPLOY_TIMEOUT_S = 120.0
-#: A health check's golden (inputs, outputs) by tensor name.
-Golden = tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]
-#: Golden-output tolerance (absolute, relative) for the health check.
-GOLDEN_ATOL = 1e-3
-GOLDEN_RTOL = 1e-2
 
 
 class ServingTarget(Protocol):
@@ -123,42 +113,6 @@ class _ModelState:
 def _error_text(exc: BaseException) -> str:
     text = exc.message if isinstance(exc, EdgertError) else f"{type(exc).__name__}: {exc}"
     return text[:300]
-
-
-def health_check(model: Any, golden: Golden | None, max_latency_s: float) -> float:
-    """Run ``model`` on zero inputs (and golden inputs, if any); return the median warm run (s).
-
-    Raises BackendError when a run fails, an output is not finite, a golden output differs, or the
-    warm run is slower than ``max_latency_s``.
-    """
-    from edgert.engine.served import warm_up
-
-    try:
-        seconds = warm_up(model, WARMUP_RUNS)
-    except EdgertError as exc:
-        raise BackendError(f"warm-up of model {model.name!r} version {model.version!r} failed its health "
-                           f"check: {exc.message[:400]}",
-                           hint="the version loads but cannot run here: check it was built for this "
-                                "device's profile and onnxruntime/LiteRT version") from None
-    if seconds > max_latency_s:
-        raise BackendError(
-            f"{model.name} {model.version}: warm run took {seconds * 1000:.1f} ms, over the "
-            f"{max_latency_s * 1000:.0f} ms bound", hint="check the device profile and the model variant")
-    zeros = {s.name: np.zeros([1 if d is None else d for d in s.shape], dtype=np.dtype(s.dtype))
-             for s in model.inputs}
-    outputs = model.run(zeros)
-    for name, value in outputs.items():
-        if np.asarray(value).dtype.kind == "f" and not np.all(np.isfinite(value)):
-            raise BackendError(f"{model.name} {model.version}: output {name!r} is not finite on zero inputs")
-    if golden is not None:
-        inputs, expected = golden
-        got = model.run(dict(inputs))
-        for name, want in expected.items():
-            if name not in got or np.shape(got[name]) != np.shape(want) or not np.allclose(
-                    got[name], want, atol=GOLDEN_ATOL, rtol=GOLDEN_RTOL):
-                raise BackendError(f"{model.name} {model.version}: output {name!r} differs from the "
-                                   "package's golden output", hint="the build or the variant is broken")
-    return seconds
 
 
 class Deployer:

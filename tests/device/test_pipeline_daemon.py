@@ -351,10 +351,11 @@ def test_a_stream_runs_through_the_pipeline(mnv2) -> None:
     """Streams are bound to a served name, so a pipeline streams like a model (issue 13)."""
     frames = np.random.default_rng(7).integers(0, 256, (5, 240, 320, 3), dtype=np.uint8)
     with Client("unix://" + mnv2.socket) as c:
-        results = list(c.stream("mnv2-top5", [(f"f{i}", float(i), frames[i]) for i in range(5)], policy="all"))
+        items = [(f"f{i}", float(i), frames[i]) for i in range(5)]
+        results = list(c.stream("mnv2-top5", items, policy="all"))
         want = [c.infer("mnv2-top5", {"frame": frames[i : i + 1]}) for i in range(5)]
     assert [r.id for r in results] == [f"f{i}" for i in range(5)]
     assert all(r.error is None and r.dropped == 0 for r in results), [r.error for r in results]
-    for got, expected in zip(results, want):
+    for got, expected in zip(results, want, strict=True):
         np.testing.assert_array_equal(got.outputs["indices"], expected["indices"])
         np.testing.assert_allclose(got.outputs["scores"], expected["scores"], rtol=1e-6)
