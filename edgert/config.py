@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgert.drift.monitor import DriftSettings
 from edgert.engine.config import ModelConfig
-from edgert.errors import ConfigError
+from edgert.errors import ConfigError, EdgertError
 from edgert.runtime import ModelOptions
 from edgert.serve.http_server import HttpLimits
 from edgert.serve.uds_limits import UdsLimits
@@ -86,6 +87,7 @@ class ModelEntry:
     version: str = ""  # store version; "" = the active one
     threads: int = 0  # 0 = the profile's choice
     serving: ModelConfig | None = None  # None = the engine's defaults for this name
+    drift: DriftSettings = field(default_factory=DriftSettings)  # [models.drift]; docs/drift.md
 
     def __post_init__(self) -> None:
         if self.serving is None:
@@ -239,6 +241,7 @@ def _parse_model(table: Table, allow_plaintext: bool) -> ModelEntry:
         version=table.string("version"),
         threads=table.integer("threads", 0),
         serving=serving,
+        drift=_parse_drift(table.table("drift")),
     )
     table.check_unknown()
     if entry.path and not allow_plaintext:
@@ -250,6 +253,38 @@ def _parse_model(table: Table, allow_plaintext: bool) -> ModelEntry:
     if entry.path and entry.version:
         table.fail("version", "only applies to store models; remove it or remove path")
     return entry
+
+
+def _parse_drift(table: Table) -> DriftSettings:
+    """``[models.drift]``: live drift against the package's reference profile (docs/drift.md)."""
+    d = DriftSettings()
+    values = dict(
+        enabled=table.boolean("enabled", d.enabled),
+        window=table.integer("window", d.window),
+        window_s=table.number("window_s", d.window_s),
+        min_samples=table.integer("min_samples", d.min_samples),
+        psi_threshold=table.number("psi_threshold", d.psi_threshold),
+        js_threshold=table.number("js_threshold", d.js_threshold, maximum=1.0),
+        confidence_drop=table.number("confidence_drop", d.confidence_drop),
+        event_interval_s=table.number("event_interval_s", d.event_interval_s),
+        capture_samples=table.integer("capture_samples", d.capture_samples),
+        capture_fleet_key=table.string("capture_fleet_key"),
+        panes=table.integer("panes", d.panes, minimum=2),
+    )
+    table.check_unknown()
+    if values["capture_fleet_key"]:
+        from edgert.security.keys import parse_public_key
+
+        try:
+            parse_public_key(str(values["capture_fleet_key"]))
+        except EdgertError as exc:
+            table.fail("capture_fleet_key", f"is not an x25519 public key ({exc.message})")
+            values["capture_fleet_key"] = ""
+    try:
+        return DriftSettings(**values)  # type: ignore[arg-type]
+    except ConfigError as exc:  # cross-field rules (one of window/window_s) live with the settings
+        table.fail("window", exc.message)
+        return d
 
 
 def _parse_cascade(table: Table) -> CascadeEntry:
