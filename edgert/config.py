@@ -270,6 +270,7 @@ def _parse_drift(table: Table) -> DriftSettings:
         capture_samples=table.integer("capture_samples", d.capture_samples),
         capture_fleet_key=table.string("capture_fleet_key"),
         panes=table.integer("panes", d.panes, minimum=2),
+        sample_every=table.integer("sample_every", d.sample_every, minimum=1),
     )
     table.check_unknown()
     if values["capture_fleet_key"]:

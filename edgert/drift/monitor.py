@@ -30,18 +30,19 @@ import numpy as np
 from edgert.drift.profile import ClassProfile, ReferenceProfile, ValueProfile
 from edgert.drift.sketch import (
     DEFAULT_PANES,
+    Binner,
+    PsiReference,
     SlidingPanes,
-    bin_counts,
     confidence_and_class,
     js_divergence,
-    psi,
 )
 from edgert.errors import ConfigError
 
 __all__ = ["FLUSH_ROWS", "REARM_FRACTION", "DriftAlarm", "DriftMonitor", "DriftSettings"]
 
-#: Staged rows folded into the sketches at once (amortizes numpy's per-call cost on tiny models).
-FLUSH_ROWS = 64
+#: Staged rows folded into the sketches at once (amortizes numpy's per-call cost on tiny models); a
+#: fold never holds more than one pane of the window.
+FLUSH_ROWS = 128
 #: An alarm re-arms when every score is below this fraction of its threshold.
 REARM_FRACTION = 0.8
 
@@ -61,6 +62,7 @@ class DriftSettings:
     capture_samples: int = 0  # requests sealed to the fleet capture key after a drift event
     capture_fleet_key: str = ""  # x25519:... (default: the model's capture config key)
     panes: int = DEFAULT_PANES
+    sample_every: int = 1  # observe one request in N (1: every request)
 
     def __post_init__(self) -> None:
         if (self.window > 0) == (self.window_s > 0):
@@ -78,6 +80,8 @@ class DriftSettings:
                               f"got {self.js_threshold}")
         if self.panes < 2:
             raise ConfigError(f"drift: panes must be >= 2, got {self.panes}")
+        if self.sample_every < 1:
+            raise ConfigError(f"drift: sample_every must be >= 1, got {self.sample_every}")
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,21 @@ class DriftMonitor:
         self.observed = 0
         self.alarms = 0
         self._lock = threading.Lock()
-        self._staged: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]] = []
+        # Per profiled tensor, in a fixed order: its window key, its profile and what to stage of it.
+        self._in_stage = [(n, _stager(p, copy=True)) for n, p in profile.inputs.items()]
+        self._out_stage = [(n, _stager(q, copy=False)) for n, q in profile.outputs.items()]
+        self._keys = [f"in:{n}" for n in profile.inputs]
+        self._keys += [("cls:" if isinstance(q, ClassProfile) else "out:") + n
+                       for n, q in profile.outputs.items()]
+        self._profiles = [*profile.inputs.values(), *profile.outputs.values()]
+        self._psi = {k: PsiReference(p.reference) for k, p in zip(self._keys, self._profiles, strict=True)
+                     if isinstance(p, ValueProfile)}
+        self._binners = {k: Binner(p.edges) for k, p in zip(self._keys, self._profiles, strict=True)
+                         if isinstance(p, ValueProfile)}
+        self._staged: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
         self._staged_rows = 0
+        self._pane_s = self.window.pane_s
+        self._every, self._skip = settings.sample_every, 0
         self._armed = True
         self._last_alarm = -float("inf")
         self._last_fold = clock()
@@ -122,45 +139,50 @@ class DriftMonitor:
     # -- request path --------------------------------------------------------------------------------
     def observe(self, inputs: Mapping[str, np.ndarray],
                 outputs: Mapping[str, np.ndarray]) -> DriftAlarm | None:
-        """Stage one answered request; fold when enough rows wait. Returns an alarm when one fires."""
-        # Copy the inputs: a front end may reuse its receive buffer once the request is answered.
-        ins = {k: np.array(inputs[k], copy=True) for k in self.profile.inputs if k in inputs}
-        first = next(iter(ins.values()), None)
-        rows = int(first.shape[0]) if first is not None and first.ndim else 1
-        self._staged.append((ins, {k: outputs[k] for k in self.profile.outputs if k in outputs}, rows))
-        self._staged_rows += rows
+        """Stage one answered request; fold when enough rows wait. Returns an alarm when one fires.
+
+        A request that lacks a profiled tensor (a client asked for a subset of the outputs) is skipped.
+        Inputs are copied (a front end may reuse its buffers once the request is answered); images
+        are reduced to their subsample first. With ``sample_every`` N > 1 only one request in N is.
+        """
+        if self._every > 1:
+            self._skip += 1
+            if self._skip < self._every:
+                return None
+            self._skip = 0
+        try:
+            ins = [stage(inputs[name]) for name, stage in self._in_stage]
+            outs = [stage(outputs[name]) for name, stage in self._out_stage]
+        except KeyError:
+            return None
+        self._staged.append((ins, outs))
+        self._staged_rows += len(ins[0] if ins else outs[0])
         if self._staged_rows < self._flush_rows and not (
-                self.window.pane_s and self.clock() - self._last_fold >= self.window.pane_s):
+                self._pane_s and self.clock() - self._last_fold >= self._pane_s):
             return None
         return self.flush()
 
     def flush(self) -> DriftAlarm | None:
         """Fold the staged requests into the window and judge the scores."""
         with self._lock:
-            staged, self._staged, self._staged_rows = self._staged, [], 0
+            staged, rows = self._staged, self._staged_rows
+            self._staged, self._staged_rows = [], 0
             self._last_fold = self.clock()
             if staged:
-                self._fold(staged)
+                self._fold(staged, rows)
             return self._judge()
 
-    def _fold(self, staged: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]]) -> None:
+    def _fold(self, staged: list[tuple[list[np.ndarray], list[np.ndarray]]], rows: int) -> None:
         sums: dict[str, np.ndarray] = {}
-        rows = sum(n for _, _, n in staged)
-        for name, p in self.profile.inputs.items():
-            arrays = [p.rows(ins[name]) for ins, _, _ in staged if name in ins]
-            if arrays:
-                sums[f"in:{name}"] = bin_counts(np.concatenate(arrays), p.edges)
-        for name, q in self.profile.outputs.items():
-            outs = [o[name] for _, o, _ in staged if name in o]
-            if not outs:
-                continue
-            if isinstance(q, ClassProfile):
-                scores = np.concatenate([np.asarray(o).reshape(np.asarray(o).shape[0], -1) for o in outs])
-                conf, top = confidence_and_class(scores, q.softmax)
-                sums[f"cls:{name}"] = np.bincount(top, minlength=q.classes)[: q.classes]
-                sums[f"conf:{name}"] = np.asarray(conf.sum(dtype=np.float64))
+        columns = [np.concatenate([s[0][i] for s in staged]) for i in range(len(self._in_stage))]
+        columns += [np.concatenate([s[1][i] for s in staged]) for i in range(len(self._out_stage))]
+        for key, profile, a in zip(self._keys, self._profiles, columns, strict=True):
+            if isinstance(profile, ClassProfile):
+                conf, top = confidence_and_class(a.reshape(a.shape[0], -1), profile.softmax)
+                sums[key] = np.bincount(top, minlength=profile.classes)[: profile.classes]
+                sums["conf:" + key[4:]] = np.asarray(conf.sum(dtype=np.float64))
             else:
-                sums[f"out:{name}"] = bin_counts(np.concatenate([q.rows(o) for o in outs]), q.edges)
+                sums[key] = self._binners[key].counts(_as_rows(profile, a))
         self.window.add(rows, **sums)
         self.observed += rows
 
@@ -168,8 +190,8 @@ class DriftMonitor:
     def _compute(self) -> dict[str, Any]:
         w = self.window
         out: dict[str, Any] = {"samples": w.count, "inputs": {}, "outputs": {}}
-        for name, p in self.profile.inputs.items():
-            out["inputs"][name] = _psi_scores(p, w.total(f"in:{name}"))
+        for name in self.profile.inputs:
+            out["inputs"][name] = _psi_scores(self._psi[f"in:{name}"], w.total(f"in:{name}"))
         for name, q in self.profile.outputs.items():
             if isinstance(q, ClassProfile):
                 counts = w.total(f"cls:{name}")
@@ -178,7 +200,7 @@ class DriftMonitor:
                 out["outputs"][name] = {"js": js_divergence(q.distribution, counts) if n else float("nan"),
                                         "confidence": conf, "confidence_drop": q.confidence - conf}
             else:
-                out["outputs"][name] = _psi_scores(q, w.total(f"out:{name}"))
+                out["outputs"][name] = _psi_scores(self._psi[f"out:{name}"], w.total(f"out:{name}"))
         return out
 
     def scores(self) -> dict[str, Any]:
@@ -227,10 +249,22 @@ class DriftMonitor:
         return DriftAlarm(self.model, self.version, tuple(crossed), s)
 
 
-def _psi_scores(p: ValueProfile, counts: np.ndarray) -> dict[str, float]:
+def _as_rows(profile: ValueProfile, a: np.ndarray) -> np.ndarray:
+    """Staged tensors as rows x features ("channel" tensors were reduced when staged)."""
+    return a if profile.layout == "channel" else profile.rows(a)
+
+
+def _stager(profile: ValueProfile | ClassProfile, copy: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """What the request path keeps of one tensor: a copy, the tensor itself, or an image's subsample."""
+    if isinstance(profile, ValueProfile) and profile.layout == "channel":
+        return lambda a: np.array(profile.rows(a), np.float32)
+    return np.array if copy else np.asarray
+
+
+def _psi_scores(ref: PsiReference, counts: np.ndarray) -> dict[str, float]:
     if not counts.sum():
         return {"psi": float("nan"), "psi_max": float("nan")}
-    per = psi(p.reference, counts)
+    per = ref.psi(counts)
     return {"psi": float(per.mean()), "psi_max": float(per.max())}
 
 

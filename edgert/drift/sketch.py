@@ -24,6 +24,8 @@ __all__ = [
     "MAX_FEATURES",
     "MAX_ROWS_PER_SAMPLE",
     "PSI_EPSILON",
+    "Binner",
+    "PsiReference",
     "SlidingPanes",
     "bin_counts",
     "channel_axis",
@@ -95,6 +97,39 @@ def bin_counts(rows: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.bincount(idx.ravel(), minlength=features * bins).reshape(features, bins)
 
 
+def _order_keys(x: np.ndarray) -> np.ndarray:
+    """int64 keys that sort like the float32 values (NaN as -inf, -0.0 as 0.0): exact, no rounding."""
+    v = np.fmax(np.asarray(x, np.float32), np.float32(-np.inf)) + np.float32(0.0)
+    u = v.view(np.int32).astype(np.int64)
+    return np.where(u < 0, -(u & 0x7FFFFFFF), u)
+
+
+class Binner:
+    """:func:`bin_counts` against fixed edges, fast: one ``searchsorted`` over all features at once.
+
+    Values and edges become integer keys that sort exactly like the float32 numbers; each feature
+    gets a disjoint segment of the int64 axis, so one sorted search bins a whole batch with no
+    rounding (NaN lands in the first bin, as in :func:`bin_counts`). Several times faster than the
+    broadcast comparison on 64 features x 9 edges.
+    """
+
+    SEGMENT = 1 << 33  # wider than the int32 key range
+
+    def __init__(self, edges: np.ndarray) -> None:
+        e = np.asarray(edges, np.float32)
+        self.features, inner = e.shape
+        self.bins = inner + 1
+        self.shift = np.arange(self.features, dtype=np.int64) * self.SEGMENT
+        self.flat = (_order_keys(e) + self.shift[:, None]).ravel()
+        self.offsets = np.arange(self.features, dtype=np.int64)
+
+    def counts(self, rows: np.ndarray) -> np.ndarray:
+        """Counts per feature and bin of ``rows`` (rows x features), shape (features, bins)."""
+        idx = np.searchsorted(self.flat, _order_keys(rows) + self.shift, side="left") + self.offsets
+        size = self.features * self.bins
+        return np.bincount(idx.ravel(), minlength=size).reshape(self.features, self.bins)
+
+
 def _proportions(counts: np.ndarray, eps: float) -> np.ndarray:
     c = np.asarray(counts, np.float64)
     total = c.sum(axis=-1, keepdims=True)
@@ -111,6 +146,21 @@ def psi(reference: np.ndarray, live_counts: np.ndarray, eps: float = PSI_EPSILON
     p, q = _proportions(reference, eps), _proportions(live_counts, eps)
     out: np.ndarray = ((q - p) * np.log(q / p)).sum(axis=-1)
     return out
+
+
+class PsiReference:
+    """A reference bin mix prepared once (smoothed proportions and their log) for repeated PSI."""
+
+    def __init__(self, reference: np.ndarray, eps: float = PSI_EPSILON) -> None:
+        self.eps = eps
+        self.p = _proportions(reference, eps)
+        self.log_p = np.log(self.p)
+
+    def psi(self, live_counts: np.ndarray) -> np.ndarray:
+        """Same as :func:`psi` against this reference."""
+        q = _proportions(live_counts, self.eps)
+        out: np.ndarray = ((q - self.p) * (np.log(q) - self.log_p)).sum(axis=-1)
+        return out
 
 
 def js_divergence(reference: np.ndarray, live_counts: np.ndarray, eps: float = PSI_EPSILON) -> float:
@@ -152,6 +202,7 @@ class SlidingPanes:
         self.pane_s = window_s / panes if window_s else 0.0
         self.clock = clock
         self.acc = {k: np.zeros((panes, *shape), np.float64) for k, shape in shapes.items()}
+        self.totals = {k: np.zeros(shape, np.float64) for k, shape in shapes.items()}  # sum of the panes
         self.rows = np.zeros(panes, np.int64)
         self.current = 0
         self._tick = math.floor(clock() / self.pane_s) if self.pane_s and clock else 0
@@ -160,7 +211,8 @@ class SlidingPanes:
         for _ in range(min(steps, self.panes)):
             self.current = (self.current + 1) % self.panes
             self.rows[self.current] = 0
-            for arr in self.acc.values():
+            for k, arr in self.acc.items():
+                self.totals[k] -= arr[self.current]
                 arr[self.current] = 0
 
     def expire(self) -> None:
@@ -177,6 +229,7 @@ class SlidingPanes:
         c = self.current
         for k, v in values.items():
             self.acc[k][c] += v
+            self.totals[k] += v
         self.rows[c] += rows
         if self.pane_rows and self.rows[c] >= self.pane_rows:
             self._advance(1)
@@ -190,5 +243,5 @@ class SlidingPanes:
     def total(self, name: str) -> np.ndarray:
         """Sum of accumulator ``name`` over the kept panes."""
         self.expire()
-        out: np.ndarray = self.acc[name].sum(axis=0)
+        out: np.ndarray = self.totals[name].copy()
         return out

@@ -133,3 +133,15 @@ def test_settings_are_validated() -> None:
         DriftSettings(js_threshold=2.0)
     with pytest.raises(ConfigError, match="min_samples"):
         DriftSettings(min_samples=-1)
+
+
+def test_sampling_one_request_in_n_still_trips_and_stays_quiet(
+        profile: ReferenceProfile, held_out: np.ndarray,
+        run: Callable[[np.ndarray], dict[str, np.ndarray]]) -> None:
+    settings = DriftSettings(window=200, min_samples=60, sample_every=3)
+    quiet = DriftMonitor("digits", "1", profile, settings)
+    assert stream(quiet, held_out, run, 0) == []
+    seen = quiet.headline()["samples"]
+    assert 0 < seen < len(held_out) / 2  # about one request in three (requests hold 1-4 rows)
+    loud = DriftMonitor("digits", "1", profile, settings)
+    assert len(stream(loud, shifts(held_out)["inversion"], run, 0)) == 1

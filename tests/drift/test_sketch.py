@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from edgert.drift.profile import ReferenceProfile, build_profile, decode_array, encode_array
 from edgert.drift.sketch import (
+    Binner,
     SlidingPanes,
     bin_counts,
     feature_rows,
@@ -175,3 +176,18 @@ def test_bad_profiles_are_refused_clearly() -> None:
         build_profile({"x": np.zeros((3, 2))}, {"y": np.zeros((3, 2))})
     with pytest.raises(ModelError, match="sample count"):
         build_profile({"x": np.zeros((30, 2))}, {"y": np.zeros((31, 2))})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 6), st.integers(2, 12), st.data())
+def test_fast_binner_matches_the_definition(n: int, features: int, bins: int, data: st.DataObject) -> None:
+    """Including values far outside the reference range, values equal to edges, NaN and infinities."""
+    ref = data.draw(matrix(max(n, 2), features))
+    edges = quantile_edges(ref, bins)
+    live = data.draw(st.one_of(matrix(n, features), matrix(n, features).map(lambda m: m * 1e4)))
+    specials = data.draw(st.lists(st.sampled_from([np.nan, np.inf, -np.inf, 0.0]), max_size=3))
+    for i, value in enumerate(specials):
+        live[i % n, i % features] = value
+    if n > 1:
+        live[-1] = edges[:, 0]  # exactly on an edge: goes below it
+    np.testing.assert_array_equal(Binner(edges).counts(live), bin_counts(live, edges))

@@ -1,0 +1,188 @@
+"""Drift overhead on digits throughput: drift on against drift off, interleaved, side by side in one run.
+
+Three views of the same cost (target: <= 3%, DESIGN section 5):
+
+* **daemon, OIP HTTP JSON, 32 clients**: one daemon serves the same signed digits package (with its
+  reference profile) under two names, ``digits-on`` (drift on, the default) and ``digits-off``
+  (``[models.drift] enabled = false``); uvloop load generators in separate processes alternate
+  between them round by round.
+* **daemon, Unix socket, one client**: the same two names, sequential requests, alternating rounds.
+* **in process**: ``Engine.infer_sync`` alone against ``Engine.infer_sync`` plus
+  ``DriftMonitor.observe`` (no transport: the worst case, the smallest denominator), observing
+  every request and one in four (``sample_every = 4``).
+
+    python tools/bench_drift.py [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from bench_serving import free_port, json_request, wait_ready
+from loadgen import throughput
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "models"
+MODEL = MODELS / "digits_small_int8.onnx"
+NAMES = ("digits-on", "digits-off")
+
+
+def install(state: Path) -> None:
+    """The digits package with its reference profile, installed under both names."""
+    from edgert.backends.describe import describe_file
+    from edgert.drift.reference import profile_model_file
+    from edgert.security.loader import open_keystore, open_store
+    from edgert.security.package import VariantSource, create_package
+
+    reference = profile_model_file(MODEL, MODELS / "digits_test.npz")
+    store = open_store(state, open_keystore(state, create=True))
+    fmt, variant, ins, outs = describe_file(MODEL)
+    for name in NAMES:
+        pkg = state.parent / f"{name}.edgepkg"
+        with open(pkg, "w+b") as out:
+            create_package([VariantSource(MODEL, variant, fmt, ins, outs)], out, name=name, version="1",
+                           recipients=[store.keys.wrap_public], signer=store.keys.sign,
+                           now=datetime.now(timezone.utc), reference=reference)
+        store.install(pkg)
+
+
+def start(tmp: Path, port: int) -> subprocess.Popen[bytes]:
+    cfg = tmp / "edgert.toml"
+    cfg.write_text(f"""
+[daemon]
+profile = "cpu-generic"
+state_dir = "{tmp / "state"}"
+log_level = "warning"
+[http]
+listen = "127.0.0.1:{port}"
+[metrics]
+listen = ""
+[socket]
+path = "{tmp / "edgert.sock"}"
+[[models]]
+name = "digits-on"
+[[models]]
+name = "digits-off"
+[models.drift]
+enabled = false
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "edgert.cli.main", "daemon", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
+    wait_ready(tmp / "edgert.sock")
+    return proc
+
+
+def ratio(rounds: dict[str, list[float]]) -> dict[str, float]:
+    """Median throughput of each side and the median of per-round on/off ratios."""
+    on, off = np.array(rounds["digits-on"]), np.array(rounds["digits-off"])
+    return {"on": round(float(np.median(on)), 1), "off": round(float(np.median(off)), 1),
+            "on_over_off": round(float(np.median(on / off)), 4)}
+
+
+def bench_http(port: int, rounds: int, secs: float) -> dict[str, float]:
+    x1 = np.load(MODELS / "digits_test.npz")["x"][:1]
+    out: dict[str, list[float]] = {n: [] for n in NAMES}
+    cpu: list[float] = []
+    for r in range(rounds):
+        for name in NAMES if r % 2 == 0 else NAMES[::-1]:
+            rps, gen = throughput(json_request(name, x1), port, 32, secs)
+            out[name].append(rps)
+            cpu.append(gen)
+    return {**ratio(out), "loadgen_cpu_cores": round(float(np.median(cpu)), 2)}
+
+
+def bench_socket(sock: Path, rounds: int, n: int) -> dict[str, float]:
+    from edgert.client import Client
+
+    x = np.load(MODELS / "digits_test.npz")["x"].astype(np.float32)
+    rows = [x[i:i + 1] for i in range(len(x))]
+    out: dict[str, list[float]] = {name: [] for name in NAMES}
+    with Client(f"unix://{sock}") as c:
+        for name in NAMES:
+            for i in range(200):
+                c.infer(name, {"pixels": rows[i % len(rows)]})
+        for r in range(rounds):
+            for name in NAMES if r % 2 == 0 else NAMES[::-1]:
+                t = time.perf_counter()
+                for i in range(n):
+                    c.infer(name, {"pixels": rows[i % len(rows)]})
+                out[name].append(n / (time.perf_counter() - t))
+    return ratio(out)
+
+
+def bench_in_process(rounds: int, n: int, sample_every: int = 1) -> dict[str, float]:
+    from edgert.drift import DriftMonitor, DriftSettings, ReferenceProfile
+    from edgert.drift.reference import profile_model_file
+    from edgert.engine import Engine
+    from edgert.engine.config import ModelConfig
+    from edgert.metrics import Metrics
+    from edgert.runtime import Runtime
+
+    engine = Engine(Metrics())
+    engine.add_model(Runtime("cpu-generic").load(MODEL, name="digits"), ModelConfig(name="digits"))
+    profile = ReferenceProfile.from_dict(profile_model_file(MODEL, MODELS / "digits_test.npz"))
+    monitor = DriftMonitor("digits", "1", profile, DriftSettings(sample_every=sample_every))
+    x = np.load(MODELS / "digits_test.npz")["x"].astype(np.float32)
+    rows = [x[i:i + 1] for i in range(len(x))]
+    out: dict[str, list[float]] = {name: [] for name in NAMES}
+
+    def run(drift: bool) -> float:
+        t = time.perf_counter()
+        for i in range(n):
+            inputs = {"pixels": rows[i % len(rows)]}
+            result = engine.infer_sync("digits", inputs)
+            if drift:
+                monitor.observe(inputs, result.outputs)
+        return n / (time.perf_counter() - t)
+
+    run(True)
+    run(False)
+    for r in range(rounds):
+        for name in NAMES if r % 2 == 0 else NAMES[::-1]:
+            out[name].append(run(name == "digits-on"))
+    engine.close()
+    return ratio(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="also write the report here")
+    args = ap.parse_args()
+    rounds = 4 if args.quick else 8
+    report: dict[str, object] = {"cpus": os.cpu_count(), "load_average": os.getloadavg()[0]}
+    report["in_process"] = bench_in_process(rounds, 5000 if args.quick else 20000)
+    print(json.dumps({"in_process": report["in_process"]}), flush=True)
+    report["in_process_sample_every_4"] = bench_in_process(rounds, 5000 if args.quick else 20000, 4)
+    print(json.dumps({"in_process_sample_every_4": report["in_process_sample_every_4"]}), flush=True)
+    with tempfile.TemporaryDirectory(prefix="edgert-bench-drift-") as d:
+        tmp = Path(d)
+        (tmp / "state").mkdir()
+        install(tmp / "state")
+        port = free_port()
+        proc = start(tmp, port)
+        try:
+            n = 2000 if args.quick else 5000
+            report["socket_1_client"] = bench_socket(tmp / "edgert.sock", rounds, n)
+            print(json.dumps({"socket_1_client": report["socket_1_client"]}), flush=True)
+            report["http_json_32_clients"] = bench_http(port, rounds, 2.0 if args.quick else 4.0)
+            print(json.dumps({"http_json_32_clients": report["http_json_32_clients"]}), flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
