@@ -87,9 +87,10 @@ class DriftWatch:
             monitor = self._start(name, version)
             if monitor is None:
                 return
-        evidence = self._evidence.get(name)
-        if evidence is not None:
-            self._seal(name, evidence, inputs, outputs, request_id)
+        if self._evidence:  # only after a drift event, until N requests are sealed
+            evidence = self._evidence.get(name)
+            if evidence is not None:
+                self._seal(name, evidence, inputs, outputs, request_id)
         try:
             alarm = monitor.observe(inputs, outputs)
         except Exception:  # a sketch must never fail a request

@@ -118,8 +118,11 @@ class DriftMonitor:
         self.alarms = 0
         self._lock = threading.Lock()
         # Per profiled tensor, in a fixed order: its window key, its profile and what to stage of it.
-        self._in_stage = [(n, _stager(p, copy=True)) for n, p in profile.inputs.items()]
-        self._out_stage = [(n, _stager(q, copy=False)) for n, q in profile.outputs.items()]
+        self._in_names, self._out_names = list(profile.inputs), list(profile.outputs)
+        self._in_stage = [_stager(p, copy=True) for p in profile.inputs.values()]
+        self._out_stage = [_stager(q, copy=False) for q in profile.outputs.values()]
+        self._reduce = any(isinstance(p, ValueProfile) and p.layout == "channel" for p in
+                           (*profile.inputs.values(), *profile.outputs.values()))
         self._keys = [f"in:{n}" for n in profile.inputs]
         self._keys += [("cls:" if isinstance(q, ClassProfile) else "out:") + n
                        for n, q in profile.outputs.items()]
@@ -142,8 +145,8 @@ class DriftMonitor:
         """Stage one answered request; fold when enough rows wait. Returns an alarm when one fires.
 
         A request that lacks a profiled tensor (a client asked for a subset of the outputs) is skipped.
-        Inputs are copied (a front end may reuse its buffers once the request is answered); images
-        are reduced to their subsample first. With ``sample_every`` N > 1 only one request in N is.
+        Writable inputs are copied (a caller may reuse its buffers once the request is answered);
+        images are reduced to their subsample first. With ``sample_every`` N > 1 only one request in N is.
         """
         if self._every > 1:
             self._skip += 1
@@ -151,10 +154,15 @@ class DriftMonitor:
                 return None
             self._skip = 0
         try:
-            ins = [stage(inputs[name]) for name, stage in self._in_stage]
-            outs = [stage(outputs[name]) for name, stage in self._out_stage]
+            ins = [inputs[name] for name in self._in_names]
+            outs = [outputs[name] for name in self._out_names]
         except KeyError:
             return None
+        if self._reduce:  # images: keep only their subsample
+            ins = [f(a) for f, a in zip(self._in_stage, ins, strict=True)]
+            outs = [f(a) for f, a in zip(self._out_stage, outs, strict=True)]
+        else:  # a read-only array is a view of an immutable request body: nothing can change it
+            ins = [a.copy() if a.flags.writeable else a for a in ins]
         self._staged.append((ins, outs))
         self._staged_rows += len(ins[0] if ins else outs[0])
         if self._staged_rows < self._flush_rows and not (

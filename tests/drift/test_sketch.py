@@ -191,3 +191,24 @@ def test_fast_binner_matches_the_definition(n: int, features: int, bins: int, da
     if n > 1:
         live[-1] = edges[:, 0]  # exactly on an edge: goes below it
     np.testing.assert_array_equal(Binner(edges).counts(live), bin_counts(live, edges))
+
+
+def test_monitor_copies_writable_inputs_and_keeps_read_only_views() -> None:
+    """A caller that reuses its input buffer after the request cannot change what the window saw."""
+    from edgert.drift import DriftMonitor, DriftSettings
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 3)).astype(np.float32)
+    profile = build_profile({"x": x}, {"y": rng.normal(size=(200, 2)).astype(np.float32)})
+    monitor = DriftMonitor("m", "1", profile, DriftSettings(window=1000, min_samples=0))
+    buf = np.zeros((1, 3), np.float32)
+    frozen = np.frombuffer(np.full((1, 3), 5.0, np.float32).tobytes(), np.float32).reshape(1, 3)
+    for i in range(10):
+        buf[:] = i - 5.0  # the caller reuses one buffer for every request
+        monitor.observe({"x": buf}, {"y": np.zeros((1, 2), np.float32)})
+        monitor.observe({"x": frozen}, {"y": np.zeros((1, 2), np.float32)})
+    monitor.flush()
+    counts = monitor.window.total("in:x")
+    seen = np.vstack([np.full((10, 3), 5.0), (np.arange(10) - 5.0)[:, None] * np.ones((1, 3))])
+    expected = bin_counts(seen.astype(np.float32), profile.inputs["x"].edges)
+    np.testing.assert_array_equal(counts, expected)
