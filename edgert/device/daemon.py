@@ -415,6 +415,8 @@ class Daemon:
             new = load_config(self.config_path)
             await self._apply(new)
             await self._reopen_capture()
+            if self.drift is not None:
+                self.drift.reset()  # new [models.drift] settings: fresh windows
         except EdgertError as exc:
             self.audit.event("config_reload_failed", config=str(self.config_path), error=exc.message[:300])
             log.error("config reload failed; keeping the running config", extra={"error": str(exc)})

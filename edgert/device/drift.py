@@ -213,6 +213,10 @@ class DriftWatch:
         return _finite({"samples": s["samples"], "alarm": s["alarm"], "alarms": s["alarms"],
                         "inputs": s["inputs"], "outputs": s["outputs"]})
 
+    def reset(self) -> None:
+        """Forget every monitor (after a config reload): each model starts a fresh window."""
+        self.monitors, self._known = {}, {}
+
     def close(self) -> None:
         """Finish pending drift captures."""
         for evidence in list(self._evidence.values()):

@@ -145,3 +145,16 @@ def test_sampling_one_request_in_n_still_trips_and_stays_quiet(
     assert 0 < seen < len(held_out) / 2  # about one request in three (requests hold 1-4 rows)
     loud = DriftMonitor("digits", "1", profile, settings)
     assert len(stream(loud, shifts(held_out)["inversion"], run, 0)) == 1
+
+
+def test_time_window_trips_then_forgets(profile: ReferenceProfile, held_out: np.ndarray,
+                                        run: Callable[[np.ndarray], dict[str, np.ndarray]]) -> None:
+    now = [100.0]
+    monitor = DriftMonitor("digits", "1", profile, DriftSettings(window=0, window_s=60.0, min_samples=100),
+                           clock=lambda: now[0])
+    assert len(stream(monitor, shifts(held_out)["inversion"], run, 0)) == 1
+    assert monitor.headline()["samples"] == len(held_out)
+    now[0] += 30.0
+    assert monitor.headline()["samples"] == len(held_out)  # still inside the window
+    now[0] += 61.0
+    assert monitor.headline()["samples"] == 0  # every pane expired

@@ -104,3 +104,17 @@ def test_watch_never_fails_a_request_over_a_bad_profile() -> None:
     for _ in range(10):
         odd.observe("m", "1", {"x": np.zeros((1, 5))}, {"y": np.zeros((1, 3))})
     assert odd.status("m") is None
+
+
+def test_reset_starts_fresh_windows_with_the_current_settings() -> None:
+    entries = {"m": ModelEntry(name="m", drift=DriftSettings(window=64, min_samples=8))}
+    watch = DriftWatch(entry=lambda name: entries.get(name), reference=lambda e, v: _profile(),
+                       audit=lambda *a, **k: None, capture_root=lambda: Path("/nonexistent"))
+    x, y = np.zeros((1, 4), np.float32), np.zeros((1, 3), np.float32)
+    for _ in range(20):
+        watch.observe("m", "1", {"x": x}, {"y": y})
+    assert watch.monitors["m"].settings.window == 64
+    entries["m"] = ModelEntry(name="m", drift=DriftSettings(window=500, min_samples=8))  # SIGHUP
+    watch.reset()
+    watch.observe("m", "1", {"x": x}, {"y": y})
+    assert watch.monitors["m"].settings.window == 500
