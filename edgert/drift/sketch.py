@@ -19,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 __all__ = [
+    "COMPARE_EDGES",
     "DEFAULT_BINS",
     "DEFAULT_PANES",
     "MAX_FEATURES",
@@ -104,13 +105,18 @@ def _order_keys(x: np.ndarray) -> np.ndarray:
     return np.where(u < 0, -(u & 0x7FFFFFFF), u)
 
 
-class Binner:
-    """:func:`bin_counts` against fixed edges, fast: one ``searchsorted`` over all features at once.
+#: Up to this many edges per feature, :class:`Binner` compares edge by edge; beyond, it searches.
+COMPARE_EDGES = 16
 
-    Values and edges become integer keys that sort exactly like the float32 numbers; each feature
-    gets a disjoint segment of the int64 axis, so one sorted search bins a whole batch with no
-    rounding (NaN lands in the first bin, as in :func:`bin_counts`). Several times faster than the
-    broadcast comparison on 64 features x 9 edges.
+
+class Binner:
+    """:func:`bin_counts` against fixed edges, fast, exact, with no per-feature Python loop.
+
+    With few edges (deciles: 9) it counts, for each edge column, the values above it (one
+    vectorized comparison per edge into a uint8 accumulator): about 5x faster than the 3-D
+    broadcast of :func:`bin_counts`. With many edges, values and edges become integer keys that
+    sort exactly like the float32 numbers, each feature on a disjoint segment of the int64 axis,
+    and one ``searchsorted`` bins the whole batch. Either way NaN lands in the first bin.
     """
 
     SEGMENT = 1 << 33  # wider than the int32 key range
@@ -119,14 +125,22 @@ class Binner:
         e = np.asarray(edges, np.float32)
         self.features, inner = e.shape
         self.bins = inner + 1
+        self.columns = [np.ascontiguousarray(e[:, j]) for j in range(inner)] if inner <= COMPARE_EDGES else []
         self.shift = np.arange(self.features, dtype=np.int64) * self.SEGMENT
         self.flat = (_order_keys(e) + self.shift[:, None]).ravel()
         self.offsets = np.arange(self.features, dtype=np.int64)
 
     def counts(self, rows: np.ndarray) -> np.ndarray:
         """Counts per feature and bin of ``rows`` (rows x features), shape (features, bins)."""
-        idx = np.searchsorted(self.flat, _order_keys(rows) + self.shift, side="left") + self.offsets
         size = self.features * self.bins
+        if self.columns:
+            r = np.asarray(rows, np.float32)
+            acc = (r > self.columns[0]).view(np.uint8)
+            for column in self.columns[1:]:
+                acc += (r > column).view(np.uint8)
+            idx = acc + self.offsets * self.bins
+        else:
+            idx = np.searchsorted(self.flat, _order_keys(rows) + self.shift, side="left") + self.offsets
         return np.bincount(idx.ravel(), minlength=size).reshape(self.features, self.bins)
 
 
