@@ -42,7 +42,7 @@ __all__ = ["FLUSH_ROWS", "REARM_FRACTION", "DriftAlarm", "DriftMonitor", "DriftS
 
 #: Staged rows folded into the sketches at once (amortizes numpy's per-call cost on tiny models); a
 #: fold never holds more than one pane of the window.
-FLUSH_ROWS = 128
+FLUSH_ROWS = 256
 #: An alarm re-arms when every score is below this fraction of its threshold.
 REARM_FRACTION = 0.8
 
@@ -52,7 +52,7 @@ class DriftSettings:
     """Window and thresholds of live drift (the ``[models.drift]`` table; defaults in docs/drift.md)."""
 
     enabled: bool = True
-    window: int = 1000  # rows in a count window (0: use window_s)
+    window: int = 2000  # rows in a count window (0: use window_s)
     window_s: float = 0.0  # seconds in a time window (used when window = 0)
     min_samples: int = 200  # rows in the window before scores are judged
     psi_threshold: float = 0.25

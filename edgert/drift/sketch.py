@@ -171,8 +171,9 @@ class PsiReference:
         self.log_p = np.log(self.p)
 
     def psi(self, live_counts: np.ndarray) -> np.ndarray:
-        """Same as :func:`psi` against this reference."""
-        q = _proportions(live_counts, self.eps)
+        """Same as :func:`psi` against this reference (``live_counts`` must not be all zero)."""
+        q = np.maximum(live_counts / live_counts.sum(axis=-1, keepdims=True), self.eps)
+        q /= q.sum(axis=-1, keepdims=True)
         out: np.ndarray = ((q - self.p) * (np.log(q) - self.log_p)).sum(axis=-1)
         return out
 

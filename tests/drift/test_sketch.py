@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from edgert.drift.profile import ReferenceProfile, build_profile, decode_array, encode_array
 from edgert.drift.sketch import (
     Binner,
+    PsiReference,
     SlidingPanes,
     bin_counts,
     feature_rows,
@@ -106,6 +107,7 @@ def test_psi_and_js_laws(bins: int, data: st.DataObject) -> None:
     p[0] += 1
     q[-1] += 1
     assert psi(p, q)[()] >= -1e-12
+    assert PsiReference(p).psi(q)[()] == pytest.approx(psi(p, q)[()], rel=1e-9, abs=1e-12)
     assert abs(psi(p, 3 * p)[()]) < 1e-12  # same mix, any scale
     js = js_divergence(p, q)
     assert -1e-12 <= js <= 1.0 + 1e-12
