@@ -19,6 +19,7 @@ Scores over the window:
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -62,7 +63,7 @@ class DriftSettings:
     capture_samples: int = 0  # requests sealed to the fleet capture key after a drift event
     capture_fleet_key: str = ""  # x25519:... (default: the model's capture config key)
     panes: int = DEFAULT_PANES
-    sample_every: int = 1  # observe one request in N (1: every request)
+    sample_every: int = 4  # observe one request in N on average (1: every request)
 
     def __post_init__(self) -> None:
         if (self.window > 0) == (self.window_s > 0):
@@ -98,7 +99,7 @@ class DriftMonitor:
     """Sliding-window sketches of one model version against its profile (thread-safe)."""
 
     def __init__(self, model: str, version: str, profile: ReferenceProfile, settings: DriftSettings, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, seed: int | None = None) -> None:
         self.model, self.version, self.profile, self.settings = model, version, profile, settings
         self.clock = clock
         shapes: dict[str, tuple[int, ...]] = {}
@@ -119,8 +120,12 @@ class DriftMonitor:
         self._lock = threading.Lock()
         # Per profiled tensor, in a fixed order: its window key, its profile and what to stage of it.
         self._in_names, self._out_names = list(profile.inputs), list(profile.outputs)
-        self._in_stage = [_stager(p, copy=True) for p in profile.inputs.values()]
-        self._out_stage = [_stager(q, copy=False) for q in profile.outputs.values()]
+        self._in_keys, self._out_keys = frozenset(profile.inputs), frozenset(profile.outputs)
+        # (staged arrays, tensor name, what to stage of it) per tensor: one column per tensor
+        self._in_columns: list[tuple[list[np.ndarray], str, Callable[[np.ndarray], np.ndarray]]] = [
+            ([], n, _stager(p, copy=True)) for n, p in profile.inputs.items()]
+        self._out_columns: list[tuple[list[np.ndarray], str, Callable[[np.ndarray], np.ndarray]]] = [
+            ([], n, _stager(q, copy=False)) for n, q in profile.outputs.items()]
         self._reduce = any(isinstance(p, ValueProfile) and p.layout == "channel" for p in
                            (*profile.inputs.values(), *profile.outputs.values()))
         self._keys = [f"in:{n}" for n in profile.inputs]
@@ -131,10 +136,10 @@ class DriftMonitor:
                      if isinstance(p, ValueProfile)}
         self._binners = {k: Binner(p.edges) for k, p in zip(self._keys, self._profiles, strict=True)
                          if isinstance(p, ValueProfile)}
-        self._staged: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
         self._staged_rows = 0
         self._pane_s = self.window.pane_s
         self._every, self._skip = settings.sample_every, 0
+        self._rng = random.Random(seed)
         self._armed = True
         self._last_alarm = -float("inf")
         self._last_fold = clock()
@@ -146,25 +151,34 @@ class DriftMonitor:
 
         A request that lacks a profiled tensor (a client asked for a subset of the outputs) is skipped.
         Writable inputs are copied (a caller may reuse its buffers once the request is answered);
-        images are reduced to their subsample first. With ``sample_every`` N > 1 only one request in N is.
+        images are reduced to their subsample first. With ``sample_every`` N > 1 about one request in N
+        is (the gaps are random, uniform in 1..2N-1).
         """
-        if self._every > 1:
-            self._skip += 1
-            if self._skip < self._every:
+        if self._every > 1:  # random spacing (mean N): periodic traffic cannot alias with the sampling
+            self._skip -= 1
+            if self._skip > 0:
                 return None
-            self._skip = 0
-        try:
-            ins = [inputs[name] for name in self._in_names]
-            outs = [outputs[name] for name in self._out_names]
-        except KeyError:
+            self._skip = self._rng.randint(1, 2 * self._every - 1)
+        if not (self._in_keys <= inputs.keys() and self._out_keys <= outputs.keys()):
             return None
         if self._reduce:  # images: keep only their subsample
-            ins = [f(a) for f, a in zip(self._in_stage, ins, strict=True)]
-            outs = [f(a) for f, a in zip(self._out_stage, outs, strict=True)]
-        else:  # a read-only array is a view of an immutable request body: nothing can change it
-            ins = [a.copy() if a.flags.writeable else a for a in ins]
-        self._staged.append((ins, outs))
-        self._staged_rows += len(ins[0] if ins else outs[0])
+            for column, name, stage in self._in_columns:
+                column.append(stage(inputs[name]))
+            for column, name, stage in self._out_columns:
+                column.append(stage(outputs[name]))
+            rows = len(inputs[self._in_names[0]]) if self._in_names else len(outputs[self._out_names[0]])
+        else:
+            rows = 0
+            for column, name, _ in self._in_columns:
+                a = inputs[name]
+                # A read-only array is a view of an immutable request body: nothing can change it.
+                column.append(a.copy() if a.flags.writeable else a)
+                rows = len(a)
+            for column, name, _ in self._out_columns:
+                a = outputs[name]
+                column.append(a)
+                rows = rows or len(a)
+        self._staged_rows += rows
         if self._staged_rows < self._flush_rows and not (
                 self._pane_s and self.clock() - self._last_fold >= self._pane_s):
             return None
@@ -173,17 +187,18 @@ class DriftMonitor:
     def flush(self) -> DriftAlarm | None:
         """Fold the staged requests into the window and judge the scores."""
         with self._lock:
-            staged, rows = self._staged, self._staged_rows
-            self._staged, self._staged_rows = [], 0
+            rows, self._staged_rows = self._staged_rows, 0
             self._last_fold = self.clock()
-            if staged:
-                self._fold(staged, rows)
+            if rows:
+                columns = []
+                for column, _, _ in (*self._in_columns, *self._out_columns):
+                    columns.append(np.concatenate(column))
+                    column.clear()
+                self._fold(columns, rows)
             return self._judge()
 
-    def _fold(self, staged: list[tuple[list[np.ndarray], list[np.ndarray]]], rows: int) -> None:
+    def _fold(self, columns: list[np.ndarray], rows: int) -> None:
         sums: dict[str, np.ndarray] = {}
-        columns = [np.concatenate([s[0][i] for s in staged]) for i in range(len(self._in_stage))]
-        columns += [np.concatenate([s[1][i] for s in staged]) for i in range(len(self._out_stage))]
         for key, profile, a in zip(self._keys, self._profiles, columns, strict=True):
             if isinstance(profile, ClassProfile):
                 conf, top = confidence_and_class(a.reshape(a.shape[0], -1), profile.softmax)

@@ -91,6 +91,7 @@ name = "digits"
 [models.drift]
 window = 240
 min_samples = 120
+sample_every = 1
 capture_samples = {CAPTURE_SAMPLES}
 capture_fleet_key = "{fleet_public}"
 """)

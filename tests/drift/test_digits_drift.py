@@ -12,7 +12,7 @@ from edgert.drift import DriftMonitor, DriftSettings, ReferenceProfile, build_pr
 from edgert.errors import ConfigError
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
-SETTINGS = DriftSettings(window=500, min_samples=200)
+SETTINGS = DriftSettings(window=500, min_samples=200, sample_every=1)
 
 
 def training_split() -> np.ndarray:
@@ -113,7 +113,7 @@ def test_alarm_rearms_after_recovery_and_respects_the_interval(
         profile: ReferenceProfile, held_out: np.ndarray,
         run: Callable[[np.ndarray], dict[str, np.ndarray]]) -> None:
     now = [0.0]
-    settings = DriftSettings(window=200, min_samples=100, event_interval_s=60.0)
+    settings = DriftSettings(window=200, min_samples=100, event_interval_s=60.0, sample_every=1)
     monitor = DriftMonitor("digits", "1", profile, settings, clock=lambda: now[0])
     bad = shifts(held_out)["inversion"]
     assert len(stream(monitor, bad, run, 0)) == 1
@@ -139,19 +139,19 @@ def test_sampling_one_request_in_n_still_trips_and_stays_quiet(
         profile: ReferenceProfile, held_out: np.ndarray,
         run: Callable[[np.ndarray], dict[str, np.ndarray]]) -> None:
     settings = DriftSettings(window=200, min_samples=60, sample_every=3)
-    quiet = DriftMonitor("digits", "1", profile, settings)
+    quiet = DriftMonitor("digits", "1", profile, settings, seed=0)
     assert stream(quiet, held_out, run, 0) == []
     seen = quiet.headline()["samples"]
     assert 0 < seen < len(held_out) / 2  # about one request in three (requests hold 1-4 rows)
-    loud = DriftMonitor("digits", "1", profile, settings)
+    loud = DriftMonitor("digits", "1", profile, settings, seed=1)
     assert len(stream(loud, shifts(held_out)["inversion"], run, 0)) == 1
 
 
 def test_time_window_trips_then_forgets(profile: ReferenceProfile, held_out: np.ndarray,
                                         run: Callable[[np.ndarray], dict[str, np.ndarray]]) -> None:
     now = [100.0]
-    monitor = DriftMonitor("digits", "1", profile, DriftSettings(window=0, window_s=60.0, min_samples=100),
-                           clock=lambda: now[0])
+    settings = DriftSettings(window=0, window_s=60.0, min_samples=100, sample_every=1)
+    monitor = DriftMonitor("digits", "1", profile, settings, clock=lambda: now[0])
     assert len(stream(monitor, shifts(held_out)["inversion"], run, 0)) == 1
     assert monitor.headline()["samples"] == len(held_out)
     now[0] += 30.0

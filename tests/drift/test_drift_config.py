@@ -33,9 +33,10 @@ confidence_drop = 0.1
 event_interval_s = 60
 capture_samples = 16
 capture_fleet_key = "x25519:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+sample_every = 1
 """)
     d = cfg.models[0].drift
-    assert (d.window, d.window_s, d.min_samples, d.capture_samples) == (0, 600.0, 50, 16)
+    assert (d.window, d.window_s, d.min_samples, d.capture_samples, d.sample_every) == (0, 600.0, 50, 16, 1)
     assert (d.psi_threshold, d.js_threshold, d.confidence_drop, d.event_interval_s) == (0.2, 0.05, 0.1, 60.0)
 
 
@@ -47,6 +48,7 @@ capture_fleet_key = "x25519:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
     ('capture_fleet_key = "ed25519:nope"', ["models[0].drift.capture_fleet_key", "x25519"]),
     ("windw = 10", ["windw"]),
     ("enabled = 1", ["models[0].drift.enabled"]),
+    ("sample_every = 0", ["models[0].drift.sample_every"]),
 ])
 def test_bad_drift_settings_name_the_key(table: str, names: list[str]) -> None:
     with pytest.raises(ConfigError) as exc:
@@ -68,7 +70,7 @@ def _watch(reference: Any, entry: ModelEntry | None, audit: list[Any]) -> DriftW
 
 
 def test_watch_scores_a_model_with_a_profile_and_skips_the_rest() -> None:
-    entry = ModelEntry(name="m", drift=DriftSettings(window=64, min_samples=32))
+    entry = ModelEntry(name="m", drift=DriftSettings(window=64, min_samples=32, sample_every=1))
     calls: list[str] = []
 
     def reference(e: ModelEntry, version: str) -> dict[str, Any] | None:
@@ -99,22 +101,22 @@ def test_watch_never_fails_a_request_over_a_bad_profile() -> None:
     off.observe("m", "1", {"x": np.zeros((1, 4))}, {"y": np.zeros((1, 3))})
     assert off.status("m") is None
     # a request whose tensors do not fit the profile (another shape) turns drift off, not the request
-    odd = _watch(lambda e, v: _profile(), ModelEntry(name="m", drift=DriftSettings(window=8, min_samples=1)),
-                 audit)
+    odd = _watch(lambda e, v: _profile(),
+                 ModelEntry(name="m", drift=DriftSettings(window=8, min_samples=1, sample_every=1)), audit)
     for _ in range(10):
         odd.observe("m", "1", {"x": np.zeros((1, 5))}, {"y": np.zeros((1, 3))})
     assert odd.status("m") is None
 
 
 def test_reset_starts_fresh_windows_with_the_current_settings() -> None:
-    entries = {"m": ModelEntry(name="m", drift=DriftSettings(window=64, min_samples=8))}
+    entries = {"m": ModelEntry(name="m", drift=DriftSettings(window=64, min_samples=8, sample_every=1))}
     watch = DriftWatch(entry=lambda name: entries.get(name), reference=lambda e, v: _profile(),
                        audit=lambda *a, **k: None, capture_root=lambda: Path("/nonexistent"))
     x, y = np.zeros((1, 4), np.float32), np.zeros((1, 3), np.float32)
     for _ in range(20):
         watch.observe("m", "1", {"x": x}, {"y": y})
     assert watch.monitors["m"].settings.window == 64
-    entries["m"] = ModelEntry(name="m", drift=DriftSettings(window=500, min_samples=8))  # SIGHUP
+    entries["m"] = ModelEntry(name="m", drift=DriftSettings(window=500, min_samples=8, sample_every=1))  # HUP
     watch.reset()
     watch.observe("m", "1", {"x": x}, {"y": y})
     assert watch.monitors["m"].settings.window == 500

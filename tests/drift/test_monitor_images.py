@@ -27,7 +27,7 @@ def test_nchw_and_nhwc_images_are_profiled_per_channel_and_shifts_trip() -> None
         p = profile.inputs["image"]
         assert (p.layout, p.features) == ("channel", 3)
         assert p.axis == (2 if nhwc else 0)
-        settings = DriftSettings(window=200, min_samples=100)
+        settings = DriftSettings(window=200, min_samples=100, sample_every=1)
         same = DriftMonitor("cam", "1", profile, settings)
         brighter = DriftMonitor("cam", "1", profile, settings)
         for _ in range(50):

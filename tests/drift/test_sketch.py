@@ -203,7 +203,7 @@ def test_monitor_copies_writable_inputs_and_keeps_read_only_views() -> None:
     rng = np.random.default_rng(1)
     x = rng.normal(size=(200, 3)).astype(np.float32)
     profile = build_profile({"x": x}, {"y": rng.normal(size=(200, 2)).astype(np.float32)})
-    monitor = DriftMonitor("m", "1", profile, DriftSettings(window=1000, min_samples=0))
+    monitor = DriftMonitor("m", "1", profile, DriftSettings(window=1000, min_samples=0, sample_every=1))
     buf = np.zeros((1, 3), np.float32)
     frozen = np.frombuffer(np.full((1, 3), 5.0, np.float32).tobytes(), np.float32).reshape(1, 3)
     for i in range(10):
