@@ -195,8 +195,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the report here")
+    ap.add_argument("--rounds", type=int, default=0, help="daemon rounds per name (default 8; 4 quick)")
     args = ap.parse_args()
-    rounds = 4 if args.quick else 8
+    rounds = args.rounds or (4 if args.quick else 8)
     blocks = 10 if args.quick else 40  # short interleaved blocks for the in-process rows
     report: dict[str, object] = {"cpus": os.cpu_count(), "load_average": os.getloadavg()[0]}
     report["in_process"] = bench_in_process(blocks, 1000)
