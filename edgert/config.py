@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from edgert.drift.monitor import DriftSettings
 from edgert.engine.config import ModelConfig
-from edgert.errors import ConfigError, EdgertError
+from edgert.errors import ConfigError
 from edgert.runtime import ModelOptions
 from edgert.serve.http_server import HttpLimits
 from edgert.serve.uds_limits import UdsLimits
@@ -86,8 +86,8 @@ class ModelEntry:
     path: str = ""  # plaintext file; needs daemon.allow_plaintext
     version: str = ""  # store version; "" = the active one
     threads: int = 0  # 0 = the profile's choice
-    serving: ModelConfig | None = None  # None = the engine's defaults for this name
     drift: DriftSettings = field(default_factory=DriftSettings)  # [models.drift]; docs/drift.md
+    serving: ModelConfig | None = None  # None = the engine's defaults for this name
 
     def __post_init__(self) -> None:
         if self.serving is None:
@@ -240,8 +240,8 @@ def _parse_model(table: Table, allow_plaintext: bool) -> ModelEntry:
         path=table.string("path"),
         version=table.string("version"),
         threads=table.integer("threads", 0),
-        serving=serving,
         drift=_parse_drift(table.table("drift")),
+        serving=serving,
     )
     table.check_unknown()
     if entry.path and not allow_plaintext:
@@ -274,6 +274,7 @@ def _parse_drift(table: Table) -> DriftSettings:
     )
     table.check_unknown()
     if values["capture_fleet_key"]:
+        from edgert.errors import EdgertError
         from edgert.security.keys import parse_public_key
 
         try:

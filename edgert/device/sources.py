@@ -114,16 +114,16 @@ class ModelSource:
             return [PLAINTEXT_VARIANT]
         return list(self.store.variants(entry.name, version))
 
+    def golden(self, entry: ModelEntry, version: str) -> Any:
+        """The package's golden (inputs, outputs) for the health check, when it carries them."""
+        return None
+
     def reference(self, entry: ModelEntry, version: str) -> dict[str, Any] | None:
         """The signed reference profile of an installed version (docs/drift.md), or None."""
         if not entry.from_store:
             return None
         reference: dict[str, Any] | None = self.store.header(entry.name, version).manifest.reference
         return reference
-
-    def golden(self, entry: ModelEntry, version: str) -> Any:
-        """The package's golden (inputs, outputs) for the health check, when it carries them."""
-        return None
 
     # ---- actions -------------------------------------------------------------------------------
     def load(self, entry: ModelEntry, version: str, variant: str) -> Any:
