@@ -27,6 +27,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from bench_serving import free_port, json_request, wait_ready
@@ -95,7 +96,7 @@ def daemon_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def summarize(rounds: dict[str, list[tuple[float, float, int]]]) -> dict[str, float]:
+def summarize(rounds: dict[str, list[tuple[float, float, int]]]) -> dict[str, Any]:
     """Per side: requests/s (wall) and CPU us/request; the cost of drift as ratios against off.
 
     ``rounds[name]`` holds (wall seconds, CPU seconds, requests) per round. The ratios compare sums
@@ -110,10 +111,15 @@ def summarize(rounds: dict[str, list[tuple[float, float, int]]]) -> dict[str, fl
         out[f"{name}_req_per_s"] = round(n / wall, 1)
         out[f"{name}_cpu_us_per_req"] = round(cpu / n * 1e6, 2)
     off_rps, off_cpu = out["digits-off_req_per_s"], out["digits-off_cpu_us_per_req"]
+    off = rounds["digits-off"]
     for name in rounds:
         if name != "digits-off":
             out[f"{name}_throughput_ratio"] = round(out[f"{name}_req_per_s"] / off_rps, 4)
             out[f"{name}_cpu_ratio"] = round(out[f"{name}_cpu_us_per_req"] / off_cpu, 4)
+            # spread of the per-round CPU ratios (round i against the off round next to it): the noise
+            per_round = [(a[1] / a[2]) / (b[1] / b[2]) for a, b in zip(rounds[name], off, strict=True)]
+            q1, q3 = np.percentile(per_round, [25, 75])
+            out[f"{name}_cpu_ratio_iqr"] = f"{q1:.3f}..{q3:.3f}"
     return out
 
 
@@ -122,7 +128,7 @@ def order(r: int) -> tuple[str, ...]:
     return NAMES if r % 2 == 0 else NAMES[::-1]
 
 
-def bench_http(port: int, pid: int, rounds: int, secs: float) -> dict[str, float]:
+def bench_http(port: int, pid: int, rounds: int, secs: float) -> dict[str, Any]:
     x1 = np.load(MODELS / "digits_test.npz")["x"][:1]
     out: dict[str, list[tuple[float, float, int]]] = {n: [] for n in NAMES}
     gen_cpu: list[float] = []
@@ -135,7 +141,7 @@ def bench_http(port: int, pid: int, rounds: int, secs: float) -> dict[str, float
     return {**summarize(out), "loadgen_cpu_cores": round(float(np.median(gen_cpu)), 2)}
 
 
-def bench_socket(sock: Path, pid: int, rounds: int, n: int) -> dict[str, float]:
+def bench_socket(sock: Path, pid: int, rounds: int, n: int) -> dict[str, Any]:
     from edgert.client import Client
 
     x = np.load(MODELS / "digits_test.npz")["x"].astype(np.float32)
@@ -154,7 +160,7 @@ def bench_socket(sock: Path, pid: int, rounds: int, n: int) -> dict[str, float]:
     return summarize(out)
 
 
-def bench_in_process(rounds: int, n: int) -> dict[str, float]:
+def bench_in_process(rounds: int, n: int) -> dict[str, Any]:
     from edgert.drift import DriftMonitor, DriftSettings, ReferenceProfile
     from edgert.drift.reference import profile_model_file
     from edgert.engine import Engine
