@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgert.drift.monitor import DriftSettings
 from edgert.engine.config import ModelConfig
 from edgert.engine.pipeline_config import PipelineConfig, check_references, parse_pipeline
 from edgert.errors import ConfigError
@@ -87,6 +88,7 @@ class ModelEntry:
     path: str = ""  # plaintext file; needs daemon.allow_plaintext
     version: str = ""  # store version; "" = the active one
     threads: int = 0  # 0 = the profile's choice
+    drift: DriftSettings = field(default_factory=DriftSettings)  # [models.drift]; docs/drift.md
     serving: ModelConfig | None = None  # None = the engine's defaults for this name
     load: str = "eager"  # "eager": at start; "lazy": on the first request (docs/memory.md)
     pin: bool = False  # never unloaded to make room under daemon.memory_budget_mb
@@ -248,6 +250,7 @@ def _parse_model(table: Table, allow_plaintext: bool) -> ModelEntry:
         path=table.string("path"),
         version=table.string("version"),
         threads=table.integer("threads", 0),
+        drift=_parse_drift(table.table("drift")),
         serving=serving,
         load=table.choice("load", "eager", LOAD_MODES),
         pin=table.boolean("pin", False),
@@ -262,6 +265,40 @@ def _parse_model(table: Table, allow_plaintext: bool) -> ModelEntry:
     if entry.path and entry.version:
         table.fail("version", "only applies to store models; remove it or remove path")
     return entry
+
+
+def _parse_drift(table: Table) -> DriftSettings:
+    """``[models.drift]``: live drift against the package's reference profile (docs/drift.md)."""
+    d = DriftSettings()
+    values = dict(
+        enabled=table.boolean("enabled", d.enabled),
+        window=table.integer("window", d.window),
+        window_s=table.number("window_s", d.window_s),
+        min_samples=table.integer("min_samples", d.min_samples),
+        psi_threshold=table.number("psi_threshold", d.psi_threshold),
+        js_threshold=table.number("js_threshold", d.js_threshold, maximum=1.0),
+        confidence_drop=table.number("confidence_drop", d.confidence_drop),
+        event_interval_s=table.number("event_interval_s", d.event_interval_s),
+        capture_samples=table.integer("capture_samples", d.capture_samples),
+        capture_fleet_key=table.string("capture_fleet_key"),
+        panes=table.integer("panes", d.panes, minimum=2),
+        sample_every=table.integer("sample_every", d.sample_every, minimum=1),
+    )
+    table.check_unknown()
+    if values["capture_fleet_key"]:
+        from edgert.errors import EdgertError
+        from edgert.security.keys import parse_public_key
+
+        try:
+            parse_public_key(str(values["capture_fleet_key"]))
+        except EdgertError as exc:
+            table.fail("capture_fleet_key", f"is not an x25519 public key ({exc.message})")
+            values["capture_fleet_key"] = ""
+    try:
+        return DriftSettings(**values)  # type: ignore[arg-type]
+    except ConfigError as exc:  # cross-field rules (one of window/window_s) live with the settings
+        table.fail("window", exc.message)
+        return d
 
 
 def _parse_cascade(table: Table) -> CascadeEntry:

@@ -95,15 +95,27 @@ def model_group() -> None:
 @click.option("--package", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Publish a ready .edgepkg (signed by the fleet publisher, wrapped for the escrow key).")
 @click.option("--json", "as_json", is_flag=True, help="Print the target as JSON.")
+@click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Reference data (.npz): its profile is signed into the package for drift detection.")
 def model_add_cmd(models: tuple[Path, ...], fleet_dir: Path, name: str | None, version: str | None,
                   variants: tuple[str, ...], golden: tuple[Path, Path] | None, groups: str | None,
-                  package: Path | None, as_json: bool) -> None:
+                  package: Path | None, as_json: bool, reference: Path | None) -> None:
     """Build one signed multi-variant package from MODEL files and publish it as a TUF target."""
     from edgert.fleet.fleetdir import FleetDir
     from edgert.fleet.repo_models import add_model
 
+    profile = None
+    if reference is not None:
+        from edgert.cli.package import reference_profile
+
+        if package is not None or not models:
+            from edgert.errors import ConfigError
+
+            raise ConfigError("--reference profiles MODEL files; a ready --package carries its own profile")
+        profile = reference_profile(models[0], reference)
     target = add_model(FleetDir.open(fleet_dir), list(models), name=name, version=version,
-                       variants=list(variants), groups=_csv(groups), golden=golden or None, package=package)
+                       variants=list(variants), groups=_csv(groups), golden=golden or None, package=package,
+                       reference=profile)
     if as_json:
         echo_json({"target": target.target, "length": target.length, "sha256": target.sha256,
                    "custom": target.custom})

@@ -28,15 +28,31 @@ def models() -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @profile_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(file: Path, profile: str, as_json: bool) -> None:
+@click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Also profile the model on this reference data (.npz), as 'package create' would.")
+def inspect(file: Path, profile: str, as_json: bool, reference: Path | None) -> None:
     """Show a model's format, variant, size, hash, inputs, outputs and the provider it would run on.
 
     Quantized TFLite inputs and outputs are listed with the type the model stores them in and
-    their scale and zero point (callers pass and receive float32; edgert converts).
+    their scale and zero point (callers pass and receive float32; edgert converts). An .edgepkg
+    package is shown without decrypting it, with its signed reference profile.
     """
     from edgert.backends.describe import detect_variant, sniff_format
+    from edgert.cli.package import echo_reference, inspect_package, reference_profile, reference_summary
     from edgert.runtime import Runtime, _read_model_file
 
+    if _is_package(file):
+        pkg = inspect_package(file)
+        if as_json:
+            echo_json(pkg)
+            return
+        m = pkg["manifest"]
+        click.echo(f"package:  {file}: {m['name']} {m['version']} (signature "
+                   f"{'verifies' if pkg['signature']['verifies'] else 'DOES NOT VERIFY'})")
+        for v in pkg["variants"]:
+            click.echo(f"variant:  {v['variant']} ({v['format']}, {v['plaintext_size']:,} bytes)")
+        echo_reference(pkg["reference"])
+        return
     data = _read_model_file(file)
     fmt = sniff_format(data, str(file))
     variant = detect_variant(data, fmt)
@@ -53,6 +69,8 @@ def inspect(file: Path, profile: str, as_json: bool) -> None:
             "skipped": [{"provider": p, "reason": r} for p, r in model.selection.skipped],
         }
     )
+    if reference is not None:
+        doc["reference"] = reference_summary(reference_profile(file, reference))
     if as_json:
         echo_json(doc)
         return
@@ -70,3 +88,16 @@ def inspect(file: Path, profile: str, as_json: bool) -> None:
     click.echo("outputs:")
     for spec in model.outputs:
         click.echo(f"  {spec.describe()}")
+    if reference is not None:
+        echo_reference(doc["reference"])
+
+
+def _is_package(file: Path) -> bool:
+    """True when ``file`` starts with the .edgepkg magic."""
+    from edgert.security.package import MAGIC
+
+    try:
+        with open(file, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False

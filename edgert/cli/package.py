@@ -93,9 +93,12 @@ def keygen_cmd(output: Path) -> None:
 @click.option("--min-edgert", default="0.1.0", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output path (default: NAME-VERSION.edgepkg).")
+@click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Reference data (.npz, one array per input): its profile is signed into the package "
+                   "for drift detection on devices (docs/drift.md).")
 def create_cmd(models: tuple[str, ...], name: str, version: str, publisher_key: Path,
                recipients: tuple[str, ...], recipients_file: Path | None, min_edgert: str,
-               output: Path | None) -> None:
+               output: Path | None, reference: Path | None) -> None:
     """Encrypt one or more variants of a model (MODEL or MODEL:VARIANT, e.g. m.tflite:edgetpu) and sign it.
 
     VARIANT is int8, fp16, fp32 or edgetpu, optionally with a suffix (int8-tflite); without it the
@@ -108,12 +111,14 @@ def create_cmd(models: tuple[str, ...], name: str, version: str, publisher_key: 
     signer = load_publisher_key(publisher_key)
     keys = [parse_public_key(t) for t in _read_recipients(recipients, recipients_file)]
     sources = _sources(models)
+    profile = reference_profile(sources[0].path, reference) if reference is not None else None
     output = output or Path(f"{name}-{version}.edgepkg")
     tmp = output.with_name(output.name + TMP_SUFFIX)
     try:
         with open(tmp, "w+b") as out:
             manifest = create_package(sources, out, name=name, version=version, recipients=keys,
-                                      signer=signer, now=datetime.now(timezone.utc), min_edgert=min_edgert)
+                                      signer=signer, now=datetime.now(timezone.utc), min_edgert=min_edgert,
+                                      reference=profile)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, output)
@@ -123,6 +128,49 @@ def create_cmd(models: tuple[str, ...], name: str, version: str, publisher_key: 
     described = ", ".join(f"{v.variant} ({v.format})" for v in manifest.variants)
     click.echo(f"wrote {output}: {manifest.name} {manifest.version}, variants {described}, for "
                f"{len(keys)} recipient(s); signed; manifest sha256 {manifest.digest}")
+    if profile is not None:
+        click.echo(f"reference profile of {profile['samples']} samples (from {reference}, run on "
+                   f"{sources[0].path.name}) signed with the manifest")
+
+
+def reference_profile(model: Path, data: Path) -> dict[str, Any]:
+    """The reference profile document of ``model`` run on ``data`` (.npz), for the manifest."""
+    from edgert.drift.reference import profile_model_file
+
+    return profile_model_file(model, data)
+
+
+def reference_summary(doc: Any) -> dict[str, Any] | None:
+    """A short view of a manifest's reference profile (None without one; an error text if unreadable)."""
+    if doc is None:
+        return None
+    from edgert.drift.profile import ReferenceProfile
+
+    try:
+        return ReferenceProfile.from_dict(doc).summary()
+    except ModelError as exc:
+        return {"error": exc.message}
+
+
+def echo_reference(summary: dict[str, Any] | None) -> None:
+    """Print a reference profile summary (``package inspect``, ``models inspect``)."""
+    if summary is None:
+        click.echo("reference profile: none (drift detection off; add one with --reference DATA.npz)")
+        return
+    if "error" in summary:
+        click.echo(f"reference profile: unreadable ({summary['error']})")
+        return
+    click.echo(f"reference profile: {summary['samples']} samples")
+    for group in ("inputs", "outputs"):
+        for name, p in summary[group].items():
+            if p["kind"] == "classes":
+                dist = " ".join(f"{x:.3f}" for x in p["distribution"])
+                click.echo(f"  {group[:-1]} {name}: {p['classes']} classes, mean confidence "
+                           f"{p['mean_confidence']:.3f}, class mix {dist}")
+            else:
+                click.echo(f"  {group[:-1]} {name}: {p['features']} {p['layout']}s x {p['bins']} bins, "
+                           f"mean {p['mean']:.4g}, std {p['std']:.4g}, "
+                           f"edges {p['min_edge']:.4g}..{p['max_edge']:.4g}")
 
 
 def inspect_package(path: Path, trusted_keys: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -150,6 +198,7 @@ def inspect_package(path: Path, trusted_keys: tuple[str, ...] = ()) -> dict[str,
         "variants": [{"variant": v.variant, "format": v.format, "plaintext_size": v.plaintext_size,
                       "plaintext_sha256": v.plaintext_sha256, "inputs": v.inputs, "outputs": v.outputs}
                      for v in m.variants],
+        "reference": reference_summary(m.reference),
     }
 
 
@@ -177,3 +226,4 @@ def inspect_cmd(pkg: Path, as_json: bool, trust_keys: tuple[str, ...]) -> None:
         click.echo(f"variant {v['variant']}: {v['format']}, {v['plaintext_size']} bytes, inputs {ins}")
     for r in doc["recipients"]:
         click.echo(f"recipient {r['recipient']} ({r['suite']})")
+    echo_reference(doc["reference"])

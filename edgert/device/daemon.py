@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from edgert.config import DaemonConfig, ModelEntry, is_loopback, load_config, parse_listen
 from edgert.device.compliance import CaptureSink, DaemonAudit, open_capture_sink, open_daemon_audit
 from edgert.device.deployer import Deployer
+from edgert.device.drift import DriftWatch
 from edgert.device.sdnotify import Notifier
 from edgert.device.sources import ModelSource, open_store
 from edgert.device.supervisor import Supervisor
@@ -143,6 +144,7 @@ class Daemon:
         self.deployer: Deployer | None = None
         self.audit = DaemonAudit(None)
         self.capture: CaptureSink | None = None
+        self.drift: DriftWatch | None = DriftWatch.for_daemon(self, self._state_root)  # docs/drift.md
         self.restart_requested = False
 
     # ---- start -------------------------------------------------------------------------------
@@ -223,6 +225,8 @@ class Daemon:
             audit_head=self.audit.head,
         )
         self.deployer.events.append(lambda doc: sync.emit_event(_event_bytes(doc)))
+        if self.drift is not None:
+            self.drift.events.append(lambda doc: sync.emit_event(_event_bytes(doc)))
         updater = self._updater(sync)
         if updater is not None:
             sync.add_route(updater)
@@ -403,6 +407,8 @@ class Daemon:
         if self.capture is not None:
             await asyncio.to_thread(self.capture.close)
             self.capture = None
+        if self.drift is not None:
+            await asyncio.to_thread(self.drift.close)
         uptime = round(time.monotonic() - self.started_at, 3)
         self.audit.event("daemon_stop", pid=os.getpid(), uptime_s=uptime)
         self.audit.close()
@@ -418,6 +424,8 @@ class Daemon:
             new = load_config(self.config_path)
             await self._apply(new)
             await self._reopen_capture()
+            if self.drift is not None:
+                self.drift.reset()  # new [models.drift] settings: fresh windows
         except EdgertError as exc:
             self.audit.event("config_reload_failed", config=str(self.config_path), error=exc.message[:300])
             log.error("config reload failed; keeping the running config", extra={"error": str(exc)})
@@ -470,6 +478,9 @@ class Daemon:
                 "kind": getattr(info, "kind", "model"),
                 **({"variant": variant, "variant_reason": why} if variant else {}),
             }
+            drift = self.drift.status(info.name) if self.drift is not None else None
+            if drift is not None:
+                models[info.name]["drift"] = drift
         for name, item in (self.deployer.unavailable if self.deployer else {}).items():
             models[name] = {"version": None, "provider": "", "ready": False, "kind": "model",
                             "failed_version": item.version, "error": item.reason}

@@ -162,6 +162,9 @@ class ServingAdapter:
             capture.offer(
                 name, inputs, result.outputs, version=result.model_version, request_id=request_id or ""
             )
+        drift = getattr(self.daemon, "drift", None)
+        if drift is not None:  # one lookup; a model with a reference profile stages its tensors
+            drift.observe(name, result.model_version, inputs, result.outputs, request_id or "")
         if shadow is not None and not getattr(result, "cached", False):
             shadow.offer(inputs, result.outputs, time.perf_counter() - start)  # never blocks or raises
         return result

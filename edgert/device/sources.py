@@ -131,6 +131,13 @@ class ModelSource:
         """The package's golden (inputs, outputs) for the health check, when it carries them."""
         return None
 
+    def reference(self, entry: ModelEntry, version: str) -> dict[str, Any] | None:
+        """The signed reference profile of an installed version (docs/drift.md), or None."""
+        if not entry.from_store:
+            return None
+        reference: dict[str, Any] | None = self.store.header(entry.name, version).manifest.reference
+        return reference
+
     # ---- actions -------------------------------------------------------------------------------
     def load(self, entry: ModelEntry, version: str, variant: str) -> Any:
         """Decrypt (in memory only) and load one variant of ``entry`` at ``version``."""

@@ -204,11 +204,13 @@ def add_model(
     describe: Describer | None = None,
     min_edgert: str = "0.1.0",
     now: datetime | None = None,
+    reference: dict[str, Any] | None = None,
 ) -> ModelTarget:
     """Build (or take ``package``) a signed package and publish it as ``models/<name>/<version>.edgepkg``.
 
     The package key is wrapped for the escrow key and every device registered in ``groups``; targets,
     snapshot and timestamp are re-signed. ``describe`` defaults to ``edgert.backends.describe.describe_file``.
+    ``reference``: the reference data profile (edgert.drift) signed into a package built here.
     """
     now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
     repo = TufRepository(fleet)
@@ -243,6 +245,7 @@ def add_model(
                     signer=load_publisher_key(fleet.publisher_key_path),
                     now=now,
                     min_edgert=min_edgert,
+                    reference=reference,
                 )
             out.flush()
             size = out.tell()

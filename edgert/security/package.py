@@ -74,6 +74,8 @@ MANIFEST_VERSION = 2
 MAX_HEADER_SIZE = 1 << 20
 #: Most variants one package may hold.
 MAX_VARIANTS = 8
+#: Largest reference profile (canonical JSON) a manifest carries; the header itself is capped at 1 MiB.
+MAX_REFERENCE_BYTES = 256 * 1024
 #: Variant kinds (precision / target); a variant id is a kind plus an optional suffix ("int8-tflite").
 VARIANTS = ("int8", "fp16", "fp32", "edgetpu")
 FORMATS = ("onnx", "tflite")
@@ -253,6 +255,12 @@ class Manifest:
         if variant is None:
             return self.variants[0]
         return next((v for v in self.variants if v.variant == variant), None)
+
+    @property
+    def reference(self) -> dict[str, Any] | None:
+        """The reference profile of the model's data (signed with the manifest), or None (docs/drift.md)."""
+        ref = self.raw.get("reference")
+        return ref if isinstance(ref, dict) else None
 
     @functools.cached_property
     def digest(self) -> str:
@@ -509,9 +517,31 @@ def _hash_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def _check_reference(reference: Any) -> dict[str, Any]:
+    """The reference profile as manifest data: a JSON object of at most MAX_REFERENCE_BYTES, no floats."""
+
+    def floats(o: Any) -> bool:
+        if isinstance(o, dict):
+            return any(floats(v) for v in o.values())
+        if isinstance(o, list):
+            return any(floats(v) for v in o)
+        return isinstance(o, float)
+
+    if not isinstance(reference, dict) or floats(reference):
+        raise ModelError("the reference profile must be a JSON object without floats",
+                         hint="compute it with edgert.drift (edgert package create --reference DATA.npz)")
+    if len(canonical_json(reference)) > MAX_REFERENCE_BYTES:
+        raise ModelError(f"the reference profile is larger than {MAX_REFERENCE_BYTES} bytes")
+    return reference
+
+
 def build_manifest(sources: Sequence[VariantSource], *, name: str, version: str, now: datetime,
-                   min_edgert: str, chunk_size: int) -> dict[str, Any]:
-    """A manifest document with placeholder payload hashes (filled in after encryption)."""
+                   min_edgert: str, chunk_size: int,
+                   reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A manifest document with placeholder payload hashes (filled in after encryption).
+
+    ``reference`` (the model's reference data profile, computed outside security/) is signed with it.
+    """
     check_name(name)
     parse_version(version)
     parse_version(min_edgert)
@@ -538,11 +568,14 @@ def build_manifest(sources: Sequence[VariantSource], *, name: str, version: str,
             "chunk_size": chunk_size, "nonce_prefix": _b64(envelope.new_nonce_prefix()),
             "payload": {"offset": offset, "size": size, "sha256": "0" * 64}})
         offset += size
-    return {
+    doc = {
         "manifest_version": MANIFEST_VERSION, "name": name, "version": version,
         "created": now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "min_edgert": min_edgert,
         "encryption": {"aead": AEAD_NAME, "kdf": KDF_NAME}, "variants": variants,
     }
+    if reference is not None:
+        doc["reference"] = _check_reference(reference)
+    return doc
 
 
 def sign_manifest(manifest_doc: dict[str, Any], signer: ed25519.Ed25519PrivateKey) -> dict[str, str]:
@@ -558,17 +591,19 @@ def sign_manifest(manifest_doc: dict[str, Any], signer: ed25519.Ed25519PrivateKe
 def create_package(sources: Sequence[VariantSource], out: BinaryIO, *, name: str, version: str,
                    recipients: Sequence[x25519.X25519PublicKey], signer: ed25519.Ed25519PrivateKey,
                    now: datetime, suite: str | None = None, min_edgert: str = "0.1.0",
-                   chunk_size: int = envelope.CHUNK_SIZE) -> Manifest:
+                   chunk_size: int = envelope.CHUNK_SIZE,
+                   reference: dict[str, Any] | None = None) -> Manifest:
     """Encrypt every variant of ``sources`` into ``out`` (seekable), sign and wrap it; return the manifest.
 
     Plaintext is streamed, one chunk in memory at a time. ``signer`` is the publisher's Ed25519
-    key (or, for a local import, the device's own signing key).
+    key (or, for a local import, the device's own signing key). ``reference``: the model's reference
+    data profile (docs/drift.md), stored in the signed manifest.
     """
     if not recipients:
         raise KeyFileError("a package needs at least one recipient public key",
                            hint="pass --recipient x25519:... or --recipients-file")
     doc = build_manifest(sources, name=name, version=version, now=now, min_edgert=min_edgert,
-                         chunk_size=chunk_size)
+                         chunk_size=chunk_size, reference=reference)
     key, binding = envelope.new_key(), binding_of(doc)
     wrapped = [envelope.wrap_key(key, r, binding, suite) for r in recipients]
     placeholder = {"alg": SIGNATURE_ALG, "public_key": format_key(signer.public_key()),
