@@ -24,6 +24,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "client/": ("edgert.device", "edgert.engine", "edgert.mqtt", "edgert.cli"),
     "fleet/": ("edgert.device",),
     "provision/": ("edgert.serve",),
+    "drift/": ("edgert.engine", "edgert.serve", "edgert.mqtt", "edgert.device", "edgert.cli", "edgert.client",
+               "edgert.security"),
 }
 
 

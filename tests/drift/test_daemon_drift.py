@@ -45,7 +45,6 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
 
 def _install_with_reference(state: Path, tmp: Path) -> None:
     """Package digits with the profile of the training split (as a fleet would) and install it."""
-    pytest.importorskip("sklearn")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

@@ -17,7 +17,6 @@ SETTINGS = DriftSettings(window=500, min_samples=200, sample_every=1)
 
 def training_split() -> np.ndarray:
     """sklearn's bundled digits, split exactly as tools/modelkit/common.py does (no download)."""
-    pytest.importorskip("sklearn")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
