@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -36,7 +35,9 @@ MAX_BATCH = 32
 QUEUE_DELAY_US = 500
 
 
-def start(tmp: Path, port: int, mport: int, which: list[str], env_extra: dict[str, str]) -> subprocess.Popen[bytes]:
+def start(
+    tmp: Path, port: int, mport: int, which: list[str], env_extra: dict[str, str]
+) -> subprocess.Popen[bytes]:
     """The daemon with an on and an off entry per model (same file, same threads)."""
     models = ""
     for w in which:
@@ -101,7 +102,9 @@ def main() -> int:
             wait_ready(tmp / "edgert.sock")
             daemon = psutil.Process(proc.pid)
             sock = str(tmp / "edgert.sock")
-            cells = [(t, w, mode) for t in args.transports.split(",") for w in which for mode in ("on", "off")]
+            cells = [
+                (t, w, mode) for t in args.transports.split(",") for w in which for mode in ("on", "off")
+            ]
             reqs = {
                 c: uds_request(f"{c[1]}-{c[2]}", x1) if c[0] == "uds" else json_request(f"{c[1]}-{c[2]}", x1)
                 for c in cells
@@ -115,8 +118,9 @@ def main() -> int:
                 for c in cells[k:] + cells[:k]:
                     b0 = batch_counts(mport).get(f"{c[1]}-{c[2]}", (0.0, 0.0))
                     cpu0 = sum(daemon.cpu_times()[:2])
-                    rps, lg = throughput(reqs[c], port, args.clients, args.seconds, args.procs,
-                                         sock if c[0] == "uds" else None)
+                    rps, lg = throughput(
+                        reqs[c], port, args.clients, args.seconds, args.procs, sock if c[0] == "uds" else None
+                    )
                     cpu = sum(daemon.cpu_times()[:2]) - cpu0
                     b1 = batch_counts(mport).get(f"{c[1]}-{c[2]}", (0.0, 0.0))
                     rows, runs = b1[0] - b0[0], b1[1] - b0[1]
@@ -128,23 +132,29 @@ def main() -> int:
             proc.wait(30)
     print(
         f"\nbatching on (max_batch_size {MAX_BATCH}, max_queue_delay_us {QUEUE_DELAY_US}) vs off, "
-        f"{args.clients} clients in {args.procs} load-generator processes, {args.rounds} interleaved rounds x "
+        f"{args.clients} clients in {args.procs} load-generator processes, "
+        f"{args.rounds} interleaved rounds x "
         f"{args.seconds:g} s, one intra-op thread, load average {min(loads):.2f}-{max(loads):.2f}, "
         f"{os.cpu_count()} CPUs"
     )
-    print(f"{'transport':9} {'model':6} {'mode':4} {'req/s':>8} {'on/off':>7} {'per-round':>12} "
-          f"{'daemon CPU/req':>15} {'rows/run':>9} {'loadgen cores':>14}")
+    print(
+        f"{'transport':9} {'model':6} {'mode':4} {'req/s':>8} {'on/off':>7} {'per-round':>12} "
+        f"{'daemon CPU/req':>15} {'rows/run':>9} {'loadgen cores':>14}"
+    )
     for c in cells:
         rows = res[c]
         rps = statistics.median(r[0] for r in rows)
         if c[2] == "on":
             off = res[(c[0], c[1], "off")]
             ratios = [a[0] / b[0] for a, b in zip(rows, off, strict=True)]
-            ratio = f"{rps / statistics.median(r[0] for r in off):6.2f}x {min(ratios):5.2f}-{max(ratios):.2f}x"
+            ratio = (
+                f"{rps / statistics.median(r[0] for r in off):6.2f}x {min(ratios):5.2f}-{max(ratios):.2f}x"
+            )
         else:
             ratio = f"{'':7} {'':12}"
         print(
-            f"{c[0]:9} {c[1]:6} {c[2]:4} {rps:8.0f} {ratio} {1e6 * statistics.median(r[1] for r in rows):12.0f} µs "
+            f"{c[0]:9} {c[1]:6} {c[2]:4} {rps:8.0f} {ratio} "
+            f"{1e6 * statistics.median(r[1] for r in rows):12.0f} µs "
             f"{statistics.median(r[2] for r in rows):9.1f} {statistics.median(r[3] for r in rows):14.2f}"
         )
     return 0

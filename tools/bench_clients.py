@@ -100,11 +100,14 @@ def main() -> int:
                 proc.wait(30)  # type: ignore[attr-defined]
     loads = [x[3] for v in res.values() for x in v]
     print(
-        f"\ndigits-small int8 over OIP HTTP JSON, {args.rounds} interleaved rounds x {args.seconds:g} s per cell, "
+        f"\ndigits-small int8 over OIP HTTP JSON, {args.rounds} interleaved rounds x "
+        f"{args.seconds:g} s per cell, "
         f"load average {min(loads):.2f}-{max(loads):.2f}, {os.cpu_count()} CPUs"
     )
-    print(f"{'linger µs':>9} {'lg procs':>8} {'clients':>7} {'req/s p50':>10} {'min-max':>13} "
-          f"{'32/16 per round':>16} {'daemon CPU/req':>15} {'loadgen cores':>14}")
+    print(
+        f"{'linger µs':>9} {'lg procs':>8} {'clients':>7} {'req/s p50':>10} {'min-max':>13} "
+        f"{'32/16 per round':>16} {'daemon CPU/req':>15} {'loadgen cores':>14}"
+    )
     for cell in cells:
         lg, p, c = cell
         rows = res[cell]
@@ -116,7 +119,8 @@ def main() -> int:
             ratio = f"{statistics.median(rat):.2f} ({min(rat):.2f}-{max(rat):.2f})"
         print(
             f"{lg:9} {p:8} {c:7} {statistics.median(rr):10.0f} {min(rr):6.0f}-{max(rr):<6.0f} {ratio:>16} "
-            f"{1e6 * statistics.median(x[1] for x in rows):12.1f} µs {statistics.median(x[2] for x in rows):14.2f}"
+            f"{1e6 * statistics.median(x[1] for x in rows):12.1f} µs "
+            f"{statistics.median(x[2] for x in rows):14.2f}"
         )
     return 0
 

@@ -28,9 +28,9 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from modelkit.common import MOBILENET_CALIB, SEED  # noqa: E402
-from modelkit.convert import _Reader  # noqa: E402
-from modelkit.mobilenet import mobilenet_inputs  # noqa: E402
+from modelkit.common import MOBILENET_CALIB, SEED
+from modelkit.convert import _Reader
+from modelkit.mobilenet import mobilenet_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 FP32 = ROOT / "models" / "generated" / "mobilenetv2_fp32.onnx"
@@ -82,7 +82,10 @@ def build_variant(name: str, q: Quant) -> Path:
         import onnx
 
         nodes = onnx.load(str(pre)).graph.node
-        exclude = [next(n.name for n in nodes if n.op_type == "Conv"), next(n.name for n in nodes if n.op_type == "Gemm")]
+        exclude = [
+            next(n.name for n in nodes if n.op_type == "Conv"),
+            next(n.name for n in nodes if n.op_type == "Gemm"),
+        ]
     extra = {"ActivationSymmetric": q.act == "S8", "WeightSymmetric": True, **q.extra}
     t0 = time.perf_counter()
     quantize_static(
@@ -111,9 +114,19 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+def merged(setting: str) -> dict[str, Any]:
+    """The SETTINGS entries named in ``setting`` ('+'-separated), merged."""
+    out: dict[str, Any] = {"config": {}}
+    for part in setting.split("+"):
+        s = SETTINGS[part]
+        out.update({k: v for k, v in s.items() if k != "config"})
+        out["config"].update(s.get("config", {}))
+    return out
+
+
 def session(path: Path, threads: int, setting: str, profile: str | None = None) -> ort.InferenceSession:
-    """A CPU session as bench_int8.py makes it, plus one SETTINGS entry."""
-    s = SETTINGS[setting]
+    """A CPU session as bench_int8.py makes it, plus SETTINGS entries joined by '+' (e.g. ``nospin+pin``)."""
+    s = merged(setting)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -164,10 +177,12 @@ def _profile(path: Path, threads: int, runs: int) -> tuple[list[dict[str, Any]],
     wall = (time.perf_counter() - t0) / runs
     prof = Path(sess.end_profiling())
     events = [
-        e for e in json.loads(prof.read_text()) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+        e
+        for e in json.loads(prof.read_text())
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
     ]
     prof.unlink()
-    return events[-len(events) * runs // (runs + WARMUP):], wall
+    return events[-len(events) * runs // (runs + WARMUP) :], wall
 
 
 def profile(threads: int, runs: int = 40) -> None:
@@ -182,7 +197,9 @@ def profile(threads: int, runs: int = 40) -> None:
     for e in ev32:
         if e["args"]["op_name"] == "Conv" and len(kinds) < 52:
             w = e["args"]["input_type_shape"][1]["float"]
-            kinds.append("depthwise 3x3" if w[1] == 1 and w[2] == 3 else "pointwise 1x1" if w[2] == 1 else "stem 3x3")
+            kinds.append(
+                "depthwise 3x3" if w[1] == 1 and w[2] == 3 else "pointwise 1x1" if w[2] == 1 else "stem 3x3"
+            )
     for label, ev, wall in (("fp32", ev32, wall32), ("int8", ev8, wall8)):
         per: collections.Counter[str] = collections.Counter()
         i = 0
@@ -193,8 +210,10 @@ def profile(threads: int, runs: int = 40) -> None:
                 i += 1
             else:
                 per[op] += e["dur"]
-        print(f"\n{label}: mean µs per run ({threads} threads, {runs} runs, load {os.getloadavg()[0]:.2f}); "
-              f"wall per run {1e6 * wall:.0f} µs (profiling on)")
+        print(
+            f"\n{label}: mean µs per run ({threads} threads, {runs} runs, load {os.getloadavg()[0]:.2f}); "
+            f"wall per run {1e6 * wall:.0f} µs (profiling on)"
+        )
         for k, v in per.most_common():
             print(f"  {k:34} {v / runs:9.1f}  {100 * v / sum(per.values()):5.1f} %")
 
@@ -210,7 +229,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--block", type=int, default=15)
-    ap.add_argument("--only", default="", help="comma-separated model:setting pairs (default: a standard set)")
+    ap.add_argument(
+        "--only", default="", help="comma-separated model:setting pairs (default: a standard set)"
+    )
     ap.add_argument("--profile", action="store_true")
     ap.add_argument(
         "--cpu",
@@ -223,7 +244,10 @@ def main() -> int:
         args.threads = 1
     clock = time.thread_time if args.cpu else time.perf_counter
     if not FP32.exists():
-        sys.exit("error: models/generated/mobilenetv2_fp32.onnx is missing\nhint: python tools/make_models.py --mobilenet-fp32")
+        sys.exit(
+            "error: models/generated/mobilenetv2_fp32.onnx is missing\n"
+            "hint: python tools/make_models.py --mobilenet-fp32"
+        )
     if args.profile:
         profile(args.threads)
         return 0
@@ -252,9 +276,9 @@ def main() -> int:
     loads = [os.getloadavg()[0]]
     t_start = time.time()
     for r in range(args.rounds):
-        order = pairs[r % len(pairs):] + pairs[: r % len(pairs)]
+        order = pairs[r % len(pairs) :] + pairs[: r % len(pairs)]
         for p in order:
-            pin = SETTINGS[p[1]].get("pin_main")
+            pin = merged(p[1]).get("pin_main")
             if pin is not None:
                 os.sched_setaffinity(0, {pin})
             ts = []
@@ -268,10 +292,15 @@ def main() -> int:
             calls[p] += ts
         loads.append(os.getloadavg()[0])
     print(
-        f"\nMobileNetV2 int8 variants, batch 1, {args.threads} threads, {'thread CPU' if args.cpu else 'wall'} time, {args.rounds} rounds x {args.block} calls, "
-        f"{time.time() - t_start:.0f} s, load average {min(loads):.2f}-{max(loads):.2f}, onnxruntime {ort.__version__}"
+        f"\nMobileNetV2 int8 variants, batch 1, {args.threads} threads, "
+        f"{'thread CPU' if args.cpu else 'wall'} time, {args.rounds} rounds x {args.block} calls, "
+        f"{time.time() - t_start:.0f} s, load average {min(loads):.2f}-{max(loads):.2f}, "
+        f"onnxruntime {ort.__version__}"
     )
-    print("p50 = median over rounds of each block's median; min/p10 = over all calls (least disturbed by other load)")
+    print(
+        "p50 = median over rounds of each block's median; "
+        "min/p10 = over all calls (least disturbed by other load)"
+    )
     print(
         f"{'model':14} {'setting':8} {'p50 ms':>8} {'vs fp32 same':>13} {'vs fp32 all':>12} "
         f"{'rounds min-max ratio':>21} {'min ms':>7} {'ratio':>6} {'p10 ratio':>9} {'cos min':>8} top1"
@@ -283,7 +312,8 @@ def main() -> int:
         per_round = [a / b for a, b in zip(f, blocks[p], strict=True)]
         cos, agree = ("", "") if p[0] == "fp32" else cosine_check(ref, sess[p])
         print(
-            f"{p[0]:14} {p[1]:8} {1e3 * med:8.2f} {statistics.median(f) / med:12.2f}x {base_all / med:11.2f}x "
+            f"{p[0]:14} {p[1]:8} {1e3 * med:8.2f} {statistics.median(f) / med:12.2f}x "
+            f"{base_all / med:11.2f}x "
             f"{min(per_round):9.2f}-{max(per_round):.2f}x "
             f"{1e3 * min(calls[p]):7.2f} {min(calls[('fp32', p[1])]) / min(calls[p]):5.2f}x "
             f"{p10(calls[('fp32', p[1])]) / p10(calls[p]):8.2f}x "

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="rebuild into a temp dir and compare with models/")
     args = ap.parse_args(argv)
     try:
-        import tensorflow  # noqa: F401  (fail early, before minutes of training)
+        if args.check or args.all or not args.mobilenet_fp32:  # the fp32 MobileNetV2 alone needs only torch
+            import tensorflow  # noqa: F401  (fail early, before minutes of training)
         import torch  # noqa: F401
     except ImportError as exc:
         print(f"error: {exc.name} is not installed\nhint: pip install -e '.[models]'", file=sys.stderr)
