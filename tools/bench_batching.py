@@ -36,7 +36,7 @@ QUEUE_DELAY_US = 500
 
 
 def start(
-    tmp: Path, port: int, mport: int, which: list[str], env_extra: dict[str, str]
+    tmp: Path, port: int, mport: int, which: list[str], env_extra: dict[str, str], delay_us: int
 ) -> subprocess.Popen[bytes]:
     """The daemon with an on and an off entry per model (same file, same threads)."""
     models = ""
@@ -44,7 +44,7 @@ def start(
         for mode, batch in (("on", MAX_BATCH), ("off", 0)):
             models += (
                 f'[[models]]\nname = "{w}-{mode}"\npath = "{MODELS / FILES[w]}"\nthreads = 1\n'
-                f"max_batch_size = {batch}\nmax_queue_delay_us = {QUEUE_DELAY_US}\n"
+                f"max_batch_size = {batch}\nmax_queue_delay_us = {delay_us}\n"
             )
     cfg = tmp / "edgert.toml"
     cfg.write_text(f"""
@@ -52,7 +52,7 @@ def start(
 profile = "cpu-generic"
 state_dir = "{tmp / "state"}"
 allow_plaintext = true
-log_level = "warning"
+log_level = "error"
 [http]
 listen = "127.0.0.1:{port}"
 [metrics]
@@ -91,13 +91,14 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=2, help="load-generator processes")
     ap.add_argument("--models", default="small,large")
     ap.add_argument("--transports", default="uds,http")
+    ap.add_argument("--delay-us", type=int, default=QUEUE_DELAY_US, help="max_queue_delay_us when on")
     args = ap.parse_args()
     which = args.models.split(",")
     x1 = np.load(MODELS / "digits_test.npz")["x"][:1]
     port, mport = free_port(), free_port()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        proc = start(tmp, port, mport, which, {})
+        proc = start(tmp, port, mport, which, {}, args.delay_us)
         try:
             wait_ready(tmp / "edgert.sock")
             daemon = psutil.Process(proc.pid)
@@ -131,7 +132,7 @@ def main() -> int:
             proc.terminate()
             proc.wait(30)
     print(
-        f"\nbatching on (max_batch_size {MAX_BATCH}, max_queue_delay_us {QUEUE_DELAY_US}) vs off, "
+        f"\nbatching on (max_batch_size {MAX_BATCH}, max_queue_delay_us {args.delay_us}) vs off, "
         f"{args.clients} clients in {args.procs} load-generator processes, "
         f"{args.rounds} interleaved rounds x "
         f"{args.seconds:g} s, one intra-op thread, load average {min(loads):.2f}-{max(loads):.2f}, "
@@ -139,7 +140,7 @@ def main() -> int:
     )
     print(
         f"{'transport':9} {'model':6} {'mode':4} {'req/s':>8} {'on/off':>7} {'per-round':>12} "
-        f"{'daemon CPU/req':>15} {'rows/run':>9} {'loadgen cores':>14}"
+        f"{'daemon CPU/req':>15} {'daemon cores':>12} {'rows/run':>9} {'loadgen cores':>14}"
     )
     for c in cells:
         rows = res[c]
@@ -155,6 +156,7 @@ def main() -> int:
         print(
             f"{c[0]:9} {c[1]:6} {c[2]:4} {rps:8.0f} {ratio} "
             f"{1e6 * statistics.median(r[1] for r in rows):12.0f} µs "
+            f"{statistics.median(r[0] * r[1] for r in rows):12.2f} "
             f"{statistics.median(r[2] for r in rows):9.1f} {statistics.median(r[3] for r in rows):14.2f}"
         )
     return 0

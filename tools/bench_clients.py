@@ -40,7 +40,7 @@ def start(tmp: Path, port: int, linger_us: int) -> tuple[psutil.Process, object]
 profile = "cpu-generic"
 state_dir = "{tmp / "state"}"
 allow_plaintext = true
-log_level = "warning"
+log_level = "error"
 [http]
 listen = "127.0.0.1:{port}"
 [metrics]
@@ -106,7 +106,7 @@ def main() -> int:
     )
     print(
         f"{'linger µs':>9} {'lg procs':>8} {'clients':>7} {'req/s p50':>10} {'min-max':>13} "
-        f"{'32/16 per round':>16} {'daemon CPU/req':>15} {'loadgen cores':>14}"
+        f"{'32/16 per round':>16} {'daemon CPU/req':>15} {'daemon cores':>12} {'loadgen cores':>14}"
     )
     for cell in cells:
         lg, p, c = cell
@@ -120,6 +120,7 @@ def main() -> int:
         print(
             f"{lg:9} {p:8} {c:7} {statistics.median(rr):10.0f} {min(rr):6.0f}-{max(rr):<6.0f} {ratio:>16} "
             f"{1e6 * statistics.median(x[1] for x in rows):12.1f} µs "
+            f"{statistics.median(x[0] * x[1] for x in rows):12.2f} "
             f"{statistics.median(x[2] for x in rows):14.2f}"
         )
     return 0
