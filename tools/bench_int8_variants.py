@@ -140,8 +140,9 @@ def session(path: Path, threads: int, setting: str, profile: str | None = None) 
         opts.enable_profiling = True
         opts.profile_file_prefix = profile
     if s.get("offline"):
-        opt_path = path.with_name(path.stem + f".opt{threads}.onnx")
+        opt_path = VARIANTS_DIR / f"{path.stem}.opt{threads}.onnx"
         if not opt_path.exists():
+            VARIANTS_DIR.mkdir(parents=True, exist_ok=True)
             o = ort.SessionOptions()
             o.intra_op_num_threads = threads
             o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
