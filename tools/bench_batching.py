@@ -124,8 +124,8 @@ def main() -> int:
                     )
                     cpu = sum(daemon.cpu_times()[:2]) - cpu0
                     b1 = batch_counts(mport).get(f"{c[1]}-{c[2]}", (0.0, 0.0))
-                    rows, runs = b1[0] - b0[0], b1[1] - b0[1]
-                    res[c].append((rps, cpu / max(rps * args.seconds, 1), rows / runs if runs else 0.0, lg))
+                    nrows, runs = b1[0] - b0[0], b1[1] - b0[1]
+                    res[c].append((rps, cpu / max(rps * args.seconds, 1), nrows / runs if runs else 0.0, lg))
                 loads.append(os.getloadavg()[0])
                 print(f"round {r + 1}/{args.rounds} done, load {loads[-1]:.2f}", flush=True)
         finally:
