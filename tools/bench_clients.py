@@ -61,7 +61,12 @@ threads = 1
             **({"PYTHONPATH": str(tree)} if tree else {}),
         },
     )
-    wait_ready(tmp / "edgert.sock")
+    try:
+        wait_ready(tmp / "edgert.sock")
+    except BaseException:
+        proc.terminate()
+        proc.wait(30)
+        raise
     return psutil.Process(proc.pid), proc
 
 
@@ -86,10 +91,10 @@ def main() -> int:
     req = json_request("digits", np.load(MODELS / "digits_test.npz")["x"][:1])
     with tempfile.TemporaryDirectory() as d:
         daemons: dict[str, tuple[int, psutil.Process, subprocess.Popen[bytes]]] = {}
-        for i, (label, us, tree) in enumerate(specs):
-            port = free_port()
-            daemons[label] = (port, *start(Path(d) / f"d{i}", port, us, tree))
         try:
+            for i, (label, us, tree) in enumerate(specs):
+                port = free_port()
+                daemons[label] = (port, *start(Path(d) / f"d{i}", port, us, tree))
             cells = list(itertools.product(lingers, procs, clients))
             for lg, p, c in cells:  # warm-up
                 throughput(req, daemons[lg][0], c, 0.5, p)

@@ -6,11 +6,8 @@ it for the next request measured 40-60 us, and the model then ran 1.5-2x slower 
 (digits: ~45 us instead of ~25 us). Lingering keeps the vCPU awake for that gap: after a response,
 the loop keeps a callback ready for ``budget`` so it polls (``epoll_wait`` with timeout 0) and
 serves the next request, on any connection or protocol, as soon as it arrives. The cost is at most
-``budget`` of CPU per response, and each idle poll yields the CPU to any other runnable thread, so
-lingering only uses time the core would otherwise spend idle. A poll that follows a loop iteration
-which sent a response does not yield: under many clients the loop is busy anyway, and yielding on
-every iteration handed the core to other processes in the middle of serving (benchmarks:
-``tools/bench_clients.py``).
+``budget`` of CPU per response, and each poll yields the CPU to any other runnable thread, so
+lingering only uses time the core would otherwise spend idle.
 
 ``EDGERT_LINGER_US`` sets the budget (default :data:`DEFAULT_LINGER_US`; 0 turns lingering off).
 """
@@ -39,22 +36,19 @@ def _budget_ns() -> int:
 class Linger:
     """Poll the loop for ``budget_ns`` after the last :meth:`touch`."""
 
-    __slots__ = ("active", "budget_ns", "last", "loop", "touched", "yields")
+    __slots__ = ("active", "budget_ns", "last", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, budget_ns: int) -> None:
         self.loop = loop
         self.budget_ns = budget_ns
         self.last = 0
         self.active = False
-        self.touched = False  # a response went out since the last poll: the loop is busy
-        self.yields = 0  # sched_yield calls made, for tests and benchmarks
 
     def touch(self) -> None:
         """A response went out: keep polling for the budget from now."""
         if self.budget_ns <= 0:
             return
         self.last = time.perf_counter_ns()
-        self.touched = True
         if not self.active:
             self.active = True
             self.loop.call_soon(self._poll)
@@ -62,13 +56,9 @@ class Linger:
     def _poll(self) -> None:
         # A ready callback makes the loop poll its selector without blocking, then run us again.
         if time.perf_counter_ns() - self.last < self.budget_ns and not self.loop.is_closed():
-            if self.touched:  # this iteration served a response: busy, not idling; no yield
-                self.touched = False
-            else:
-                # Idle polling must not take the core from work that could use it (clients on a
-                # loaded 2-core device): let any runnable thread on this CPU go first.
-                self.yields += 1
-                os.sched_yield()
+            # Polling must not take the core from work that could use it (clients on a loaded
+            # 2-core device): let any runnable thread on this CPU go first.
+            os.sched_yield()
             self.loop.call_soon(self._poll)
         else:
             self.active = False
