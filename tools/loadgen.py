@@ -13,17 +13,28 @@ import time
 from typing import Any
 
 
-def _worker(req: bytes, port: int, conns: int, seconds: float, q: Any) -> None:
+def _worker(req: bytes, port: int, conns: int, seconds: float, q: Any, uds: str | None = None) -> None:
     import uvloop
 
     async def one(stop: float) -> int:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        if uds is not None:  # edgert's Unix-socket frames: 12-byte header, u32 body length first
+            reader, writer = await asyncio.open_unix_connection(uds)
+        else:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
         done = 0
         while time.monotonic() < stop:
             writer.write(req)
-            head = await reader.readuntil(b"\r\n\r\n")
-            i = head.lower().find(b"content-length:")
-            await reader.readexactly(int(head[i + 15 : head.find(b"\r\n", i)]))
+            if uds is not None:
+                head = await reader.readexactly(12)
+                if head[4] != 0x80:
+                    raise RuntimeError(f"socket request failed: frame kind {head[4]:#x}")
+                await reader.readexactly(int.from_bytes(head[:4], "little"))
+            else:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head[9:12] != b"200":  # "HTTP/1.x 200 ..."
+                    raise RuntimeError(f"HTTP request failed: {head[:40]!r}")
+                i = head.lower().find(b"content-length:")
+                await reader.readexactly(int(head[i + 15 : head.find(b"\r\n", i)]))
             done += 1
         writer.close()
         await writer.wait_closed()
@@ -34,18 +45,31 @@ def _worker(req: bytes, port: int, conns: int, seconds: float, q: Any) -> None:
         return sum(await asyncio.gather(*(one(stop) for _ in range(conns))))
 
     c0 = time.process_time()
-    total = uvloop.run(main())
+    try:
+        total = uvloop.run(main())
+    except Exception as exc:  # report it, or the parent would wait on the queue forever
+        q.put((exc, 0.0))
+        return
     q.put((total, time.process_time() - c0))
 
 
-def throughput(req: bytes, port: int, clients: int, seconds: float, procs: int = 2) -> tuple[float, float]:
-    """(req/s, load generator CPU in cores) for ``clients`` connections spread over ``procs`` processes."""
+def throughput(
+    req: bytes, port: int, clients: int, seconds: float, procs: int = 2, uds: str | None = None
+) -> tuple[float, float]:
+    """(req/s, load generator CPU in cores) for ``clients`` connections spread over ``procs`` processes.
+
+    ``req`` is one whole HTTP request for 127.0.0.1:``port``, or, with ``uds`` (a socket path), one
+    framed request of edgert's Unix-socket protocol (``edgert.serve.uds_frames.encode_frame``).
+    """
     q: Any = mp.Queue()
     per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
-    ps = [mp.Process(target=_worker, args=(req, port, k, seconds, q)) for k in per if k]
+    ps = [mp.Process(target=_worker, args=(req, port, k, seconds, q, uds)) for k in per if k]
     for p in ps:
         p.start()
     results = [q.get() for _ in ps]
     for p in ps:
         p.join()
+    for r in results:
+        if isinstance(r[0], Exception):
+            raise RuntimeError(f"load generator failed: {r[0]!r}")
     return sum(r[0] for r in results) / seconds, sum(r[1] for r in results) / seconds

@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:32} {card['size_bytes']:>10,} B  acc {card['accuracy_pct']}")
         return 0
     try:
-        import tensorflow  # noqa: F401  (fail early, before minutes of training)
+        if args.check or args.all or not args.mobilenet_fp32:  # the fp32 MobileNetV2 alone needs only torch
+            import tensorflow  # noqa: F401  (fail early, before minutes of training)
         import torch  # noqa: F401
     except ImportError as exc:
         print(f"error: {exc.name} is not installed\nhint: pip install -e '.[models]'", file=sys.stderr)
