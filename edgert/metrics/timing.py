@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from edgert.metrics.tracecontext import TRACEPARENT_VERSION, new_ids, new_span_id, parse_traceparent
@@ -42,6 +44,10 @@ CPU_SAMPLE_EVERY = 16
 DEFAULT_SLOW_REQUEST_MS = 100.0
 #: The ``msg`` of a slow-request log line (what ``edgert trace tail`` looks for).
 SLOW_REQUEST_MSG = "slow request"
+#: At most this many slow-request lines per second (a device whose model is always over the threshold
+#: would otherwise write one line per request to journald); the next line says how many were left out.
+#: ``slow_request_ms = 0`` (log every request, for debugging) is not limited.
+SLOW_LOG_MAX_PER_S = 20
 
 _sample_counter = itertools.count()
 _now = time.monotonic_ns
@@ -123,9 +129,18 @@ def _ms(ns: int) -> float:
 class Tracer:
     """Starts request timings with their trace context and logs the slow ones as one JSON line each."""
 
-    def __init__(self, slow_request_ms: float | None = DEFAULT_SLOW_REQUEST_MS) -> None:
+    def __init__(
+        self,
+        slow_request_ms: float | None = DEFAULT_SLOW_REQUEST_MS,
+        *,
+        max_per_s: int = SLOW_LOG_MAX_PER_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         #: Threshold in ns; None disables the slow-request log.
         self.slow_ns = None if slow_request_ms is None or slow_request_ms < 0 else int(slow_request_ms * 1e6)
+        self._max_per_s, self._clock = max_per_s, clock
+        self._second, self._logged, self._suppressed = -1, 0, 0
+        self._rate_lock = threading.Lock()
 
     def start(self, transport: str, traceparent: str | None, received_ns: int | None = None) -> RequestTiming:
         """A timing for a request that arrived at ``received_ns`` with an optional ``traceparent``.
@@ -166,4 +181,23 @@ class Tracer:
             "threshold_ms": self.slow_ns / 1e6,
         }
         fields.update(timing.stages_ms())
+        if self.slow_ns > 0:
+            suppressed = self._admit_line()
+            if suppressed is None:
+                return
+            if suppressed:
+                fields["suppressed"] = suppressed
         log.warning(SLOW_REQUEST_MSG, extra=fields)
+
+    def _admit_line(self) -> int | None:
+        """None when this second's lines are used up; else how many were left out before this one."""
+        second = int(self._clock())
+        with self._rate_lock:
+            if second != self._second:
+                self._second, self._logged = second, 0
+            if self._logged >= self._max_per_s:
+                self._suppressed += 1
+                return None
+            self._logged += 1
+            suppressed, self._suppressed = self._suppressed, 0
+            return suppressed

@@ -116,3 +116,22 @@ def test_a_fast_request_is_not_logged_and_a_negative_threshold_logs_nothing() ->
 @pytest.mark.parametrize("line", ["", "not json", '{"msg": "slow request"', '{"msg": "other"}', "[1,2]"])
 def test_other_lines_are_skipped(line: str) -> None:
     assert parse_slow_line(line) is None
+
+
+def test_slow_lines_are_limited_per_second_and_the_next_says_how_many_were_left_out() -> None:
+    """A model always over the threshold must not write a line per request to journald."""
+    now = [100.0]
+    tracer = Tracer(0.000001, max_per_s=3, clock=lambda: now[0])  # every real request is "slow"
+    logged = [_slow_records(tracer, tracer.start("http", None)) for _ in range(10)]
+    assert [len(x) for x in logged] == [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    assert all("suppressed" not in x[0] for x in logged[:3])
+    now[0] = 101.2  # the next second
+    (doc,) = _slow_records(tracer, tracer.start("http", None))
+    assert doc["suppressed"] == 7
+    (doc,) = _slow_records(tracer, tracer.start("http", None))
+    assert "suppressed" not in doc
+
+
+def test_threshold_zero_is_not_rate_limited() -> None:
+    tracer = Tracer(0, max_per_s=3, clock=lambda: 5.0)
+    assert sum(len(_slow_records(tracer, tracer.start("http", None))) for _ in range(10)) == 10
