@@ -29,8 +29,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str, separators=(",", ":"))
 
 
-def configure_logging(level: int = logging.INFO, stream: Any = None) -> None:
-    """Send the ``edgert`` logger tree to stderr as JSON lines at ``level``."""
+#: The level asked for on the command line (``-v``), if any: config files may make logs more verbose
+#: than it, never quieter.
+_explicit_level: int | None = None
+
+
+def configure_logging(level: int = logging.INFO, stream: Any = None, *, explicit: bool = False) -> None:
+    """Send the ``edgert`` logger tree to stderr as JSON lines at ``level``.
+
+    ``explicit``: the user asked for this level on the command line (see :func:`explicit_level`).
+    """
+    global _explicit_level
+    if explicit:
+        _explicit_level = level
     logger = logging.getLogger("edgert")
     for handler in list(logger.handlers):
         if getattr(handler, "_edgert", False):
@@ -41,6 +52,11 @@ def configure_logging(level: int = logging.INFO, stream: Any = None) -> None:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+
+
+def explicit_level() -> int | None:
+    """The level given on the command line with ``-v``, or None when it was not given."""
+    return _explicit_level
 
 
 def monotonic_ms() -> float:

@@ -47,12 +47,11 @@ def run_loop(coro: Coroutine[Any, Any, None]) -> None:
 
 
 def _log_level(cfg: DaemonConfig) -> None:
-    from edgert.logs import configure_logging
+    from edgert.logs import configure_logging, explicit_level
 
-    logger = logging.getLogger("edgert")
     wanted = getattr(logging, cfg.log_level.upper())
-    # -v on the command line may already ask for more; never make the CLI quieter.
-    configure_logging(min(wanted, logger.level) if logger.level else wanted)
+    asked = explicit_level()  # -v on the command line may ask for more; never make it quieter
+    configure_logging(min(wanted, asked) if asked is not None else wanted)
 
 
 @click.command()

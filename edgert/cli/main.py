@@ -47,7 +47,7 @@ def cli(verbose: int) -> None:
     from edgert.logs import configure_logging
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    configure_logging(level)
+    configure_logging(level, explicit=verbose > 0)
 
 
 def main(argv: list[str] | None = None) -> int:
