@@ -267,6 +267,15 @@ class _HttpTransport:
             self.sock = None
 
 
+def _header_value(value: str) -> str:
+    """``value`` for an HTTP header line; refuses CR/LF, which would split the request."""
+    if "\r" in value or "\n" in value:
+        raise InputError(
+            "traceparent must be one line", hint="pass a W3C traceparent: 00-<trace>-<span>-<flags>"
+        )
+    return value
+
+
 class Client:
     """Call a running edgert daemon over ``unix://PATH`` or ``http://HOST:PORT``.
 
@@ -285,6 +294,8 @@ class Client:
         parts = urlsplit(url)
         self.url = url
         self._timeout = timeout
+        #: The daemon's trace context for the last :meth:`infer` (W3C ``traceparent``), or None.
+        self.last_traceparent: str | None = None
         self._unix: _UnixTransport | None = None
         self._http: _HttpTransport | None = None
         if parts.scheme == "unix":
@@ -319,8 +330,13 @@ class Client:
         version: str | None = None,
         outputs: Sequence[str] | None = None,
         request_id: str | None = None,
+        traceparent: str | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run ``model`` on ``inputs``; returns the outputs by name."""
+        """Run ``model`` on ``inputs``; returns the outputs by name.
+
+        ``traceparent`` (W3C trace context) joins the request to the caller's trace; the daemon's reply
+        context (the same trace id, or a new one) is then in :attr:`last_traceparent`.
+        """
         arrays = {k: np.asarray(v) for k, v in inputs.items()}
         if self._unix is not None:
             meta: dict[str, Any] = {"m": model}
@@ -330,8 +346,12 @@ class Client:
                 meta["o"] = list(outputs)
             if request_id is not None:
                 meta["id"] = request_id
-            return self._unix.call(fr.INFER, meta, arrays)[1]
-        return self._http_infer(model, arrays, version, outputs, request_id)
+            if traceparent is not None:
+                meta["tp"] = traceparent
+            rmeta, arrays_out = self._unix.call(fr.INFER, meta, arrays)
+            self.last_traceparent = rmeta.get("tp")
+            return arrays_out
+        return self._http_infer(model, arrays, version, outputs, request_id, traceparent)
 
     def stream(
         self,
@@ -361,6 +381,7 @@ class Client:
         version: str | None,
         outputs: Sequence[str] | None,
         request_id: str | None,
+        traceparent: str | None = None,
     ) -> dict[str, np.ndarray]:
         chunks = [np.ascontiguousarray(a).reshape(-1).view(np.uint8).data for a in arrays.values()]
         doc: dict[str, Any] = {
@@ -387,8 +408,10 @@ class Client:
             "POST",
             path + "/infer",
             [header, *chunks],
-            f"inference-header-content-length: {len(header)}\r\ncontent-type: application/octet-stream\r\n",
+            f"inference-header-content-length: {len(header)}\r\ncontent-type: application/octet-stream\r\n"
+            + (f"traceparent: {_header_value(traceparent)}\r\n" if traceparent is not None else ""),
         )
+        self.last_traceparent = resp.headers.get("traceparent")
         body = resp.body[0] if len(resp.body) == 1 else b"".join(resp.body)
         hlen = int(resp.headers.get("inference-header-content-length", len(body)))
         rdoc = json_loads(memoryview(body)[:hlen])

@@ -192,3 +192,26 @@ def test_socket_trace_field_round_trip(daemon, lines, digits):
     kind, meta = _socket_call(daemon, {"m": "plain", "tp": VALID}, x[:1, :32])
     assert kind == fr.ERROR and meta["status"] == 400
     assert parse_traceparent(meta["tp"]).trace_id == TRACE  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("transport", ["unix", "http"])
+def test_the_python_client_sends_and_reads_the_trace_context(daemon, digits, transport: str):
+    from edgert.client import Client
+
+    x, _ = digits
+    url = "unix://" + daemon.socket if transport == "unix" else "http://{}:{}".format(*daemon.http)
+    with Client(url) as c:
+        c.infer("plain", {"pixels": x[:1]}, traceparent=VALID)
+        joined = parse_traceparent(c.last_traceparent)
+        c.infer("plain", {"pixels": x[:1]})
+        fresh = parse_traceparent(c.last_traceparent)
+        bad = VALID + "\r\nx-evil: 1"
+        if transport == "http":  # would split the request's header lines: refused before sending
+            with pytest.raises(Exception, match="one line"):
+                c.infer("plain", {"pixels": x[:1]}, traceparent=bad)
+        else:  # a JSON field: the daemon ignores the malformed context and starts a new trace
+            c.infer("plain", {"pixels": x[:1]}, traceparent=bad)
+            replaced = parse_traceparent(c.last_traceparent)
+            assert replaced is not None and replaced.trace_id != TRACE
+    assert joined is not None and joined.trace_id == TRACE
+    assert fresh is not None and fresh.trace_id != TRACE
