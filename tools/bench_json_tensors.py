@@ -28,6 +28,8 @@ from loadgen import throughput
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "models" / "mobilenetv2_int8.onnx"
+#: Pause after each bare run so its spinning intra-op threads have gone to sleep before the next call.
+SPIN_SETTLE_S = 0.02
 #: RSS counts as back at idle within this fraction (issue 10).
 RSS_BACK_FRACTION = 0.15
 
@@ -125,15 +127,24 @@ def one_client(daemons: dict[str, Daemon], req: bytes, x: np.ndarray, n: int) ->
     """Interleaved: bare session.run, then each daemon, per round; p50 and CPU per request each."""
     import onnxruntime as ort
 
+    # "bare": onnxruntime's defaults (intra-op threads spin after each run: the floor). "bare_nospin":
+    # spinning off, as the daemon's cpu-generic profile runs it. A spinning pool keeps a core busy after
+    # its run, so the next call (a daemon's) pauses SPIN_SETTLE_S first, or it would pay for bare's spin.
     sess = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
-    lat: dict[str, list[float]] = {"bare": [], **{k: [] for k in daemons}}
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    nospin = ort.InferenceSession(str(MODEL), opts, providers=["CPUExecutionProvider"])
+    bares = {"bare": sess, "bare_nospin": nospin}
+    lat: dict[str, list[float]] = {**{k: [] for k in bares}, **{k: [] for k in daemons}}
     cpu: dict[str, float] = dict.fromkeys(lat, 0.0)
     for i in range(n + 5):
-        t, c = time.perf_counter(), time.process_time()
-        sess.run(None, {"input": x})
-        if i >= 5:
-            lat["bare"].append(time.perf_counter() - t)
-            cpu["bare"] += time.process_time() - c
+        for name, session in bares.items():
+            t, c = time.perf_counter(), time.process_time()
+            session.run(None, {"input": x})
+            if i >= 5:
+                lat[name].append(time.perf_counter() - t)
+                cpu[name] += time.process_time() - c
+            time.sleep(SPIN_SETTLE_S)
         for name, d in daemons.items():
             c0 = d.cpu()
             t = time.perf_counter()
@@ -142,12 +153,14 @@ def one_client(daemons: dict[str, Daemon], req: bytes, x: np.ndarray, n: int) ->
                 lat[name].append(time.perf_counter() - t)
                 cpu[name] += d.cpu() - c0
     bare = float(np.median(lat["bare"]))
+    bare_nospin = float(np.median(lat["bare_nospin"]))
     out = {}
     for name, xs in lat.items():
         p50 = float(np.median(xs))
         out[name] = {
             "p50_ms": round(p50 * 1e3, 2),
             "ratio_to_bare": round(p50 / bare, 2),
+            "ratio_to_bare_nospin": round(p50 / bare_nospin, 2),
             "cpu_ms_per_req": round(cpu[name] / n * 1e3, 2),
             "cpu_ratio_to_bare": round(cpu[name] / cpu["bare"], 2),
         }

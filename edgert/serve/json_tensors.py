@@ -6,7 +6,7 @@ extra) parses the same body in about 3 ms, and ``Array.as_buffer`` copies a nume
 C buffer without creating a single Python number.
 
 This module only *parses*; every check and every error message stays in :mod:`oip_codec`. Whatever
-simdjson cannot hand over exactly as the generic path would (invalid JSON, nested or ragged data,
+simdjson cannot hand over exactly as the generic path would (invalid JSON, ragged or mixed nesting,
 booleans or strings among the numbers, integers out of the buffer's range) is returned as plain
 Python lists, or not parsed at all (``None``), so the generic path decides and words the error.
 Pure logic: bytes in, Python objects and numpy arrays out.
@@ -78,11 +78,51 @@ def parse_request(body: bytes) -> dict[str, Any] | None:
         light = _light_doc(doc, pending)
     except _Duplicate:
         return None
-    expected = _count_lists(light) + len(pending)
-    flat = _count_brackets(body, expected) == expected
-    for spec, data in pending:
-        spec["data"] = _data(data, spec.get("datatype"), flat)
+    nests = [_regular_nest(data) for _, data in pending]
+    expected = _count_lists(light) + sum(_arrays_in(dims) if dims else 1 for dims in nests)
+    plain = _count_brackets(body, expected) == expected
+    for (spec, data), dims in zip(pending, nests, strict=True):
+        spec["data"] = _data(data, spec.get("datatype"), plain and dims is not None)
     return light
+
+
+def _regular_nest(array: Any) -> tuple[int, ...] | None:
+    """The dims of a regular nest of arrays (every array at a level has the same length), or None.
+
+    Only the arrays are checked, not what the innermost ones hold: a number beside rows, or an array
+    among the innermost numbers, adds or removes a '[' against :func:`_arrays_in`, which the caller's
+    bracket count catches. Walks the arrays above the innermost level (676 for 1x3x224x224), never
+    the numbers.
+    """
+    dims: list[int] = []
+    first = array
+    while isinstance(first, simdjson.Array):
+        dims.append(len(first))
+        if not dims[-1]:
+            break
+        first = first[0]
+    level = [array]
+    for depth, size in enumerate(dims[:-1]):
+        below: list[Any] = []
+        for a in level:
+            if not isinstance(a, simdjson.Array) or len(a) != size:
+                return None
+            below.extend(a)
+        level = below
+        if depth == len(dims) - 2 and any(
+            not isinstance(a, simdjson.Array) or len(a) != dims[-1] for a in level
+        ):
+            return None
+    return tuple(dims)
+
+
+def _arrays_in(dims: tuple[int, ...]) -> int:
+    """How many arrays (one '[' each) a regular nest of ``dims`` holds: 1 + d0 + d0*d1 + ..."""
+    total, width = 0, 1
+    for size in dims:
+        total += width
+        width *= size
+    return total
 
 
 def _light_doc(doc: Any, pending: list[tuple[dict[str, Any], Any]]) -> dict[str, Any]:
@@ -153,8 +193,9 @@ def _data(array: Any, datatype: Any, flat: bool) -> PackedData | list[Any]:
     Numbers become doubles first and the tensor's dtype second, as ``np.array(list_of_floats)`` does
     (it rounds Python ints to float32 through a double as well), so both paths give the same bits.
 
-    ``flat``: the body holds no '[' beyond the lists of the light document and one per data array,
-    so no data array nests another (a '[' inside a string only makes this False, never True).
+    ``flat``: the body holds no '[' beyond the lists of the light document and those of each data
+    array's regular nest, so ``as_buffer`` (which flattens nested arrays in row-major order) sees
+    exactly the numbers ``np.array`` would (a '[' inside a string only makes this False, never True).
     """
     kind = _BUFFER_TYPES.get(datatype) if isinstance(datatype, str) else None
     if flat and kind is not None:

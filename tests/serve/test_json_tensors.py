@@ -65,6 +65,19 @@ CASES = {
     "big ints in fp32": _body([16777217, 9007199254740993, 2**60 + 2**36 + 1]),
     "negative zero": _body([-0.0, 0, -0]),
     "bracket in name": _body([1, 2, 3], name="x[0]"),
+    "ragged with the right total": _body([[1, 2], [3], [4, 5, 6]], shape=[6]),
+    "ragged rows, equal first rows": _body([[1, 2], [3, 4], [5]], shape=[5]),
+    "deep regular nesting": _body([[[1, 2], [3, 4]], [[5, 6], [7, 8]]], shape=[2, 2, 2]),
+    "deep nesting for a flat shape": _body([[[1, 2], [3, 4]], [[5, 6], [7, 8]]], shape=[8]),
+    "deep ragged": _body([[[1, 2], [3, 4]], [[5, 6], [7]]], shape=[7]),
+    "leaf array in the last level": _body([[1, [2]], [3, 4]], shape=[4]),
+    "number beside rows": _body([[1, 2], 3], shape=[3]),
+    "empty rows": _body([[], []], shape=[2, 0]),
+    "bool in a nested row": _body([[1.0, True], [2.0, 3.0]], shape=[2, 2]),
+    "nested in a second input": json.dumps({"inputs": [
+        {"name": "a", "datatype": "FP32", "shape": [2], "data": [1, 2]},
+        {"name": "b", "datatype": "INT32", "shape": [2, 2], "data": [[1, 2], [3, 4]]},
+    ]}).encode(),
     "data not a list": _body({"a": 1}),
     "duplicate data key": (
         b'{"inputs":[{"name":"x","datatype":"FP32","shape":[3],"data":[1,2,3],"data":[4,5,6]}]}'
@@ -117,3 +130,17 @@ def test_large_body_takes_the_packed_path() -> None:
     doc = json_tensors.parse_request(body)
     assert doc is not None
     assert isinstance(doc["inputs"][0]["data"], json_tensors.PackedData)
+
+
+def test_large_nested_body_takes_the_packed_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nested data (curl users, orjson's numpy output) is packed too, not walked as 150,528 Python floats."""
+    x = np.random.default_rng(3).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x}]},
+                        option=orjson.OPT_SERIALIZE_NUMPY)
+    doc = json_tensors.parse_request(body)
+    assert doc is not None
+    assert isinstance(doc["inputs"][0]["data"], json_tensors.PackedData)
+    got = oip_codec.decode_infer_request(body).inputs["x"]
+    assert got.shape == x.shape and got.tobytes() == x.tobytes()
+    fast, generic = _both(body, monkeypatch)
+    assert fast == generic
