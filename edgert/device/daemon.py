@@ -27,6 +27,7 @@ from edgert.device.sdnotify import Notifier
 from edgert.device.sources import ModelSource, open_store
 from edgert.device.supervisor import Supervisor
 from edgert.errors import ConfigError, EdgertError, UnknownModelError
+from edgert.serve import memory as serve_memory
 from edgert.serve.http_server import HttpServer
 from edgert.serve.oip_http import OipRouter, metrics_router
 from edgert.serve.uds import UdsServer
@@ -177,6 +178,7 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         t0 = time.monotonic()
+        serve_memory.tune_allocator()  # large requests reuse heap memory instead of faulting it in anew
         if self.config.http.listen:  # before any work: a refused address must not load models first
             check_http_exposure(self.config.http.listen, self.config.http.auth_token_file, self.config.source)
         if self.runtime is None:

@@ -19,7 +19,10 @@ import logging
 import threading
 from collections.abc import Callable
 
-__all__ = ["TRIM_AFTER_BYTES", "TRIM_DELAY_S", "request_trim", "trim_available", "trim_heap"]
+__all__ = [
+    "MMAP_THRESHOLD_BYTES", "TRIM_AFTER_BYTES", "TRIM_DELAY_S", "TRIM_THRESHOLD_BYTES",
+    "request_trim", "trim_available", "trim_heap", "tune_allocator",
+]
 
 log = logging.getLogger("edgert.serve.memory")
 
@@ -27,6 +30,17 @@ log = logging.getLogger("edgert.serve.memory")
 TRIM_AFTER_BYTES = 1 << 20
 #: Trims are debounced: one runs this long after the first request, however many came meanwhile.
 TRIM_DELAY_S = 0.5
+
+#: Allocations up to this size come from the heap, where freed memory is reused, rather than from a
+#: fresh mmap that the next request must fault in page by page (glibc's default starts at 128 KiB).
+MMAP_THRESHOLD_BYTES = 32 << 20
+#: glibc trims the heap top on free() past this much free space. Set high: left at its default, a
+#: 1.6 MB JSON request freed its parse buffers back to the OS every time and the next request
+#: faulted ~2,000 pages in again (8.5 ms instead of 4.2 ms to decode, BENCHMARKS.md). Memory still
+#: comes back after a burst: :func:`request_trim` runs ``malloc_trim(0)``, which ignores this.
+TRIM_THRESHOLD_BYTES = 256 << 20
+_M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
+_M_MMAP_THRESHOLD = -3
 
 _lock = threading.Lock()
 _trim_fn: Callable[[int], int] | None = None
@@ -48,6 +62,22 @@ def _malloc_trim() -> Callable[[int], int] | None:
                 fn.restype = ctypes.c_int
             _trim_fn = fn
         return _trim_fn
+
+
+def tune_allocator() -> bool:
+    """Fix glibc's mmap and trim thresholds for a long-running server (see the constants); True if set.
+
+    Process-wide; the daemon calls it once at start. A no-op (False) on a libc without ``mallopt``.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
 
 
 def trim_available() -> bool:
