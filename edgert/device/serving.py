@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgert.errors import ServeError, UnknownModelError
+from edgert.errors import EdgertError, OverloadedError, ServeError, UnknownModelError
 from edgert.metrics.timing import RequestTiming, Tracer
 from edgert.serve.port import InferOutcome, ModelMeta, TensorMeta
 
@@ -138,7 +138,12 @@ class ServingAdapter:
         shadow = self.shadows.get(name)  # one lookup; None unless a fleet shadow evaluation runs
         start = time.perf_counter() if shadow is not None else 0.0
         memory = self._memory()  # lazy loads and the memory budget: a lease keeps the model loaded
-        cold = await memory.acquire(name) if memory is not None and memory.tracking else None
+        try:
+            cold = await memory.acquire(name) if memory is not None and memory.tracking else None
+        except OverloadedError:
+            raise  # busy models held the budget: retry later (503 with Retry-After)
+        except EdgertError as exc:  # a failed cold load: it serves no version (404, as next time)
+            raise UnknownModelError(exc.message, hint=exc.hint) from None
         if cold and timing is not None:
             timing.load_ns = int(cold * 1e9)  # the slow-request line shows the cold load as its own stage
         try:

@@ -206,14 +206,16 @@ def test_a_model_bigger_than_the_budget_is_refused_and_the_rest_serve(daemon: di
     image = np.zeros((1, 224, 224, 3), dtype=np.float32)
     meta, _ = socket_infer(daemon["sock"], "big", image)
     assert "more than the whole memory budget (8.0 MB)" in meta["error"], meta
+    first = meta
     assert "memory_budget_mb" in meta["error"]  # the hint says what to change
     st = _status(daemon)
     assert st["models"]["big"]["state"] == "failed" and "memory budget" in st["models"]["big"]["error"]
     code, doc = http_get(daemon["http"], "/v2/models/big/ready")
     assert code == 503 and doc["ready"] is False
-    # refused without loading it again, and the others still serve
+    # refused without loading it again, with the same status as the first time; the others still serve
     meta, _ = socket_infer(daemon["sock"], "big", image)
     assert "memory budget" in meta["error"]
+    assert first["status"] == meta["status"] == 404, (first, meta)
     assert metric_values(daemon["metrics"], "cold_loads_total").get("big", 0) == 0
     code, _, _ = http_infer(daemon["http"], "m03", digits_inputs(1))
     assert code == 200
