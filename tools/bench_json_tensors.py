@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import psutil
+from bench_serving import free_port
 from loadgen import throughput
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,12 +33,6 @@ MODEL = REPO / "models" / "mobilenetv2_int8.onnx"
 SPIN_SETTLE_S = 0.02
 #: RSS counts as back at idle within this fraction (issue 10).
 RSS_BACK_FRACTION = 0.15
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def json_request(x: np.ndarray) -> bytes:

@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from bench_serving import free_port, json_request, pct, read_response
+from bench_serving import free_port, json_request, pct, time_http
 from loadgen import throughput
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,7 +122,7 @@ path = "{DIGITS}"
         wait_http(port)
         x = np.load(MODELS / "digits_test.npz")["x"][:1]
         req = json_request("digits", x)
-        one = time_http(req, port, HTTP_ONE_CLIENT_REQUESTS)
+        one = time_http(req, HTTP_ONE_CLIENT_REQUESTS, port)
         cpu0 = proc_cpu_seconds(proc.pid)
         rps, gen_cpu = throughput(req, port, CLIENTS, seconds)
         cpu = proc_cpu_seconds(proc.pid) - cpu0
@@ -146,22 +146,6 @@ def wait_http(port: int, timeout: float = 60) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError("daemon not ready")
-
-
-def time_http(req: bytes, port: int, n: int) -> list[float]:
-    import socket
-
-    s = socket.create_connection(("127.0.0.1", port))
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buf = bytearray()
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        s.sendall(req)
-        read_response(s, buf)
-        out.append(time.perf_counter() - t)
-    s.close()
-    return out
 
 
 def cost_gauges(mport: int) -> dict[str, float]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_serving import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
@@ -67,13 +68,6 @@ stages = [
   {{ op = "topk", k = 5 }},
 ]
 """
-
-
-def free_port() -> int:
-    """A free loopback TCP port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- the client-side stages ---------------------------------------------------------------------------

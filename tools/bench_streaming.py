@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_serving import wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
@@ -59,20 +60,6 @@ threads = 1
     return subprocess.Popen(
         [sys.executable, "-m", "edgert.cli.main", "daemon", "-c", str(cfg)], env=dict(os.environ)
     )
-
-
-def wait_ready(sock: Path, timeout: float = 60) -> None:
-    from edgert.client import Client
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with Client(f"unix://{sock}") as c:
-                if c.ready():
-                    return
-        except Exception:
-            time.sleep(0.05)
-    raise RuntimeError("daemon not ready")
 
 
 def bare_ms(model: str, x: np.ndarray, threads: int | None) -> float:
