@@ -92,6 +92,7 @@ def main() -> int:
     ap.add_argument("--models", default="small,large")
     ap.add_argument("--transports", default="uds,http")
     ap.add_argument("--delay-us", type=int, default=QUEUE_DELAY_US, help="max_queue_delay_us when on")
+    ap.add_argument("--json", type=Path, default=None, help="also write a summary to this file")
     args = ap.parse_args()
     which = args.models.split(",")
     x1 = np.load(MODELS / "digits_test.npz")["x"][:1]
@@ -142,12 +143,28 @@ def main() -> int:
         f"{'transport':9} {'model':6} {'mode':4} {'req/s':>8} {'on/off':>7} {'per-round':>12} "
         f"{'daemon CPU/req':>15} {'daemon cores':>12} {'rows/run':>9} {'loadgen cores':>14}"
     )
+    summary: dict = {
+        "load": [min(loads), max(loads)],
+        "clients": args.clients,
+        "procs": args.procs,
+        "cells": {},
+    }
     for c in cells:
         rows = res[c]
         rps = statistics.median(r[0] for r in rows)
+        summary["cells"]["/".join(c)] = {
+            "req_per_s": rps,
+            "daemon_cpu_us_per_req": 1e6 * statistics.median(r[1] for r in rows),
+            "rows_per_run": statistics.median(r[2] for r in rows),
+        }
         if c[2] == "on":
             off = res[(c[0], c[1], "off")]
             ratios = [a[0] / b[0] for a, b in zip(rows, off, strict=True)]
+            summary["cells"]["/".join(c)]["on_off"] = {
+                "median": rps / statistics.median(r[0] for r in off),
+                "min": min(ratios),
+                "max": max(ratios),
+            }
             ratio = (
                 f"{rps / statistics.median(r[0] for r in off):6.2f}x {min(ratios):5.2f}-{max(ratios):.2f}x"
             )
@@ -159,6 +176,10 @@ def main() -> int:
             f"{statistics.median(r[0] * r[1] for r in rows):12.2f} "
             f"{statistics.median(r[2] for r in rows):9.1f} {statistics.median(r[3] for r in rows):14.2f}"
         )
+    if args.json:
+        from bench_serving import write_json
+
+        write_json(args.json, summary)
     return 0
 
 

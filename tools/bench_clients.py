@@ -81,6 +81,7 @@ def main() -> int:
     ap.add_argument(
         "--baseline", type=Path, default=None, help="also run daemons from this checkout (e.g. /work/main)"
     )
+    ap.add_argument("--json", type=Path, default=None, help="also write a summary to this file")
     args = ap.parse_args()
     specs = [(v, int(v), None) for v in args.linger.split(",")]
     if args.baseline:
@@ -129,15 +130,28 @@ def main() -> int:
         f"{'32/16 per round':>16} {'daemon CPU/req':>15} {'daemon cores':>12} {'loadgen cores':>14} "
         f"{'invol. switches/req':>19}"
     )
+    summary: dict = {"load": [min(loads), max(loads)], "cells": {}}
     for cell in cells:
         lg, p, c = cell
         rows = res[cell]
         rr = [x[0] for x in rows]
         ratio = ""
+        key = f"linger{lg}/procs{p}/clients{c}"
+        summary["cells"][key] = {
+            "req_per_s": statistics.median(rr),
+            "min": min(rr),
+            "max": max(rr),
+            "daemon_cpu_us_per_req": 1e6 * statistics.median(x[1] for x in rows),
+        }
         if c == max(clients) and (lg, p, min(clients)) in res and c != min(clients):
             lo = [x[0] for x in res[(lg, p, min(clients))]]
             rat = [a / b for a, b in zip(rr, lo, strict=True)]
             ratio = f"{statistics.median(rat):.2f} ({min(rat):.2f}-{max(rat):.2f})"
+            summary["cells"][key]["ratio_to_fewer_clients"] = {
+                "median": statistics.median(rat),
+                "min": min(rat),
+                "max": max(rat),
+            }
         print(
             f"{lg:>9} {p:8} {c:7} {statistics.median(rr):10.0f} {min(rr):6.0f}-{max(rr):<6.0f} {ratio:>16} "
             f"{1e6 * statistics.median(x[1] for x in rows):12.1f} µs "
@@ -145,6 +159,10 @@ def main() -> int:
             f"{statistics.median(x[2] for x in rows):14.2f} "
             f"{statistics.median(x[4] for x in rows):19.2f}"
         )
+    if args.json:
+        from bench_serving import write_json
+
+        write_json(args.json, summary)
     return 0
 
 

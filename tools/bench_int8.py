@@ -117,6 +117,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--json", type=Path, default=None, help="also write a summary to this file")
     args = ap.parse_args()
     ensure_fp32()
     fp32, int8 = session(FP32, args.threads), session(INT8, args.threads)
@@ -153,15 +154,31 @@ def main() -> int:
         f"{'int8 tflite':>12} {'max drop pt':>12}"
     )
     ok = speedup >= TARGET_SPEEDUP and min(cos) >= TARGET_COSINE
+    summary: dict = {
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "load": os.getloadavg()[0],
+        "fp32_p50_ms": 1e3 * p50_32,
+        "int8_p50_ms": 1e3 * p50_8,
+        "speedup": speedup,
+        "cosine_min": min(cos),
+        "top1_agree": f"{agree}/{len(cos)}",
+        "digits_drop_pt": {},
+    }
     for fam in ("digits_small", "digits_large"):
         a32 = digits_accuracy(f"{fam}_fp32.onnx", dx, dy)
         a8 = digits_accuracy(f"{fam}_int8.onnx", dx, dy)
         atf = digits_accuracy(f"{fam}_int8.tflite", dx, dy)
         drop = max(a32 - a8, a32 - atf)
         ok &= drop <= MAX_DIGITS_DROP_PT
+        summary["digits_drop_pt"][fam] = drop
         print(
             f"{fam:14} {a32:10.2f} {a8:10.2f} {atf:12.2f} {drop:12.2f}  {verdict(drop <= MAX_DIGITS_DROP_PT)}"
         )
+    if args.json:
+        from bench_serving import write_json
+
+        write_json(args.json, summary)
     return 0 if ok else 1
 
 

@@ -35,6 +35,11 @@ def free_port() -> int:
 PORT = free_port()
 
 
+def write_json(path: Path, data: object) -> None:
+    """Write a benchmark's summary for tools/bench_issue10.py (``--json PATH`` on each script)."""
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.array(xs), q))
 
@@ -287,6 +292,7 @@ def main() -> None:
     ap.add_argument(
         "--baseline", type=Path, default=None, help="JSON MobileNetV2 rows: run this checkout too"
     )
+    ap.add_argument("--json", type=Path, default=None, help="also write the report to this file")
     args = ap.parse_args()
     report: dict = {"cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as d:
@@ -312,6 +318,8 @@ def main() -> None:
 
     report["mobilenet_json"] = bench_json_mobilenet(args.quick, args.baseline)
     print(json.dumps(report, indent=2))
+    if args.json:
+        write_json(args.json, report)
     if args.plots:
         plots(dist, curve, args.plots)
 
