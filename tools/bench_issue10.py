@@ -113,6 +113,23 @@ ROWS = (
         _x,
     ),
     Row(
+        "decoding that request in process: edgert's codec (simdjson into numpy) against orjson + numpy",
+        "faster than the peers' way",
+        "serving",
+        lambda s: _get(s, "mobilenet_json.codec_in_process.ms"),
+        lambda v: v["decode_speedup_vs_orjson"] > 1,
+        lambda v: f"{v['decode_edgert']} vs {v['decode_orjson_then_numpy']} ms",
+    ),
+    Row(
+        "encoding a 1x3x224x224 FP32 output as JSON: edgert (orjson from numpy, float32 reprs) against "
+        "orjson / json of `tolist()`",
+        "faster than the peers' way",
+        "serving",
+        lambda s: _get(s, "mobilenet_json.codec_in_process.ms"),
+        lambda v: v["encode_speedup_vs_orjson_tolist"] > 1,
+        lambda v: f"{v['encode_edgert']} vs {v['encode_orjson_tolist']} / {v['encode_json_tolist']} ms",
+    ),
+    Row(
         "same, 32 clients: peak RSS per in-flight request / request size",
         "≤ ~2x",
         "serving",

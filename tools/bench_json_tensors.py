@@ -199,6 +199,43 @@ def load_and_memory(d: Daemon, req: bytes, body_len: int, clients: int, secs: fl
     }
 
 
+def codec(x: np.ndarray, n: int) -> dict:
+    """In one process: decoding the 1.6 MB request and encoding a tensor of the same size as JSON output,
+    edgert's codec against what a plain Python OIP server does (orjson or json with lists), medians."""
+    import json as stdjson
+
+    from edgert.serve.oip_codec import decode_infer_request, encode_infer_response
+
+    req = json_request(x)
+    body = req[req.find(b"\r\n\r\n") + 4 :]
+    flat = x.ravel()
+
+    def orjson_numpy() -> np.ndarray:
+        doc = orjson.loads(body)
+        return np.asarray(doc["inputs"][0]["data"], dtype=np.float32).reshape(doc["inputs"][0]["shape"])
+
+    cases = {
+        "decode_edgert": lambda: decode_infer_request(body),
+        "decode_orjson_then_numpy": orjson_numpy,
+        "encode_edgert": lambda: encode_infer_response("m", "1", {"out": x}),
+        "encode_orjson_tolist": lambda: orjson.dumps({"outputs": [{"data": flat.tolist()}]}),
+        "encode_json_tolist": lambda: stdjson.dumps({"outputs": [{"data": flat.tolist()}]}),
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for i in range(n + 2):
+        for name, fn in cases.items():
+            if name == "encode_json_tolist" and i >= 3:
+                continue  # ~100 ms each: three are enough
+            t = time.perf_counter()
+            fn()
+            if i >= 2 or name == "encode_json_tolist":
+                times[name].append(time.perf_counter() - t)
+    out = {k: round(1e3 * float(np.median(v)), 2) for k, v in times.items()}
+    out["decode_speedup_vs_orjson"] = round(out["decode_orjson_then_numpy"] / out["decode_edgert"], 2)
+    out["encode_speedup_vs_orjson_tolist"] = round(out["encode_orjson_tolist"] / out["encode_edgert"], 2)
+    return {"ms": out, "n": n}
+
+
 def run(quick: bool, baseline: Path | None) -> dict:
     """All rows, every tree side by side."""
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
@@ -206,6 +243,7 @@ def run(quick: bool, baseline: Path | None) -> dict:
     body_len = len(req) - req.find(b"\r\n\r\n") - 4
     trees = {"edgert": REPO, **({"baseline": baseline} if baseline else {})}
     report: dict = {"request_bytes": body_len, "cpus": os.cpu_count()}
+    report["codec_in_process"] = codec(x, 10 if quick else 30)
     with tempfile.TemporaryDirectory() as tmpdir:
         daemons = {k: Daemon(v, Path(tmpdir) / k) for k, v in trees.items()}
         try:
