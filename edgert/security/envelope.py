@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -204,7 +205,9 @@ def _decrypt_view(aead: AESGCM, prefix: bytes, data: memoryview, aad: bytes, pla
 
 # ---- key wrapping -----------------------------------------------------------------------------
 
+@functools.cache
 def _hpke_suite() -> object | None:
+    # Cached: the import and the Suite object were rebuilt on every key unwrap (a model load).
     try:
         from cryptography.hazmat.primitives import hpke
     except ImportError:
