@@ -98,9 +98,14 @@ def _fail() -> IntegrityError:
     return IntegrityError(envelope.INTEGRITY_MESSAGE)
 
 
+#: What ``json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`` builds on every call
+#: (it keeps no state between calls); made once, as it runs two or three times per model load.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(obj: Any) -> bytes:
     """Canonical JSON bytes: sorted keys, no whitespace, UTF-8 (no floats in manifests)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _CANONICAL.encode(obj).encode("utf-8")
 
 
 def parse_version(version: str) -> tuple[int, ...]:
