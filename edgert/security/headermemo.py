@@ -27,6 +27,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from edgert.security import package as pkg
 
 __all__ = ["HEADER_MEMO_MAX", "HeaderMemo", "VerifiedHeader"]
@@ -37,19 +39,23 @@ HEADER_MEMO_MAX = 64
 
 @dataclass(frozen=True)
 class VerifiedHeader:
-    """A header parsed and checked from ``prefix``, its unwrapped package key and the variant keys derived."""
+    """A header parsed and checked from ``prefix``, its unwrapped package key and the variant ciphers made."""
 
     prefix: bytes = field(repr=False)  # the file up to the payload: magic, length, header, exactly as read
     header: pkg.PackageHeader
     key: bytes = field(repr=False)
-    variant_keys: dict[int, bytes] = field(default_factory=dict, repr=False)
+    ciphers: dict[int, AESGCM] = field(default_factory=dict, repr=False)
 
-    def variant_key(self, spec: pkg.Variant) -> bytes:
-        """The key ``spec``'s payload is encrypted with (derived once)."""
-        derived = self.variant_keys.get(spec.index)
-        if derived is None:
-            derived = self.variant_keys[spec.index] = pkg.variant_key(self.header, self.key, spec)
-        return derived
+    def variant_cipher(self, spec: pkg.Variant) -> AESGCM:
+        """AES-GCM under the key ``spec``'s payload is encrypted with (derived and set up once).
+
+        ``AESGCM`` keeps no state between calls (each decryption copies a base context), so threads
+        may share it.
+        """
+        cipher = self.ciphers.get(spec.index)
+        if cipher is None:
+            cipher = self.ciphers[spec.index] = AESGCM(pkg.variant_key(self.header, self.key, spec))
+        return cipher
 
 
 class HeaderMemo:

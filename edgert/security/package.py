@@ -44,6 +44,7 @@ from typing import Any, BinaryIO
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from edgert.errors import IntegrityError, KeyFileError, ModelError, SignatureError
@@ -475,23 +476,22 @@ class _Window:
 
 def decrypt_payload(reader: BinaryIO | memoryview, header: PackageHeader, key: bytes, *,
                     variant: Variant | None = None, out: bytearray | memoryview | None,
-                    check_hashes: bool = False, derived: bytes | None = None) -> None:
+                    check_hashes: bool = False, derived: AESGCM | None = None) -> None:
     """Decrypt one variant (None: the first) into ``out``, or just verify it (``out=None``).
 
     ``reader`` is either a file positioned at the start of that variant's payload
     (``header.payload_offset + variant.payload_offset``) or a memoryview of exactly that payload.
     With ``check_hashes`` the payload and plaintext sha256 in the manifest are checked too.
-    ``derived``: :func:`variant_key` of ``key`` for this variant, if the caller already has it.
+    ``derived``: an ``AESGCM`` of :func:`variant_key` for this variant, if the caller already has one.
     """
     m = header.manifest
     v = variant or m.variants[0]
     payload_hash = hashlib.sha256() if check_hashes else None
     plain_hash = hashlib.sha256() if check_hashes else None
     source: Any = reader if isinstance(reader, memoryview) else _Window(reader, v.payload_size)
-    if derived is None:
-        derived = _variant_key(key, m.binding, v.index)
+    cipher: bytes | AESGCM = derived if derived is not None else _variant_key(key, m.binding, v.index)
     envelope.decrypt_stream(
-        derived, v.nonce_prefix, source, _variant_aad(m.binding, v.index),
+        cipher, v.nonce_prefix, source, _variant_aad(m.binding, v.index),
         plaintext_size=v.plaintext_size, chunk_size=v.chunk_size, out=out,
         on_ciphertext=payload_hash.update if payload_hash else None,
         on_plaintext=plain_hash.update if plain_hash else None)

@@ -343,7 +343,7 @@ class ModelStore:
         try:
             with memoryview(data)[start: start + spec.payload_size] as view:
                 pkg.decrypt_payload(view, header, verified.key, variant=spec, out=buf.view,
-                                    derived=verified.variant_key(spec))
+                                    derived=verified.variant_cipher(spec))
         except BaseException:
             buf.discard()
             raise

@@ -19,7 +19,7 @@ from edgert.errors import EdgertError, IntegrityError, KeyFileError
 from edgert.security import envelope
 from edgert.security.headermemo import HeaderMemo, VerifiedHeader
 from edgert.security.keys import DeviceKeys
-from edgert.security.package import MAGIC, canonical_json, read_header, rewrap
+from edgert.security.package import MAGIC, canonical_json, read_header, rewrap, variant_key
 from edgert.security.store import ModelStore
 from tests.security.kit import SMALL_ONNX, SMALL_TFLITE, fleet_store, make_package, source
 
@@ -205,7 +205,8 @@ def test_keys_never_show_in_a_repr(device_keys: DeviceKeys) -> None:
     entry = VerifiedHeader(b"prefix", header, key)
     spec = header.manifest.variants[0]
     text = repr(entry)
-    for secret in (key, entry.variant_key(spec)):
+    entry.variant_cipher(spec)
+    for secret in (key, variant_key(header, key, spec)):
         assert secret.hex() not in text and repr(secret) not in text
 
 
@@ -214,3 +215,14 @@ def test_header_of_an_unchanged_loaded_package_is_reused(state: Path, device_key
     store, _ = _loaded(state, device_keys, tmp_path)
     assert _header_outcome(store) == _header_outcome(fleet_store(state / "models", device_keys))
     assert store.headers.hits == 1
+
+
+def test_threads_share_what_is_reused(state: Path, device_keys: DeviceKeys, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = _installed(state, device_keys, tmp_path)
+    expected = SMALL_ONNX.read_bytes()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: store.read_model_bytes("digits")[1] == expected, range(64)))
+    assert all(results)
+    assert store.headers.hits + store.headers.misses == 64 and len(store.headers) == 1
