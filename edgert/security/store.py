@@ -142,6 +142,7 @@ class ModelStore:
         self._state_cache: tuple[tuple[int, int, int], dict[str, Any]] | None = None
         self._state_file = os.path.join(self.root, STATE_FILE)
         self._packages_dir = os.path.join(self.root, PACKAGES_DIR)
+        self._valid_names: set[str] = set()  # names check_name accepted (it is a pure function)
         #: Headers this store verified and their unwrapped keys, reused for byte-identical headers only.
         self.headers = HeaderMemo()
         ensure_private_dir(self.root)
@@ -201,8 +202,11 @@ class ModelStore:
         return Path(self._package_file(name, version))
 
     def _package_file(self, name: str, version: str) -> str:
-        # A str, not a Path: this sits on the cold-load path of every model (pathlib costs µs per join).
-        return os.path.join(self._packages_dir, pkg.check_name(name), version + PKG_SUFFIX)
+        # A str, not a Path, and each name's regex check once: this sits on the cold-load path of
+        # every model, where a regex match or a pathlib join costs several µs with cold CPU caches.
+        if name not in self._valid_names:
+            self._valid_names.add(pkg.check_name(name))
+        return f"{self._packages_dir}/{name}/{version}{PKG_SUFFIX}"
 
     def _collect_garbage(self) -> None:
         """Remove temp files and packages the state does not refer to (left by a crash)."""
