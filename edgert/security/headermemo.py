@@ -31,10 +31,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from edgert.security import package as pkg
 
-__all__ = ["HEADER_MEMO_MAX", "HeaderMemo", "VerifiedHeader"]
+__all__ = ["HEADER_MEMO_MAX", "HEADER_MEMO_MAX_BYTES", "HeaderMemo", "VerifiedHeader"]
 
 #: Verified headers a store keeps (one per package file loaded; a few KB each).
 HEADER_MEMO_MAX = 64
+#: Header bytes a store keeps in all (a header carrying a large reference profile may be ~1 MiB).
+HEADER_MEMO_MAX_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,11 @@ class VerifiedHeader:
 class HeaderMemo:
     """Verified headers and their keys by package file, valid only for byte-identical headers."""
 
-    def __init__(self, max_entries: int = HEADER_MEMO_MAX) -> None:
-        if max_entries < 0:
-            raise ValueError("max_entries must be >= 0")
-        self.max_entries = max_entries
+    def __init__(self, max_entries: int = HEADER_MEMO_MAX, max_bytes: int = HEADER_MEMO_MAX_BYTES) -> None:
+        if max_entries < 0 or max_bytes < 0:
+            raise ValueError("max_entries and max_bytes must be >= 0")
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._bytes = 0
         self._entries: OrderedDict[str, VerifiedHeader] = OrderedDict()
         self._lock = threading.Lock()
         #: Loads that reused a verified header / that found none to reuse (for tests and benchmarks).
@@ -92,20 +95,27 @@ class HeaderMemo:
 
     def remember(self, path: str, entry: VerifiedHeader) -> None:
         """Keep ``entry`` for ``path`` (after a load from it succeeded), dropping the least recently used."""
-        if self.max_entries == 0:
+        if self.max_entries == 0 or len(entry.prefix) > self.max_bytes:
             return
         with self._lock:
+            self._drop(path)
             self._entries[path] = entry
-            self._entries.move_to_end(path)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            self._bytes += len(entry.prefix)
+            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+                self._drop(next(iter(self._entries)))
+
+    def _drop(self, path: str) -> None:
+        old = self._entries.pop(path, None)
+        if old is not None:
+            self._bytes -= len(old.prefix)
 
     def forget(self, path: str) -> None:
         """Drop what is kept for ``path`` (its version was removed or pruned)."""
         with self._lock:
-            self._entries.pop(path, None)
+            self._drop(path)
 
     def clear(self) -> None:
         """Drop everything (the next load of each package parses and unwraps its header again)."""
         with self._lock:
             self._entries.clear()
+            self._bytes = 0

@@ -199,6 +199,21 @@ def test_the_memo_is_bounded_least_recently_used_first() -> None:
         HeaderMemo(max_entries=-1)
 
 
+def test_the_memo_is_bounded_in_bytes() -> None:
+    memo = HeaderMemo(max_bytes=10)
+    header = read_header(io.BytesIO(make_package(SMALL_ONNX, [DeviceKeys.generate()])))
+    for name in ("a", "b", "c"):
+        memo.remember(name, VerifiedHeader(name.encode() * 4, header, bytes(32)))
+    assert (memo.prefix("a"), memo.prefix("b"), memo.prefix("c")) == (None, b"bbbb", b"cccc")
+    memo.remember("b", VerifiedHeader(b"B" * 6, header, bytes(32)))  # replaced: its old bytes are freed
+    assert (memo.prefix("b"), memo.prefix("c")) == (b"B" * 6, b"cccc")
+    memo.remember("d", VerifiedHeader(b"d" * 11, header, bytes(32)))  # larger than the whole budget: not kept
+    assert (len(memo), memo.prefix("d")) == (2, None)
+    memo.forget("b")
+    memo.remember("e", VerifiedHeader(b"e" * 6, header, bytes(32)))
+    assert (memo.prefix("c"), memo.prefix("e")) == (b"cccc", b"e" * 6)
+
+
 def test_keys_never_show_in_a_repr(device_keys: DeviceKeys) -> None:
     header = read_header(io.BytesIO(make_package(SMALL_ONNX, [device_keys])))
     key = header.key_for(device_keys.wrap)
