@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -117,7 +118,8 @@ def encrypt_stream(key: bytes, prefix: bytes, reader: Reader, aad: bytes,
         counter += 1
 
 
-def decrypt_stream(key: bytes, prefix: bytes, reader: Reader | memoryview, aad: bytes, *, plaintext_size: int,
+def decrypt_stream(key: bytes | AESGCM, prefix: bytes, reader: Reader | memoryview, aad: bytes, *,
+                   plaintext_size: int,
                    chunk_size: int = CHUNK_SIZE, out: bytearray | memoryview | None = None,
                    on_ciphertext: Callable[[memoryview], None] | None = None,
                    on_plaintext: Callable[[memoryview], None] | None = None) -> None:
@@ -127,14 +129,15 @@ def decrypt_stream(key: bytes, prefix: bytes, reader: Reader | memoryview, aad: 
     decrypted into one reusable scratch buffer and discarded, so verification costs O(chunk)
     memory. Each chunk's ciphertext is passed to ``on_ciphertext`` and each verified plaintext chunk to
     ``on_plaintext`` (e.g. to hash them on the way). ``reader`` may also be a memoryview of the
-    whole ciphertext (an mmap of the package), which saves copying it chunk by chunk.
+    whole ciphertext (an mmap of the package), which saves copying it chunk by chunk. ``key`` may be an
+    ``AESGCM`` already made from the key (it keeps no state between calls, so one may be reused).
     """
     if not 0 < chunk_size <= MAX_CHUNK_SIZE or plaintext_size < 0:
         raise _fail()
     if out is not None and len(out) != plaintext_size:
         raise ValueError("output buffer size does not match plaintext_size")
     try:
-        aead = AESGCM(key)
+        aead = key if isinstance(key, AESGCM) else AESGCM(key)
     except ValueError:
         raise _fail() from None
     n_chunks = max(1, -(-plaintext_size // chunk_size))
@@ -204,7 +207,9 @@ def _decrypt_view(aead: AESGCM, prefix: bytes, data: memoryview, aad: bytes, pla
 
 # ---- key wrapping -----------------------------------------------------------------------------
 
+@functools.cache
 def _hpke_suite() -> object | None:
+    # Cached: the import and the Suite object were rebuilt on every key unwrap (a model load).
     try:
         from cryptography.hazmat.primitives import hpke
     except ImportError:

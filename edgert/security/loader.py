@@ -150,8 +150,10 @@ def load_from_store(runtime: Any, store: ModelStore, name: str, version: str | N
     else:
         # A probe held exactly like the plaintext tells the finalizer how many references are its own.
         weakref.finalize(model, _wipe_when_unused, plaintext, object())
-    with contextlib.suppress(AttributeError):  # objects with __slots__ cannot carry it
+    try:
         model.variant = manifest.variant
+    except AttributeError:  # objects with __slots__ cannot carry it
+        pass
     return model
 
 

@@ -44,6 +44,7 @@ from typing import Any, BinaryIO
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from edgert.errors import IntegrityError, KeyFileError, ModelError, SignatureError
@@ -65,6 +66,7 @@ __all__ = [
     "parse_version",
     "read_header",
     "rewrap",
+    "variant_key",
     "variant_kind",
     "verify_package",
 ]
@@ -97,9 +99,14 @@ def _fail() -> IntegrityError:
     return IntegrityError(envelope.INTEGRITY_MESSAGE)
 
 
+#: What ``json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`` builds on every call
+#: (it keeps no state between calls); made once, as it runs two or three times per model load.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(obj: Any) -> bytes:
     """Canonical JSON bytes: sorted keys, no whitespace, UTF-8 (no floats in manifests)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _CANONICAL.encode(obj).encode("utf-8")
 
 
 def parse_version(version: str) -> tuple[int, ...]:
@@ -346,6 +353,11 @@ def _variant_key(package_key: bytes, binding: bytes, index: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(package_key)
 
 
+def variant_key(header: PackageHeader, key: bytes, variant: Variant) -> bytes:
+    """The key ``variant``'s payload is encrypted with: HKDF of the package key, the binding and its index."""
+    return _variant_key(key, header.manifest.binding, variant.index)
+
+
 def _variant_aad(binding: bytes, index: int) -> bytes:
     return binding + struct.pack(">I", index)
 
@@ -464,20 +476,22 @@ class _Window:
 
 def decrypt_payload(reader: BinaryIO | memoryview, header: PackageHeader, key: bytes, *,
                     variant: Variant | None = None, out: bytearray | memoryview | None,
-                    check_hashes: bool = False) -> None:
+                    check_hashes: bool = False, derived: AESGCM | None = None) -> None:
     """Decrypt one variant (None: the first) into ``out``, or just verify it (``out=None``).
 
     ``reader`` is either a file positioned at the start of that variant's payload
     (``header.payload_offset + variant.payload_offset``) or a memoryview of exactly that payload.
     With ``check_hashes`` the payload and plaintext sha256 in the manifest are checked too.
+    ``derived``: an ``AESGCM`` of :func:`variant_key` for this variant, if the caller already has one.
     """
     m = header.manifest
     v = variant or m.variants[0]
     payload_hash = hashlib.sha256() if check_hashes else None
     plain_hash = hashlib.sha256() if check_hashes else None
     source: Any = reader if isinstance(reader, memoryview) else _Window(reader, v.payload_size)
+    cipher: bytes | AESGCM = derived if derived is not None else _variant_key(key, m.binding, v.index)
     envelope.decrypt_stream(
-        _variant_key(key, m.binding, v.index), v.nonce_prefix, source, _variant_aad(m.binding, v.index),
+        cipher, v.nonce_prefix, source, _variant_aad(m.binding, v.index),
         plaintext_size=v.plaintext_size, chunk_size=v.chunk_size, out=out,
         on_ciphertext=payload_hash.update if payload_hash else None,
         on_plaintext=plain_hash.update if plain_hash else None)

@@ -32,7 +32,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from edgert.errors import (
     IntegrityError,
@@ -46,6 +46,7 @@ from edgert.errors import (
 from edgert.security import package as pkg
 from edgert.security.atomic import TMP_SUFFIX, FileSystem, ensure_private_dir
 from edgert.security.envelope import INTEGRITY_MESSAGE
+from edgert.security.headermemo import HeaderMemo, VerifiedHeader
 from edgert.security.keys import DeviceKeys
 from edgert.security.membuf import PlaintextBuffer, wipe
 from edgert.security.trust import Origin, TrustedPublishers, check_origin
@@ -139,6 +140,11 @@ class ModelStore:
         #: Publishers whose packages install; this device's own signing key is always accepted.
         self.trusted = trusted if trusted is not None else TrustedPublishers()
         self._state_cache: tuple[tuple[int, int, int], dict[str, Any]] | None = None
+        self._state_file = os.path.join(self.root, STATE_FILE)
+        self._packages_dir = os.path.join(self.root, PACKAGES_DIR)
+        self._valid_names: set[str] = set()  # names check_name accepted (it is a pure function)
+        #: Headers this store verified and their unwrapped keys, reused for byte-identical headers only.
+        self.headers = HeaderMemo()
         ensure_private_dir(self.root)
         ensure_private_dir(self.root / PACKAGES_DIR)
         self._collect_garbage()
@@ -150,14 +156,15 @@ class ModelStore:
 
     def _peek_state(self) -> dict[str, Any]:
         """The parsed state, shared with the cache: read it, never change it."""
-        path = self.root / STATE_FILE
+        path = self._state_file
         try:
             # state.json is only ever replaced (new inode), so (inode, mtime, size) identifies a parse.
             st = os.stat(path)
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
             if self._state_cache is not None and self._state_cache[0] == stamp:
                 return self._state_cache[1]
-            state = json.loads(path.read_bytes())
+            with open(path, "rb") as f:
+                state = json.loads(f.read())
         except FileNotFoundError:
             return _empty_state()
         except (OSError, ValueError) as exc:
@@ -192,7 +199,14 @@ class ModelStore:
             os.close(fd)
 
     def _package_path(self, name: str, version: str) -> Path:
-        return self.root / PACKAGES_DIR / pkg.check_name(name) / f"{version}{PKG_SUFFIX}"
+        return Path(self._package_file(name, version))
+
+    def _package_file(self, name: str, version: str) -> str:
+        # A str, not a Path, and each name's regex check once: this sits on the cold-load path of
+        # every model, where a regex match or a pathlib join costs several µs with cold CPU caches.
+        if name not in self._valid_names:
+            self._valid_names.add(pkg.check_name(name))
+        return f"{self._packages_dir}/{name}/{version}{PKG_SUFFIX}"
 
     def _collect_garbage(self) -> None:
         """Remove temp files and packages the state does not refer to (left by a crash)."""
@@ -244,7 +258,13 @@ class ModelStore:
         """Parsed (not decrypted) header of an installed package; version None means active."""
         path = self._resolve(name, version)
         with open(path, "rb") as f:
-            return pkg.read_header(f, path.name)
+            known = self.headers.prefix(path)
+            if known is not None:  # the size and variants a cold load asks first: no re-parse if unchanged
+                hit = self.headers.lookup(path, f.read(len(known)))
+                if hit is not None:
+                    return hit.header
+                f.seek(0)
+            return pkg.read_header(f, os.path.basename(path))
 
     def variants(self, name: str, version: str | None = None) -> list[str]:
         """Variant ids of an installed version (None: the active one), in package order."""
@@ -266,7 +286,7 @@ class ModelStore:
                              hint=f"its variants: {', '.join(manifest.variant_names)}")
         return spec
 
-    def _resolve(self, name: str, version: str | None) -> Path:
+    def _resolve(self, name: str, version: str | None) -> str:
         # One state read and a direct lookup: this sits on the cold-load path of every model.
         m = self._peek_state()["models"].get(name) or {}
         installed = m.get("installed") or []
@@ -279,53 +299,85 @@ class ModelStore:
         if version not in installed:
             raise StoreError(f"model {name!r} has no installed version {version!r}",
                              hint=f"installed: {', '.join(sorted(installed, key=pkg.parse_version))}")
-        return self._package_path(name, version)
+        return self._package_file(name, version)
 
     def _decrypt(self, name: str, version: str | None, variant: str | None,
                  alloc: Callable[[int], Any]) -> tuple[pkg.VariantManifest, Any]:
         """Decrypt one variant of a package into ``alloc(plaintext_size)`` (whose ``.view`` is written)."""
         path = self._resolve(name, version)
         try:
-            with open(os.open(path, os.O_RDONLY | os.O_CLOEXEC), "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                small = size <= SMALL_PACKAGE_MAX
-                if small:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                if size <= SMALL_PACKAGE_MAX:
                     # One read(2) of the whole (encrypted) file; asking for one byte more than fstat
-                    # said means a file that grew meanwhile fails the size check below, as before.
-                    data = os.read(f.fileno(), size + 1)
-                    header = pkg.read_header(io.BytesIO(data), path.name)
-                    size = len(data)
-                else:
-                    header = pkg.read_header(f, path.name)
-                spec = self._select(header.manifest, variant)
-                if size != header.payload_offset + header.manifest.payload_size:
-                    raise IntegrityError(INTEGRITY_MESSAGE)  # truncated, or bytes appended
-                key = header.key_for(self.keys.wrap, self.keys.wrap_fingerprint)
-                start = header.payload_offset + spec.payload_offset
-                buf = alloc(spec.plaintext_size)
-                try:
-                    if small:
-                        view = memoryview(data)[start: start + spec.payload_size]
-                        try:
-                            pkg.decrypt_payload(view, header, key, variant=spec, out=buf.view)
-                        finally:
-                            view.release()
-                    elif spec.payload_size >= MMAP_MIN_PAYLOAD:
-                        # Decrypt from a read-only map of the (encrypted) file: no read copies.
-                        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                            view = memoryview(mapped)[start: start + spec.payload_size]
-                            try:
-                                pkg.decrypt_payload(view, header, key, variant=spec, out=buf.view)
-                            finally:
-                                view.release()
-                    else:
-                        f.seek(start)
-                        pkg.decrypt_payload(f, header, key, variant=spec, out=buf.view)
-                except BaseException:
-                    buf.discard()
-                    raise
+                    # said means a file that grew meanwhile fails the size check, as before.
+                    data = os.read(fd, size + 1)
+                    return self._decrypt_small(path, data, variant, alloc)
+                with open(fd, "rb", closefd=False) as f:
+                    return self._decrypt_file(path, f, size, variant, alloc)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise StoreError(f"cannot read package {path}: {exc.strerror}") from exc
+
+    def _checked_header(self, header: pkg.PackageHeader, variant: str | None, size: int) -> pkg.Variant:
+        """The variant to decrypt, once the file's size matches what its header says."""
+        spec = self._select(header.manifest, variant)
+        if size != header.payload_offset + header.manifest.payload_size:
+            raise IntegrityError(INTEGRITY_MESSAGE)  # truncated, or bytes appended
+        return spec
+
+    def _decrypt_small(self, path: str, data: bytes, variant: str | None,
+                       alloc: Callable[[int], Any]) -> tuple[pkg.VariantManifest, Any]:
+        """Decrypt from a whole (encrypted) package in memory; reuse its header if verified before."""
+        # A header byte-identical to one this store verified parses and unwraps to the same result
+        # (edgert/security/headermemo.py); any other header is parsed and checked in full.
+        known = self.headers.lookup(path, data)
+        if known is None:
+            header = pkg.read_header(io.BytesIO(data), os.path.basename(path))
+            spec = self._checked_header(header, variant, len(data))
+            key = header.key_for(self.keys.wrap, self.keys.wrap_fingerprint)
+            verified = VerifiedHeader(data[: header.payload_offset], header, key)
+        else:
+            verified, header = known, known.header
+            spec = self._checked_header(header, variant, len(data))
+        start = header.payload_offset + spec.payload_offset
+        buf = alloc(spec.plaintext_size)
+        try:
+            with memoryview(data)[start: start + spec.payload_size] as view:
+                pkg.decrypt_payload(view, header, verified.key, variant=spec, out=buf.view,
+                                    derived=verified.variant_cipher(spec))
+        except BaseException:
+            buf.discard()
+            raise
+        if known is None:
+            self.headers.remember(path, verified)
+        return pkg.VariantManifest(header.manifest, spec), buf
+
+    def _decrypt_file(self, path: str, f: BinaryIO, size: int, variant: str | None,
+                      alloc: Callable[[int], Any]) -> tuple[pkg.VariantManifest, Any]:
+        """Decrypt from an open package file (of ``size`` bytes) larger than ``SMALL_PACKAGE_MAX``."""
+        header = pkg.read_header(f, os.path.basename(path))
+        spec = self._checked_header(header, variant, size)
+        key = header.key_for(self.keys.wrap, self.keys.wrap_fingerprint)
+        start = header.payload_offset + spec.payload_offset
+        buf = alloc(spec.plaintext_size)
+        try:
+            if spec.payload_size >= MMAP_MIN_PAYLOAD:
+                # Decrypt from a read-only map of the (encrypted) file: no read copies.
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                    view = memoryview(mapped)[start: start + spec.payload_size]
+                    try:
+                        pkg.decrypt_payload(view, header, key, variant=spec, out=buf.view)
+                    finally:
+                        view.release()
+            else:
+                f.seek(start)
+                pkg.decrypt_payload(f, header, key, variant=spec, out=buf.view)
+        except BaseException:
+            buf.discard()
+            raise
         return pkg.VariantManifest(header.manifest, spec), buf
 
     def read_model(self, name: str, version: str | None = None, *,
@@ -469,6 +521,7 @@ class ModelStore:
 
     def _unlink_versions(self, name: str, versions: list[str]) -> None:
         for v in versions:
+            self.headers.forget(self._package_file(name, v))
             with contextlib.suppress(OSError):  # leftovers are collected when the store next opens
                 self.fs.remove(self._package_path(name, v), step="prune")
 

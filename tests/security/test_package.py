@@ -181,3 +181,15 @@ def test_a_second_spelling_of_a_base64_field_is_refused(device_keys: DeviceKeys,
     holder[field] = twin
     with pytest.raises((SecurityError, ModelError)):
         _open(_join(doc, payload), device_keys)
+
+
+def test_canonical_json_is_the_documented_spelling(device_keys: DeviceKeys) -> None:
+    # canonical_json reuses one encoder (issue 10); the bytes must stay exactly json.dumps' canonical form.
+    data = make_package(SMALL_ONNX, [device_keys])
+    (n,) = struct.unpack(">I", data[len(MAGIC): len(MAGIC) + 4])
+    header = json.loads(data[len(MAGIC) + 4: len(MAGIC) + 4 + n])
+    tricky = {"b": [1, {"z": None, "y": True}], "a": "\u00e9\u2028\x00\U0001f600", "c": {"x": "\"\\"}}
+    for obj in (header, tricky, [tricky, header], {}, "s", 3):
+        assert canonical_json(obj) == json.dumps(obj, sort_keys=True, separators=(",", ":"),
+                                                 ensure_ascii=False).encode("utf-8")
+    assert canonical_json(header) == data[len(MAGIC) + 4: len(MAGIC) + 4 + n]
