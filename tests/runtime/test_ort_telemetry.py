@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 TELEMETRY_DIR = Path(".cache") / "Microsoft" / "DeveloperTools"
+#: Port 1 on loopback: nothing listens there, so a connection through this "proxy" is refused.
+CLOSED_PROXY = "http://127.0.0.1:1"
 
 _PROBE = """
 import json, os, sys
@@ -34,6 +36,12 @@ def _probe(home: Path, model: Path, env_value: str | None) -> dict:
     env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"))
     if env_value is not None:
         env["ORT_DISABLE_TELEMETRY"] = env_value
+    # With telemetry on (the control) onnxruntime's statically linked libcurl may try to upload:
+    # point every proxy variable it reads at a closed loopback port so nothing leaves the machine.
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        env[var] = CLOSED_PROXY
+    env.pop("no_proxy", None)
+    env.pop("NO_PROXY", None)
     out = subprocess.run(
         [sys.executable, "-c", _PROBE, str(model)], env=env, capture_output=True, text=True, timeout=120
     )
