@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -50,6 +51,8 @@ def _on_audit(event: str, args: tuple[Any, ...]) -> None:
 def main() -> None:
     """Run the demo until ready, then print the rows."""
     mark("interpreter and site")
+    scratch = Path(tempfile.mkdtemp(prefix="profile-demo-"))
+    tempfile.tempdir = str(scratch)  # the demo makes its state dir with mkdtemp: keep it in scratch
     sys.addaudithook(_on_audit)
     factory = logging.getLogRecordFactory()
 
@@ -74,14 +77,14 @@ def main() -> None:
         for what, st, mods in marks:
             print(f"{st['VmRSS']:7d} {st['RssAnon']:6d} {st['RssFile']:6d} {mods:4d}  {what}")
         sys.stdout.flush()
+        shutil.rmtree(scratch, ignore_errors=True)  # the demo's state dir (a device key) is in it
         os._exit(0)  # the numbers are taken; no need to drain the daemon
         return ""  # not reached
     demo.install_demo_store = timed_install
     demo.demo_usage = ready  # the demo command calls it once the daemon is ready
     from edgert.cli.main import main as cli
 
-    sock = Path(tempfile.mkdtemp(prefix="profile-demo-")) / "edgert.sock"
-    cli(["demo", "--http", "127.0.0.1:0", "--socket", str(sock)])
+    cli(["demo", "--http", "127.0.0.1:0", "--socket", str(scratch / "edgert.sock")])
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ interpreter, and when the daemon reports ready (the demo's usage text is printed
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,9 +52,11 @@ main(["demo", "--http", "127.0.0.1:0", "--socket", sys.argv[1]])
 @pytest.fixture(scope="module")
 def ready_demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("demo-imports")
+    # The probe exits without the demo's cleanup: its state dir (a device key) goes under tmp.
+    env = {**os.environ, "TMPDIR": str(tmp)}
     out = subprocess.run(
         [sys.executable, "-c", _PROBE, str(tmp / "edgert.sock")],
-        capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, cwd=str(tmp),
+        capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, cwd=str(tmp), env=env,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith('{"modules"')]
