@@ -12,6 +12,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
 
+# Tests that import onnxruntime themselves do it as edgert does (edgert/backends/onnx.py): without
+# onnxruntime's telemetry client (a thread, a cache under ~/.cache, uploads). Tests of that default
+# remove the variable from their subprocesses' environment.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:

@@ -120,6 +120,7 @@ path = "{MODEL}"
 
 def one_client(daemons: dict[str, Daemon], req: bytes, x: np.ndarray, n: int) -> dict:
     """Interleaved: bare session.run, then each daemon, per round; p50 and CPU per request each."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # as edgert imports it
     import onnxruntime as ort
 
     # "bare": onnxruntime's defaults (intra-op threads spin after each run: the floor). "bare_nospin":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -97,6 +98,7 @@ def digits_request() -> bytes:
 
 def run(rounds: int) -> dict:
     """Interleaved rounds: bare, spin on, spin off, for each model."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # as edgert imports it
     import onnxruntime as ort
 
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)

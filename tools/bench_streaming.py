@@ -64,6 +64,7 @@ threads = 1
 
 def bare_ms(model: str, x: np.ndarray, threads: int | None) -> float:
     """p50 of bare onnxruntime runs of ``model`` on ``x`` (ms), measured in this process."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # as edgert imports it
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

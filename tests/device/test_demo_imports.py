@@ -53,7 +53,9 @@ main(["demo", "--http", "127.0.0.1:0", "--socket", sys.argv[1]])
 def ready_demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("demo-imports")
     # The probe exits without the demo's cleanup: its state dir (a device key) goes under tmp.
-    env = {**os.environ, "TMPDIR": str(tmp)}
+    # The suite sets ORT_DISABLE_TELEMETRY for itself (tests/conftest.py); the demo must set it alone.
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env["TMPDIR"] = str(tmp)
     out = subprocess.run(
         [sys.executable, "-c", _PROBE, str(tmp / "edgert.sock")],
         capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, cwd=str(tmp), env=env,
