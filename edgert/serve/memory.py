@@ -26,8 +26,11 @@ __all__ = [
 
 log = logging.getLogger("edgert.serve.memory")
 
-#: A connection that held at least this many bytes of buffers asks for a trim when it closes.
-TRIM_AFTER_BYTES = 1 << 20
+#: A request or connection that held at least this many bytes of buffers asks for a trim (debounced).
+#: glibc's own mmap threshold: with :func:`tune_allocator` raising it, freed bodies of 128 KiB-1 MiB
+#: (the tones demo's ~300 KB JSON) stayed in the heap and never asked; 1 MiB left the demo 1.7 MB
+#: higher after load (docs/footprint.md).
+TRIM_AFTER_BYTES = 128 << 10
 #: Trims are debounced: one runs this long after the first request, however many came meanwhile.
 TRIM_DELAY_S = 0.5
 
