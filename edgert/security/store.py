@@ -16,7 +16,8 @@ install an older version.
 A package installs only if its origin signature verifies and its signer is a trusted publisher
 or this device itself (:mod:`edgert.security.trust`). Nothing is ever pruned implicitly:
 :meth:`ModelStore.prune` removes old versions when asked.
-Plaintext is only ever produced in memory (:meth:`ModelStore.read_model`).
+Plaintext is only ever produced in memory (:meth:`ModelStore.read_model`); reading and decrypting a
+package file is :mod:`edgert.security.readpath`.
 """
 
 from __future__ import annotations
@@ -25,17 +26,14 @@ import contextlib
 import copy
 import errno
 import fcntl
-import io
 import json
-import mmap
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 from edgert.errors import (
-    IntegrityError,
     ModelError,
     RollbackError,
     SecurityError,
@@ -45,10 +43,12 @@ from edgert.errors import (
 )
 from edgert.security import package as pkg
 from edgert.security.atomic import TMP_SUFFIX, FileSystem, ensure_private_dir
-from edgert.security.envelope import INTEGRITY_MESSAGE
-from edgert.security.headermemo import HeaderMemo, VerifiedHeader
+from edgert.security.headermemo import HeaderMemo
 from edgert.security.keys import DeviceKeys
-from edgert.security.membuf import PlaintextBuffer, wipe
+from edgert.security.membuf import PlaintextBuffer
+from edgert.security.readpath import MMAP_MIN_PAYLOAD as MMAP_MIN_PAYLOAD  # re-exported, as before
+from edgert.security.readpath import SMALL_PACKAGE_MAX as SMALL_PACKAGE_MAX  # re-exported, as before
+from edgert.security.readpath import ArrayBuffer, PackageReader, select_variant
 from edgert.security.trust import Origin, TrustedPublishers, check_origin
 
 __all__ = ["AuditSink", "ModelEntry", "ModelStore"]
@@ -62,12 +62,6 @@ COPY_BLOCK = 1 << 20
 DEFAULT_KEEP_VERSIONS = 3
 #: Longest failure reason kept by :meth:`ModelStore.mark_failed`.
 MAX_FAILURE_REASON = 500
-#: Payloads at least this large are decrypted from an mmap (below it the map costs more than it saves).
-MMAP_MIN_PAYLOAD = 1 << 20
-#: Packages up to this size are read whole with one read(2) (header and payload together) instead of
-#: a buffered header read, a seek and a chunked payload read; a few µs each on a small model's
-#: cold-load path (issue 10). Only ciphertext is read this way. Kept at most ``MMAP_MIN_PAYLOAD``.
-SMALL_PACKAGE_MAX = 1 << 20
 
 
 class AuditSink(Protocol):
@@ -111,19 +105,6 @@ def _disk_error(exc: OSError, what: str) -> StoreError:
                       hint="check the state directory's permissions and free space")
 
 
-class _ArrayBuffer:
-    """A zeroed ``bytearray`` target for :meth:`ModelStore.read_model` (the plain, portable path)."""
-
-    def __init__(self, size: int) -> None:
-        self.array = bytearray(size)
-        self.view = memoryview(self.array)
-
-    def discard(self) -> None:
-        """Wipe after a failed decryption."""
-        self.view.release()
-        wipe(self.array)
-
-
 class ModelStore:
     """Encrypted packages on disk, decrypted into memory only."""
 
@@ -145,6 +126,7 @@ class ModelStore:
         self._valid_names: set[str] = set()  # names check_name accepted (it is a pure function)
         #: Headers this store verified and their unwrapped keys, reused for byte-identical headers only.
         self.headers = HeaderMemo()
+        self._reader = PackageReader(keys, self.headers)
         ensure_private_dir(self.root)
         ensure_private_dir(self.root / PACKAGES_DIR)
         self._collect_garbage()
@@ -256,15 +238,7 @@ class ModelStore:
 
     def header(self, name: str, version: str | None = None) -> pkg.PackageHeader:
         """Parsed (not decrypted) header of an installed package; version None means active."""
-        path = self._resolve(name, version)
-        with open(path, "rb") as f:
-            known = self.headers.prefix(path)
-            if known is not None:  # the size and variants a cold load asks first: no re-parse if unchanged
-                hit = self.headers.lookup(path, f.read(len(known)))
-                if hit is not None:
-                    return hit.header
-                f.seek(0)
-            return pkg.read_header(f, os.path.basename(path))
+        return self._reader.header(self._resolve(name, version))
 
     def variants(self, name: str, version: str | None = None) -> list[str]:
         """Variant ids of an installed version (None: the active one), in package order."""
@@ -276,15 +250,7 @@ class ModelStore:
                          variant: str | None = None) -> pkg.VariantManifest:
         """What one variant of an installed version is (format, inputs, outputs), without decrypting."""
         manifest = self.header(name, version).manifest
-        return pkg.VariantManifest(manifest, self._select(manifest, variant))
-
-    @staticmethod
-    def _select(manifest: pkg.Manifest, variant: str | None) -> pkg.Variant:
-        spec = manifest.find(variant)
-        if spec is None:
-            raise StoreError(f"{manifest.name} {manifest.version} has no variant {variant!r}",
-                             hint=f"its variants: {', '.join(manifest.variant_names)}")
-        return spec
+        return pkg.VariantManifest(manifest, select_variant(manifest, variant))
 
     def _resolve(self, name: str, version: str | None) -> str:
         # One state read and a direct lookup: this sits on the cold-load path of every model.
@@ -301,89 +267,10 @@ class ModelStore:
                              hint=f"installed: {', '.join(sorted(installed, key=pkg.parse_version))}")
         return self._package_file(name, version)
 
-    def _decrypt(self, name: str, version: str | None, variant: str | None,
-                 alloc: Callable[[int], Any]) -> tuple[pkg.VariantManifest, Any]:
-        """Decrypt one variant of a package into ``alloc(plaintext_size)`` (whose ``.view`` is written)."""
-        path = self._resolve(name, version)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                size = os.fstat(fd).st_size
-                if size <= SMALL_PACKAGE_MAX:
-                    # One read(2) of the whole (encrypted) file; asking for one byte more than fstat
-                    # said means a file that grew meanwhile fails the size check, as before.
-                    data = os.read(fd, size + 1)
-                    return self._decrypt_small(path, data, variant, alloc)
-                with open(fd, "rb", closefd=False) as f:
-                    return self._decrypt_file(path, f, size, variant, alloc)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise StoreError(f"cannot read package {path}: {exc.strerror}") from exc
-
-    def _checked_header(self, header: pkg.PackageHeader, variant: str | None, size: int) -> pkg.Variant:
-        """The variant to decrypt, once the file's size matches what its header says."""
-        spec = self._select(header.manifest, variant)
-        if size != header.payload_offset + header.manifest.payload_size:
-            raise IntegrityError(INTEGRITY_MESSAGE)  # truncated, or bytes appended
-        return spec
-
-    def _decrypt_small(self, path: str, data: bytes, variant: str | None,
-                       alloc: Callable[[int], Any]) -> tuple[pkg.VariantManifest, Any]:
-        """Decrypt from a whole (encrypted) package in memory; reuse its header if verified before."""
-        # A header byte-identical to one this store verified parses and unwraps to the same result
-        # (edgert/security/headermemo.py); any other header is parsed and checked in full.
-        known = self.headers.lookup(path, data)
-        if known is None:
-            header = pkg.read_header(io.BytesIO(data), os.path.basename(path))
-            spec = self._checked_header(header, variant, len(data))
-            key = header.key_for(self.keys.wrap, self.keys.wrap_fingerprint)
-            verified = VerifiedHeader(data[: header.payload_offset], header, key)
-        else:
-            verified, header = known, known.header
-            spec = self._checked_header(header, variant, len(data))
-        start = header.payload_offset + spec.payload_offset
-        buf = alloc(spec.plaintext_size)
-        try:
-            with memoryview(data)[start: start + spec.payload_size] as view:
-                pkg.decrypt_payload(view, header, verified.key, variant=spec, out=buf.view,
-                                    derived=verified.variant_cipher(spec))
-        except BaseException:
-            buf.discard()
-            raise
-        if known is None:
-            self.headers.remember(path, verified)
-        return pkg.VariantManifest(header.manifest, spec), buf
-
-    def _decrypt_file(self, path: str, f: BinaryIO, size: int, variant: str | None,
-                      alloc: Callable[[int], Any]) -> tuple[pkg.VariantManifest, Any]:
-        """Decrypt from an open package file (of ``size`` bytes) larger than ``SMALL_PACKAGE_MAX``."""
-        header = pkg.read_header(f, os.path.basename(path))
-        spec = self._checked_header(header, variant, size)
-        key = header.key_for(self.keys.wrap, self.keys.wrap_fingerprint)
-        start = header.payload_offset + spec.payload_offset
-        buf = alloc(spec.plaintext_size)
-        try:
-            if spec.payload_size >= MMAP_MIN_PAYLOAD:
-                # Decrypt from a read-only map of the (encrypted) file: no read copies.
-                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                    view = memoryview(mapped)[start: start + spec.payload_size]
-                    try:
-                        pkg.decrypt_payload(view, header, key, variant=spec, out=buf.view)
-                    finally:
-                        view.release()
-            else:
-                f.seek(start)
-                pkg.decrypt_payload(f, header, key, variant=spec, out=buf.view)
-        except BaseException:
-            buf.discard()
-            raise
-        return pkg.VariantManifest(header.manifest, spec), buf
-
     def read_model(self, name: str, version: str | None = None, *,
                    variant: str | None = None) -> tuple[pkg.VariantManifest, bytearray]:
         """Decrypt one variant (None: the first) of a version (None: active) into a ``bytearray``."""
-        manifest, buf = self._decrypt(name, version, variant, _ArrayBuffer)
+        manifest, buf = self._reader.decrypt(self._resolve(name, version), variant, ArrayBuffer)
         buf.view.release()
         return manifest, buf.array
 
@@ -394,7 +281,7 @@ class ModelStore:
         No zero-fill and no second copy (see :mod:`edgert.security.membuf`); the caller owns the
         only reference and should :func:`~edgert.security.membuf.wipe` it once no backend uses it.
         """
-        manifest, buf = self._decrypt(name, version, variant, PlaintextBuffer)
+        manifest, buf = self._reader.decrypt(self._resolve(name, version), variant, PlaintextBuffer)
         return manifest, buf.take()
 
     # ---- changes -----------------------------------------------------------------------------
@@ -455,18 +342,10 @@ class ModelStore:
                                 hint="pass --allow-downgrade to install an older version on purpose")
         self._emit("model_downgrade_allowed", model=m.name, version=m.version, highest=highest)
 
-    def _verify_file(self, path: Path, header: pkg.PackageHeader) -> None:
-        """Decrypt every variant of ``path`` to nowhere; it must hold exactly ``header``."""
-        with open(path, "rb") as f:
-            found = pkg.read_header(f, path.name)
-            if found.manifest.raw != header.manifest.raw or found.signature != header.signature:
-                raise SecurityError("package changed while it was being installed")
-            pkg.verify_package(f, found, found.key_for(self.keys.wrap, self.keys.wrap_fingerprint))
-
     def _verify_source(self, source: Path, header: pkg.PackageHeader) -> None:
         """Fully verify a package file in place; audit and raise on failure."""
         try:
-            self._verify_file(source, header)
+            self._reader.verify(source, header)
         except SecurityError as exc:
             self._emit("package_verify_failed", model=header.manifest.name,
                        version=header.manifest.version, error=type(exc).__name__)
@@ -481,7 +360,7 @@ class ModelStore:
         try:
             with open(source, "rb") as f:
                 tmp = self.fs.write_temp(final, iter(lambda: f.read(COPY_BLOCK), b""), step="package")
-            self._verify_file(tmp, header)
+            self._reader.verify(tmp, header)
             self.fs.commit(tmp, final, step="package")
         except BaseException as exc:
             if tmp is not None:
