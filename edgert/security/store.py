@@ -7,7 +7,8 @@ Layout under ``<state>/models``::
     packages/<name>/<version>.edgepkg
 
 ``state.json`` is the single commit point: every change writes a temp file, fsyncs it,
-``os.replace``\\ s it and fsyncs the directory, so a crash leaves the old state or the new one.
+``os.replace``\\ s it and fsyncs the directory, so a crash leaves the old state or the new one. The file
+is read and written by :mod:`edgert.security.storestate`; this module decides what it says.
 Package files are written (and verified) before the state that refers to them; files the state
 does not mention are garbage from an interrupted operation and are removed when the store opens.
 ``highest`` is the anti-rollback floor: the highest version ever activated (a pending install that
@@ -23,10 +24,7 @@ package file is :mod:`edgert.security.readpath`.
 from __future__ import annotations
 
 import contextlib
-import copy
-import errno
 import fcntl
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,6 +47,14 @@ from edgert.security.membuf import PlaintextBuffer
 from edgert.security.readpath import MMAP_MIN_PAYLOAD as MMAP_MIN_PAYLOAD  # re-exported, as before
 from edgert.security.readpath import SMALL_PACKAGE_MAX as SMALL_PACKAGE_MAX  # re-exported, as before
 from edgert.security.readpath import ArrayBuffer, PackageReader, select_variant
+from edgert.security.storestate import (
+    StateFile,
+    disk_error,
+    entry_doc,
+    forget_versions,
+    normalise_entry,
+    raise_floor,
+)
 from edgert.security.trust import Origin, TrustedPublishers, check_origin
 
 __all__ = ["AuditSink", "ModelEntry", "ModelStore"]
@@ -84,27 +90,6 @@ class ModelEntry:
     variants: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _raise_floor(state: dict[str, Any], name: str, version: str) -> None:
-    """The anti-rollback floor is the highest version ever *activated* (served), not merely installed:
-    a pending update that never served (e.g. one that failed its health check) must not lock out the
-    versions below it."""
-    highest = state["highest"].get(name)
-    if highest is None or pkg.compare_versions(version, highest) > 0:
-        state["highest"][name] = version
-
-
-def _empty_state() -> dict[str, Any]:
-    return {"store_version": 1, "models": {}, "highest": {}}
-
-
-def _disk_error(exc: OSError, what: str) -> StoreError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreError(f"no space left on the device while {what}; nothing was changed",
-                          hint="free disk space (e.g. 'edgert models remove' old versions) and retry")
-    return StoreError(f"cannot write the model store while {what}: {exc.strerror}; nothing was changed",
-                      hint="check the state directory's permissions and free space")
-
-
 class ModelStore:
     """Encrypted packages on disk, decrypted into memory only."""
 
@@ -120,8 +105,7 @@ class ModelStore:
         self.edgert_version = edgert_version or __version__
         #: Publishers whose packages install; this device's own signing key is always accepted.
         self.trusted = trusted if trusted is not None else TrustedPublishers()
-        self._state_cache: tuple[tuple[int, int, int], dict[str, Any]] | None = None
-        self._state_file = os.path.join(self.root, STATE_FILE)
+        self._state = StateFile(os.path.join(self.root, STATE_FILE), self.fs)
         self._packages_dir = os.path.join(self.root, PACKAGES_DIR)
         self._valid_names: set[str] = set()  # names check_name accepted (it is a pure function)
         #: Headers this store verified and their unwrapped keys, reused for byte-identical headers only.
@@ -134,37 +118,7 @@ class ModelStore:
     # ---- state -------------------------------------------------------------------------------
     def _load_state(self) -> dict[str, Any]:
         """The parsed state, as a private copy the caller may change and save."""
-        return copy.deepcopy(self._peek_state())
-
-    def _peek_state(self) -> dict[str, Any]:
-        """The parsed state, shared with the cache: read it, never change it."""
-        path = self._state_file
-        try:
-            # state.json is only ever replaced (new inode), so (inode, mtime, size) identifies a parse.
-            st = os.stat(path)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if self._state_cache is not None and self._state_cache[0] == stamp:
-                return self._state_cache[1]
-            with open(path, "rb") as f:
-                state = json.loads(f.read())
-        except FileNotFoundError:
-            return _empty_state()
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"model store state {path} is unreadable or corrupt",
-                             hint="restore it from backup, or remove it and re-install the models") from exc
-        if not isinstance(state, dict) or not isinstance(state.get("models"), dict):
-            raise StoreError(f"model store state {path} has an unexpected shape",
-                             hint="restore it from backup, or remove it and re-install the models")
-        state.setdefault("highest", {})
-        self._state_cache = (stamp, state)
-        return state
-
-    def _save_state(self, state: dict[str, Any], what: str) -> None:
-        data = json.dumps(state, sort_keys=True, indent=1).encode("utf-8")
-        try:
-            self.fs.atomic_write(self.root / STATE_FILE, [data], step="state")
-        except OSError as exc:
-            raise _disk_error(exc, what) from exc
+        return self._state.load()
 
     @contextlib.contextmanager
     def _locked(self, blocking: bool = True) -> Iterator[bool]:
@@ -242,7 +196,7 @@ class ModelStore:
 
     def variants(self, name: str, version: str | None = None) -> list[str]:
         """Variant ids of an installed version (None: the active one), in package order."""
-        m = self._peek_state()["models"].get(name) or {}
+        m = self._state.peek()["models"].get(name) or {}
         listed = (m.get("variants") or {}).get(version or m.get("active"))
         return list(listed) if listed else self.header(name, version).manifest.variant_names
 
@@ -254,7 +208,7 @@ class ModelStore:
 
     def _resolve(self, name: str, version: str | None) -> str:
         # One state read and a direct lookup: this sits on the cold-load path of every model.
-        m = self._peek_state()["models"].get(name) or {}
+        m = self._state.peek()["models"].get(name) or {}
         installed = m.get("installed") or []
         if not installed:
             raise StoreError(f"model {name!r} is not installed", hint="'edgert models list' shows what is")
@@ -372,7 +326,7 @@ class ModelStore:
                            version=header.manifest.version, error=type(exc).__name__)
             if isinstance(exc, OSError):
                 what = f"installing {header.manifest.name} {header.manifest.version}"
-                raise _disk_error(exc, what) from exc
+                raise disk_error(exc, what) from exc
             raise
 
     @staticmethod
@@ -381,18 +335,18 @@ class ModelStore:
             directory.rmdir()
 
     def _commit_install(self, state: dict[str, Any], m: pkg.Manifest, activate: bool, origin: Origin) -> None:
-        entry = _entry_doc(state, m.name, create=True)
+        entry = entry_doc(state, m.name, create=True)
         if m.version not in entry["installed"]:
             entry["installed"].append(m.version)
         entry["variants"][m.version] = m.variant_names
         if activate:
-            _raise_floor(state, m.name, m.version)
+            raise_floor(state, m.name, m.version)
         changed = activate and entry["active"] != m.version
         if changed:
             entry["previous"], entry["active"] = entry["active"], m.version
         if activate:
             entry["failed"].pop(m.version, None)
-        self._save_state(state, f"installing {m.name} {m.version}")
+        self._state.save(state, f"installing {m.name} {m.version}")
         self._emit("model_install", model=m.name, version=m.version, variants=m.variant_names,
                    manifest_sha256=m.digest, origin=origin.kind, signer=origin.signer)
         if changed:
@@ -416,7 +370,7 @@ class ModelStore:
             raise StoreError(f"cannot keep {keep} versions", hint="keep at least 1")
         with self._locked():
             state = self._load_state()
-            entry = _entry_doc(state, name)
+            entry = entry_doc(state, name)
             kept = {v for v in (entry["active"], entry["previous"]) if v}
             if entry["active"]:
                 kept |= {v for v in entry["installed"] if pkg.compare_versions(v, entry["active"]) > 0}
@@ -427,8 +381,8 @@ class ModelStore:
             pruned = sorted((v for v in entry["installed"] if v not in kept), key=pkg.parse_version)
             if not pruned:
                 return []
-            _forget(entry, pruned)
-            self._save_state(state, f"pruning {name}")
+            forget_versions(entry, pruned)
+            self._state.save(state, f"pruning {name}")
             for v in pruned:
                 self._emit("model_prune", model=name, version=v, keep=keep)
             self._unlink_versions(name, pruned)
@@ -448,7 +402,7 @@ class ModelStore:
             raise RollbackError(f"refusing to activate {name} {version}: {highest} has been active "
                                 "(anti-rollback)",
                                 hint="use 'edgert models rollback' or --allow-downgrade")
-        return _normalise(entry)
+        return normalise_entry(entry)
 
     def check_activate(self, name: str, version: str, *, allow_downgrade: bool = False) -> None:
         """Raise exactly what :meth:`activate` would (unknown version, anti-rollback), changing nothing."""
@@ -465,13 +419,13 @@ class ModelStore:
             entry = self._activation_check(state, name, version, allow_downgrade)
             if entry["active"] == version:
                 if entry["failed"].pop(version, None) is not None:
-                    self._save_state(state, f"clearing the failure mark of {name} {version}")
+                    self._state.save(state, f"clearing the failure mark of {name} {version}")
                     self._emit("model_failed_cleared", model=name, version=version)
                 return False
             entry["previous"], entry["active"] = entry["active"], version
             entry["failed"].pop(version, None)
-            _raise_floor(state, name, version)
-            self._save_state(state, f"activating {name} {version}")
+            raise_floor(state, name, version)
+            self._state.save(state, f"activating {name} {version}")
             self._emit("model_activate", model=name, version=version, previous=entry["previous"])
             return True
 
@@ -488,14 +442,14 @@ class ModelStore:
             entry = state["models"].get(name)
             if not entry or not entry.get("previous"):
                 raise StoreError(f"model {name!r} has no previous version to roll back to")
-            entry = _normalise(entry)
+            entry = normalise_entry(entry)
             if expect is not None and entry["previous"] != expect:
                 raise StoreError(f"refusing to roll back {name} to {expect}: its previous version is now "
                                  f"{entry['previous']} (the store changed meanwhile)",
                                  hint="check 'edgert models list' and retry")
             entry["active"], entry["previous"] = entry["previous"], entry["active"]
             entry["failed"].pop(entry["active"], None)
-            self._save_state(state, f"rolling back {name}")
+            self._state.save(state, f"rolling back {name}")
             self._emit("model_rollback", model=name, version=entry["active"], from_version=entry["previous"])
             return str(entry["active"])
 
@@ -504,11 +458,11 @@ class ModelStore:
         reason = str(reason)[:MAX_FAILURE_REASON]
         with self._locked():
             state = self._load_state()
-            entry = _entry_doc(state, name)
+            entry = entry_doc(state, name)
             if version not in entry["installed"]:
                 raise StoreError(f"model {name!r} has no installed version {version!r}")
             entry["failed"][version] = reason
-            self._save_state(state, f"marking {name} {version} failed")
+            self._state.save(state, f"marking {name} {version} failed")
             self._emit("model_failed", model=name, version=version, reason=reason)
 
     def remove(self, name: str, version: str | None = None, *, force: bool = False) -> list[str]:
@@ -518,48 +472,21 @@ class ModelStore:
             entry = state["models"].get(name)
             if not entry or (version is not None and version not in entry["installed"]):
                 raise StoreError(f"model {name!r} version {version or '(any)'} is not installed")
-            entry = _normalise(entry)
+            entry = normalise_entry(entry)
             targets = list(entry["installed"]) if version is None else [version]
             if entry["active"] in targets and not force:
                 raise StoreError(f"{name} {entry['active']} is active",
                                  hint="pass --force to remove it anyway")
-            _forget(entry, targets)
+            forget_versions(entry, targets)
             for role in ("active", "previous"):
                 if entry[role] in targets:
                     entry[role] = None
             if not entry["installed"]:
                 del state["models"][name]  # "highest" stays: anti-rollback outlives removal
-            self._save_state(state, f"removing {name}")
+            self._state.save(state, f"removing {name}")
             self._emit("model_remove", model=name, versions=targets)
             self._unlink_versions(name, targets)
             if not entry["installed"]:
                 self._drop_empty_dir(self.root / PACKAGES_DIR / name)
             return targets
 
-
-def _normalise(entry: dict[str, Any]) -> dict[str, Any]:
-    """Fill in members that state files written by older edgert lack."""
-    entry.setdefault("active", None)
-    entry.setdefault("previous", None)
-    entry.setdefault("installed", [])
-    entry.setdefault("failed", {})
-    entry.setdefault("variants", {})
-    return entry
-
-
-def _entry_doc(state: dict[str, Any], name: str, *, create: bool = False) -> dict[str, Any]:
-    """A model's state entry (created if ``create``), or StoreError if it is not installed."""
-    entry = state["models"].get(name)
-    if entry is None:
-        if not create:
-            raise StoreError(f"model {name!r} is not installed", hint="'edgert models list' shows what is")
-        entry = state["models"][name] = {}
-    return _normalise(entry)
-
-
-def _forget(entry: dict[str, Any], versions: list[str]) -> None:
-    """Drop ``versions`` from an entry's installed list and per-version records."""
-    entry["installed"] = [v for v in entry["installed"] if v not in versions]
-    for v in versions:
-        entry["variants"].pop(v, None)
-        entry["failed"].pop(v, None)
