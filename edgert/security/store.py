@@ -7,7 +7,8 @@ Layout under ``<state>/models``::
     packages/<name>/<version>.edgepkg
 
 ``state.json`` is the single commit point: every change writes a temp file, fsyncs it,
-``os.replace``\\ s it and fsyncs the directory, so a crash leaves the old state or the new one.
+``os.replace``\\ s it and fsyncs the directory, so a crash leaves the old state or the new one. The file
+is read and written by :mod:`edgert.security.storestate`; this module decides what it says.
 Package files are written (and verified) before the state that refers to them; files the state
 does not mention are garbage from an interrupted operation and are removed when the store opens.
 ``highest`` is the anti-rollback floor: the highest version ever activated (a pending install that
@@ -16,26 +17,21 @@ install an older version.
 A package installs only if its origin signature verifies and its signer is a trusted publisher
 or this device itself (:mod:`edgert.security.trust`). Nothing is ever pruned implicitly:
 :meth:`ModelStore.prune` removes old versions when asked.
-Plaintext is only ever produced in memory (:meth:`ModelStore.read_model`).
+Plaintext is only ever produced in memory (:meth:`ModelStore.read_model`); reading and decrypting a
+package file is :mod:`edgert.security.readpath`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import errno
 import fcntl
-import io
-import json
-import mmap
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 from edgert.errors import (
-    IntegrityError,
     ModelError,
     RollbackError,
     SecurityError,
@@ -45,10 +41,20 @@ from edgert.errors import (
 )
 from edgert.security import package as pkg
 from edgert.security.atomic import TMP_SUFFIX, FileSystem, ensure_private_dir
-from edgert.security.envelope import INTEGRITY_MESSAGE
-from edgert.security.headermemo import HeaderMemo, VerifiedHeader
+from edgert.security.headermemo import HeaderMemo
 from edgert.security.keys import DeviceKeys
-from edgert.security.membuf import PlaintextBuffer, wipe
+from edgert.security.membuf import PlaintextBuffer
+from edgert.security.readpath import MMAP_MIN_PAYLOAD as MMAP_MIN_PAYLOAD  # re-exported, as before
+from edgert.security.readpath import SMALL_PACKAGE_MAX as SMALL_PACKAGE_MAX  # re-exported, as before
+from edgert.security.readpath import ArrayBuffer, PackageReader, select_variant
+from edgert.security.storestate import (
+    StateFile,
+    disk_error,
+    entry_doc,
+    forget_versions,
+    normalise_entry,
+    raise_floor,
+)
 from edgert.security.trust import Origin, TrustedPublishers, check_origin
 
 __all__ = ["AuditSink", "ModelEntry", "ModelStore"]
@@ -62,12 +68,6 @@ COPY_BLOCK = 1 << 20
 DEFAULT_KEEP_VERSIONS = 3
 #: Longest failure reason kept by :meth:`ModelStore.mark_failed`.
 MAX_FAILURE_REASON = 500
-#: Payloads at least this large are decrypted from an mmap (below it the map costs more than it saves).
-MMAP_MIN_PAYLOAD = 1 << 20
-#: Packages up to this size are read whole with one read(2) (header and payload together) instead of
-#: a buffered header read, a seek and a chunked payload read; a few µs each on a small model's
-#: cold-load path (issue 10). Only ciphertext is read this way. Kept at most ``MMAP_MIN_PAYLOAD``.
-SMALL_PACKAGE_MAX = 1 << 20
 
 
 class AuditSink(Protocol):
@@ -90,40 +90,6 @@ class ModelEntry:
     variants: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _raise_floor(state: dict[str, Any], name: str, version: str) -> None:
-    """The anti-rollback floor is the highest version ever *activated* (served), not merely installed:
-    a pending update that never served (e.g. one that failed its health check) must not lock out the
-    versions below it."""
-    highest = state["highest"].get(name)
-    if highest is None or pkg.compare_versions(version, highest) > 0:
-        state["highest"][name] = version
-
-
-def _empty_state() -> dict[str, Any]:
-    return {"store_version": 1, "models": {}, "highest": {}}
-
-
-def _disk_error(exc: OSError, what: str) -> StoreError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreError(f"no space left on the device while {what}; nothing was changed",
-                          hint="free disk space (e.g. 'edgert models remove' old versions) and retry")
-    return StoreError(f"cannot write the model store while {what}: {exc.strerror}; nothing was changed",
-                      hint="check the state directory's permissions and free space")
-
-
-class _ArrayBuffer:
-    """A zeroed ``bytearray`` target for :meth:`ModelStore.read_model` (the plain, portable path)."""
-
-    def __init__(self, size: int) -> None:
-        self.array = bytearray(size)
-        self.view = memoryview(self.array)
-
-    def discard(self) -> None:
-        """Wipe after a failed decryption."""
-        self.view.release()
-        wipe(self.array)
-
-
 class ModelStore:
     """Encrypted packages on disk, decrypted into memory only."""
 
@@ -139,12 +105,12 @@ class ModelStore:
         self.edgert_version = edgert_version or __version__
         #: Publishers whose packages install; this device's own signing key is always accepted.
         self.trusted = trusted if trusted is not None else TrustedPublishers()
-        self._state_cache: tuple[tuple[int, int, int], dict[str, Any]] | None = None
-        self._state_file = os.path.join(self.root, STATE_FILE)
+        self._state = StateFile(os.path.join(self.root, STATE_FILE), self.fs)
         self._packages_dir = os.path.join(self.root, PACKAGES_DIR)
         self._valid_names: set[str] = set()  # names check_name accepted (it is a pure function)
         #: Headers this store verified and their unwrapped keys, reused for byte-identical headers only.
         self.headers = HeaderMemo()
+        self._reader = PackageReader(keys, self.headers)
         ensure_private_dir(self.root)
         ensure_private_dir(self.root / PACKAGES_DIR)
         self._collect_garbage()
@@ -152,37 +118,7 @@ class ModelStore:
     # ---- state -------------------------------------------------------------------------------
     def _load_state(self) -> dict[str, Any]:
         """The parsed state, as a private copy the caller may change and save."""
-        return copy.deepcopy(self._peek_state())
-
-    def _peek_state(self) -> dict[str, Any]:
-        """The parsed state, shared with the cache: read it, never change it."""
-        path = self._state_file
-        try:
-            # state.json is only ever replaced (new inode), so (inode, mtime, size) identifies a parse.
-            st = os.stat(path)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if self._state_cache is not None and self._state_cache[0] == stamp:
-                return self._state_cache[1]
-            with open(path, "rb") as f:
-                state = json.loads(f.read())
-        except FileNotFoundError:
-            return _empty_state()
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"model store state {path} is unreadable or corrupt",
-                             hint="restore it from backup, or remove it and re-install the models") from exc
-        if not isinstance(state, dict) or not isinstance(state.get("models"), dict):
-            raise StoreError(f"model store state {path} has an unexpected shape",
-                             hint="restore it from backup, or remove it and re-install the models")
-        state.setdefault("highest", {})
-        self._state_cache = (stamp, state)
-        return state
-
-    def _save_state(self, state: dict[str, Any], what: str) -> None:
-        data = json.dumps(state, sort_keys=True, indent=1).encode("utf-8")
-        try:
-            self.fs.atomic_write(self.root / STATE_FILE, [data], step="state")
-        except OSError as exc:
-            raise _disk_error(exc, what) from exc
+        return self._state.load()
 
     @contextlib.contextmanager
     def _locked(self, blocking: bool = True) -> Iterator[bool]:
@@ -256,19 +192,11 @@ class ModelStore:
 
     def header(self, name: str, version: str | None = None) -> pkg.PackageHeader:
         """Parsed (not decrypted) header of an installed package; version None means active."""
-        path = self._resolve(name, version)
-        with open(path, "rb") as f:
-            known = self.headers.prefix(path)
-            if known is not None:  # the size and variants a cold load asks first: no re-parse if unchanged
-                hit = self.headers.lookup(path, f.read(len(known)))
-                if hit is not None:
-                    return hit.header
-                f.seek(0)
-            return pkg.read_header(f, os.path.basename(path))
+        return self._reader.header(self._resolve(name, version))
 
     def variants(self, name: str, version: str | None = None) -> list[str]:
         """Variant ids of an installed version (None: the active one), in package order."""
-        m = self._peek_state()["models"].get(name) or {}
+        m = self._state.peek()["models"].get(name) or {}
         listed = (m.get("variants") or {}).get(version or m.get("active"))
         return list(listed) if listed else self.header(name, version).manifest.variant_names
 
@@ -276,19 +204,11 @@ class ModelStore:
                          variant: str | None = None) -> pkg.VariantManifest:
         """What one variant of an installed version is (format, inputs, outputs), without decrypting."""
         manifest = self.header(name, version).manifest
-        return pkg.VariantManifest(manifest, self._select(manifest, variant))
-
-    @staticmethod
-    def _select(manifest: pkg.Manifest, variant: str | None) -> pkg.Variant:
-        spec = manifest.find(variant)
-        if spec is None:
-            raise StoreError(f"{manifest.name} {manifest.version} has no variant {variant!r}",
-                             hint=f"its variants: {', '.join(manifest.variant_names)}")
-        return spec
+        return pkg.VariantManifest(manifest, select_variant(manifest, variant))
 
     def _resolve(self, name: str, version: str | None) -> str:
         # One state read and a direct lookup: this sits on the cold-load path of every model.
-        m = self._peek_state()["models"].get(name) or {}
+        m = self._state.peek()["models"].get(name) or {}
         installed = m.get("installed") or []
         if not installed:
             raise StoreError(f"model {name!r} is not installed", hint="'edgert models list' shows what is")
@@ -301,89 +221,10 @@ class ModelStore:
                              hint=f"installed: {', '.join(sorted(installed, key=pkg.parse_version))}")
         return self._package_file(name, version)
 
-    def _decrypt(self, name: str, version: str | None, variant: str | None,
-                 alloc: Callable[[int], Any]) -> tuple[pkg.VariantManifest, Any]:
-        """Decrypt one variant of a package into ``alloc(plaintext_size)`` (whose ``.view`` is written)."""
-        path = self._resolve(name, version)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                size = os.fstat(fd).st_size
-                if size <= SMALL_PACKAGE_MAX:
-                    # One read(2) of the whole (encrypted) file; asking for one byte more than fstat
-                    # said means a file that grew meanwhile fails the size check, as before.
-                    data = os.read(fd, size + 1)
-                    return self._decrypt_small(path, data, variant, alloc)
-                with open(fd, "rb", closefd=False) as f:
-                    return self._decrypt_file(path, f, size, variant, alloc)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise StoreError(f"cannot read package {path}: {exc.strerror}") from exc
-
-    def _checked_header(self, header: pkg.PackageHeader, variant: str | None, size: int) -> pkg.Variant:
-        """The variant to decrypt, once the file's size matches what its header says."""
-        spec = self._select(header.manifest, variant)
-        if size != header.payload_offset + header.manifest.payload_size:
-            raise IntegrityError(INTEGRITY_MESSAGE)  # truncated, or bytes appended
-        return spec
-
-    def _decrypt_small(self, path: str, data: bytes, variant: str | None,
-                       alloc: Callable[[int], Any]) -> tuple[pkg.VariantManifest, Any]:
-        """Decrypt from a whole (encrypted) package in memory; reuse its header if verified before."""
-        # A header byte-identical to one this store verified parses and unwraps to the same result
-        # (edgert/security/headermemo.py); any other header is parsed and checked in full.
-        known = self.headers.lookup(path, data)
-        if known is None:
-            header = pkg.read_header(io.BytesIO(data), os.path.basename(path))
-            spec = self._checked_header(header, variant, len(data))
-            key = header.key_for(self.keys.wrap, self.keys.wrap_fingerprint)
-            verified = VerifiedHeader(data[: header.payload_offset], header, key)
-        else:
-            verified, header = known, known.header
-            spec = self._checked_header(header, variant, len(data))
-        start = header.payload_offset + spec.payload_offset
-        buf = alloc(spec.plaintext_size)
-        try:
-            with memoryview(data)[start: start + spec.payload_size] as view:
-                pkg.decrypt_payload(view, header, verified.key, variant=spec, out=buf.view,
-                                    derived=verified.variant_cipher(spec))
-        except BaseException:
-            buf.discard()
-            raise
-        if known is None:
-            self.headers.remember(path, verified)
-        return pkg.VariantManifest(header.manifest, spec), buf
-
-    def _decrypt_file(self, path: str, f: BinaryIO, size: int, variant: str | None,
-                      alloc: Callable[[int], Any]) -> tuple[pkg.VariantManifest, Any]:
-        """Decrypt from an open package file (of ``size`` bytes) larger than ``SMALL_PACKAGE_MAX``."""
-        header = pkg.read_header(f, os.path.basename(path))
-        spec = self._checked_header(header, variant, size)
-        key = header.key_for(self.keys.wrap, self.keys.wrap_fingerprint)
-        start = header.payload_offset + spec.payload_offset
-        buf = alloc(spec.plaintext_size)
-        try:
-            if spec.payload_size >= MMAP_MIN_PAYLOAD:
-                # Decrypt from a read-only map of the (encrypted) file: no read copies.
-                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                    view = memoryview(mapped)[start: start + spec.payload_size]
-                    try:
-                        pkg.decrypt_payload(view, header, key, variant=spec, out=buf.view)
-                    finally:
-                        view.release()
-            else:
-                f.seek(start)
-                pkg.decrypt_payload(f, header, key, variant=spec, out=buf.view)
-        except BaseException:
-            buf.discard()
-            raise
-        return pkg.VariantManifest(header.manifest, spec), buf
-
     def read_model(self, name: str, version: str | None = None, *,
                    variant: str | None = None) -> tuple[pkg.VariantManifest, bytearray]:
         """Decrypt one variant (None: the first) of a version (None: active) into a ``bytearray``."""
-        manifest, buf = self._decrypt(name, version, variant, _ArrayBuffer)
+        manifest, buf = self._reader.decrypt(self._resolve(name, version), variant, ArrayBuffer)
         buf.view.release()
         return manifest, buf.array
 
@@ -394,7 +235,7 @@ class ModelStore:
         No zero-fill and no second copy (see :mod:`edgert.security.membuf`); the caller owns the
         only reference and should :func:`~edgert.security.membuf.wipe` it once no backend uses it.
         """
-        manifest, buf = self._decrypt(name, version, variant, PlaintextBuffer)
+        manifest, buf = self._reader.decrypt(self._resolve(name, version), variant, PlaintextBuffer)
         return manifest, buf.take()
 
     # ---- changes -----------------------------------------------------------------------------
@@ -455,18 +296,10 @@ class ModelStore:
                                 hint="pass --allow-downgrade to install an older version on purpose")
         self._emit("model_downgrade_allowed", model=m.name, version=m.version, highest=highest)
 
-    def _verify_file(self, path: Path, header: pkg.PackageHeader) -> None:
-        """Decrypt every variant of ``path`` to nowhere; it must hold exactly ``header``."""
-        with open(path, "rb") as f:
-            found = pkg.read_header(f, path.name)
-            if found.manifest.raw != header.manifest.raw or found.signature != header.signature:
-                raise SecurityError("package changed while it was being installed")
-            pkg.verify_package(f, found, found.key_for(self.keys.wrap, self.keys.wrap_fingerprint))
-
     def _verify_source(self, source: Path, header: pkg.PackageHeader) -> None:
         """Fully verify a package file in place; audit and raise on failure."""
         try:
-            self._verify_file(source, header)
+            self._reader.verify(source, header)
         except SecurityError as exc:
             self._emit("package_verify_failed", model=header.manifest.name,
                        version=header.manifest.version, error=type(exc).__name__)
@@ -481,7 +314,7 @@ class ModelStore:
         try:
             with open(source, "rb") as f:
                 tmp = self.fs.write_temp(final, iter(lambda: f.read(COPY_BLOCK), b""), step="package")
-            self._verify_file(tmp, header)
+            self._reader.verify(tmp, header)
             self.fs.commit(tmp, final, step="package")
         except BaseException as exc:
             if tmp is not None:
@@ -493,7 +326,7 @@ class ModelStore:
                            version=header.manifest.version, error=type(exc).__name__)
             if isinstance(exc, OSError):
                 what = f"installing {header.manifest.name} {header.manifest.version}"
-                raise _disk_error(exc, what) from exc
+                raise disk_error(exc, what) from exc
             raise
 
     @staticmethod
@@ -502,18 +335,18 @@ class ModelStore:
             directory.rmdir()
 
     def _commit_install(self, state: dict[str, Any], m: pkg.Manifest, activate: bool, origin: Origin) -> None:
-        entry = _entry_doc(state, m.name, create=True)
+        entry = entry_doc(state, m.name, create=True)
         if m.version not in entry["installed"]:
             entry["installed"].append(m.version)
         entry["variants"][m.version] = m.variant_names
         if activate:
-            _raise_floor(state, m.name, m.version)
+            raise_floor(state, m.name, m.version)
         changed = activate and entry["active"] != m.version
         if changed:
             entry["previous"], entry["active"] = entry["active"], m.version
         if activate:
             entry["failed"].pop(m.version, None)
-        self._save_state(state, f"installing {m.name} {m.version}")
+        self._state.save(state, f"installing {m.name} {m.version}")
         self._emit("model_install", model=m.name, version=m.version, variants=m.variant_names,
                    manifest_sha256=m.digest, origin=origin.kind, signer=origin.signer)
         if changed:
@@ -537,7 +370,7 @@ class ModelStore:
             raise StoreError(f"cannot keep {keep} versions", hint="keep at least 1")
         with self._locked():
             state = self._load_state()
-            entry = _entry_doc(state, name)
+            entry = entry_doc(state, name)
             kept = {v for v in (entry["active"], entry["previous"]) if v}
             if entry["active"]:
                 kept |= {v for v in entry["installed"] if pkg.compare_versions(v, entry["active"]) > 0}
@@ -548,8 +381,8 @@ class ModelStore:
             pruned = sorted((v for v in entry["installed"] if v not in kept), key=pkg.parse_version)
             if not pruned:
                 return []
-            _forget(entry, pruned)
-            self._save_state(state, f"pruning {name}")
+            forget_versions(entry, pruned)
+            self._state.save(state, f"pruning {name}")
             for v in pruned:
                 self._emit("model_prune", model=name, version=v, keep=keep)
             self._unlink_versions(name, pruned)
@@ -569,7 +402,7 @@ class ModelStore:
             raise RollbackError(f"refusing to activate {name} {version}: {highest} has been active "
                                 "(anti-rollback)",
                                 hint="use 'edgert models rollback' or --allow-downgrade")
-        return _normalise(entry)
+        return normalise_entry(entry)
 
     def check_activate(self, name: str, version: str, *, allow_downgrade: bool = False) -> None:
         """Raise exactly what :meth:`activate` would (unknown version, anti-rollback), changing nothing."""
@@ -586,13 +419,13 @@ class ModelStore:
             entry = self._activation_check(state, name, version, allow_downgrade)
             if entry["active"] == version:
                 if entry["failed"].pop(version, None) is not None:
-                    self._save_state(state, f"clearing the failure mark of {name} {version}")
+                    self._state.save(state, f"clearing the failure mark of {name} {version}")
                     self._emit("model_failed_cleared", model=name, version=version)
                 return False
             entry["previous"], entry["active"] = entry["active"], version
             entry["failed"].pop(version, None)
-            _raise_floor(state, name, version)
-            self._save_state(state, f"activating {name} {version}")
+            raise_floor(state, name, version)
+            self._state.save(state, f"activating {name} {version}")
             self._emit("model_activate", model=name, version=version, previous=entry["previous"])
             return True
 
@@ -609,14 +442,14 @@ class ModelStore:
             entry = state["models"].get(name)
             if not entry or not entry.get("previous"):
                 raise StoreError(f"model {name!r} has no previous version to roll back to")
-            entry = _normalise(entry)
+            entry = normalise_entry(entry)
             if expect is not None and entry["previous"] != expect:
                 raise StoreError(f"refusing to roll back {name} to {expect}: its previous version is now "
                                  f"{entry['previous']} (the store changed meanwhile)",
                                  hint="check 'edgert models list' and retry")
             entry["active"], entry["previous"] = entry["previous"], entry["active"]
             entry["failed"].pop(entry["active"], None)
-            self._save_state(state, f"rolling back {name}")
+            self._state.save(state, f"rolling back {name}")
             self._emit("model_rollback", model=name, version=entry["active"], from_version=entry["previous"])
             return str(entry["active"])
 
@@ -625,11 +458,11 @@ class ModelStore:
         reason = str(reason)[:MAX_FAILURE_REASON]
         with self._locked():
             state = self._load_state()
-            entry = _entry_doc(state, name)
+            entry = entry_doc(state, name)
             if version not in entry["installed"]:
                 raise StoreError(f"model {name!r} has no installed version {version!r}")
             entry["failed"][version] = reason
-            self._save_state(state, f"marking {name} {version} failed")
+            self._state.save(state, f"marking {name} {version} failed")
             self._emit("model_failed", model=name, version=version, reason=reason)
 
     def remove(self, name: str, version: str | None = None, *, force: bool = False) -> list[str]:
@@ -639,48 +472,21 @@ class ModelStore:
             entry = state["models"].get(name)
             if not entry or (version is not None and version not in entry["installed"]):
                 raise StoreError(f"model {name!r} version {version or '(any)'} is not installed")
-            entry = _normalise(entry)
+            entry = normalise_entry(entry)
             targets = list(entry["installed"]) if version is None else [version]
             if entry["active"] in targets and not force:
                 raise StoreError(f"{name} {entry['active']} is active",
                                  hint="pass --force to remove it anyway")
-            _forget(entry, targets)
+            forget_versions(entry, targets)
             for role in ("active", "previous"):
                 if entry[role] in targets:
                     entry[role] = None
             if not entry["installed"]:
                 del state["models"][name]  # "highest" stays: anti-rollback outlives removal
-            self._save_state(state, f"removing {name}")
+            self._state.save(state, f"removing {name}")
             self._emit("model_remove", model=name, versions=targets)
             self._unlink_versions(name, targets)
             if not entry["installed"]:
                 self._drop_empty_dir(self.root / PACKAGES_DIR / name)
             return targets
 
-
-def _normalise(entry: dict[str, Any]) -> dict[str, Any]:
-    """Fill in members that state files written by older edgert lack."""
-    entry.setdefault("active", None)
-    entry.setdefault("previous", None)
-    entry.setdefault("installed", [])
-    entry.setdefault("failed", {})
-    entry.setdefault("variants", {})
-    return entry
-
-
-def _entry_doc(state: dict[str, Any], name: str, *, create: bool = False) -> dict[str, Any]:
-    """A model's state entry (created if ``create``), or StoreError if it is not installed."""
-    entry = state["models"].get(name)
-    if entry is None:
-        if not create:
-            raise StoreError(f"model {name!r} is not installed", hint="'edgert models list' shows what is")
-        entry = state["models"][name] = {}
-    return _normalise(entry)
-
-
-def _forget(entry: dict[str, Any], versions: list[str]) -> None:
-    """Drop ``versions`` from an entry's installed list and per-version records."""
-    entry["installed"] = [v for v in entry["installed"] if v not in versions]
-    for v in versions:
-        entry["variants"].pop(v, None)
-        entry["failed"].pop(v, None)
