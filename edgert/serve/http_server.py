@@ -332,7 +332,6 @@ class _Connection(WritePressure, asyncio.Protocol):
             else:
                 task = asyncio.ensure_future(result)
             self.busy = True
-            self.linger.begin()
             task.add_done_callback(functools.partial(self._done, keep_alive=keep_alive, head_only=head_only))
             return
         self._update_reading()
@@ -348,7 +347,6 @@ class _Connection(WritePressure, asyncio.Protocol):
 
     def _done(self, task: asyncio.Future[Response], keep_alive: bool, head_only: bool = False) -> None:
         self.busy = False
-        self.linger.end()
         if task.cancelled():
             resp = error_response(503, "server is shutting down")
         else:

@@ -9,13 +9,6 @@ serves the next request, on any connection or protocol, as soon as it arrives. T
 ``budget`` of CPU per response, and each poll yields the CPU to any other runnable thread, so
 lingering only uses time the core would otherwise spend idle.
 
-Lingering is for the gap between one client's requests, so it only happens when nothing is left in
-flight: while any request still awaits its result (a batch forming, a session running in a worker
-thread), that result will wake the loop anyway, and polling would only take the CPU the batch and the
-clients need. With 32 clients and dynamic batching, polling regardless of this took ~28% of the loop
-thread and cut throughput by about a quarter (BENCHMARKS.md, issue 10). The transports call
-:meth:`Linger.begin` when a request goes asynchronous and :meth:`Linger.end` when it completes.
-
 ``EDGERT_LINGER_US`` sets the budget (default :data:`DEFAULT_LINGER_US`; 0 turns lingering off).
 """
 
@@ -43,28 +36,17 @@ def _budget_ns() -> int:
 class Linger:
     """Poll the loop for ``budget_ns`` after the last :meth:`touch`."""
 
-    __slots__ = ("active", "budget_ns", "in_flight", "last", "loop")
+    __slots__ = ("active", "budget_ns", "last", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, budget_ns: int) -> None:
         self.loop = loop
         self.budget_ns = budget_ns
         self.last = 0
         self.active = False
-        #: Requests on this loop awaiting their result (any connection, any transport).
-        self.in_flight = 0
-
-    def begin(self) -> None:
-        """A request went asynchronous: its completion will wake the loop, so polling stops."""
-        self.in_flight += 1
-
-    def end(self) -> None:
-        """A request begun with :meth:`begin` completed (answered, failed or cancelled)."""
-        if self.in_flight > 0:
-            self.in_flight -= 1
 
     def touch(self) -> None:
-        """A response went out: keep polling for the budget from now, unless requests are in flight."""
-        if self.budget_ns <= 0 or self.in_flight:
+        """A response went out: keep polling for the budget from now."""
+        if self.budget_ns <= 0:
             return
         self.last = time.perf_counter_ns()
         if not self.active:
@@ -73,11 +55,7 @@ class Linger:
 
     def _poll(self) -> None:
         # A ready callback makes the loop poll its selector without blocking, then run us again.
-        if (
-            not self.in_flight
-            and time.perf_counter_ns() - self.last < self.budget_ns
-            and not self.loop.is_closed()
-        ):
+        if time.perf_counter_ns() - self.last < self.budget_ns and not self.loop.is_closed():
             # Polling must not take the core from work that could use it (clients on a loaded
             # 2-core device): let any runnable thread on this CPU go first.
             os.sched_yield()

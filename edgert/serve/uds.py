@@ -244,13 +244,11 @@ class _Connection(WritePressure, asyncio.Protocol):
                 continue
             self.busy = True
             self.inflight = len(frame)
-            self.linger.begin()
             started.add_done_callback(self._done)
             return
 
     def _done(self, task: asyncio.Future[list[Any]]) -> None:
         self.busy = False
-        self.linger.end()
         if task.cancelled():
             buffers = fr.encode_frame(fr.ERROR, {"error": "server is shutting down", "status": 503})
         else:

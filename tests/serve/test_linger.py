@@ -48,35 +48,6 @@ def test_linger_polls_then_stops_by_itself() -> None:
     assert polls >= 1
 
 
-def test_no_polling_while_a_request_is_in_flight() -> None:
-    """Its completion wakes the loop; polling meanwhile took 28% of the loop under batching."""
-
-    async def scenario() -> tuple[bool, bool, bool, int, int]:
-        lg = _CountingLinger(asyncio.get_running_loop(), budget_ns=50_000_000)  # 50 ms
-        lg.polls = 0
-        lg.begin()
-        lg.touch()  # another connection's response while this request is still in flight
-        idle_while_in_flight = not lg.active
-        await asyncio.sleep(0.01)
-        polls_in_flight = lg.polls
-        lg.end()
-        lg.touch()
-        polling_after = lg.active
-        await asyncio.sleep(0.005)
-        lg.begin()  # a new request goes asynchronous: polling stops at its next turn
-        await asyncio.sleep(0.005)
-        stopped = not lg.active
-        lg.end()
-        lg.end()  # an unmatched end never drives the count below zero
-        return idle_while_in_flight, polling_after, stopped, polls_in_flight, lg.in_flight
-
-    idle, polling_after, stopped, polls_in_flight, left = asyncio.run(scenario())
-    assert idle and polls_in_flight == 0
-    assert polling_after
-    assert stopped
-    assert left == 0
-
-
 def test_zero_budget_never_schedules() -> None:
     async def scenario() -> bool:
         lg = linger.Linger(asyncio.get_running_loop(), budget_ns=0)
