@@ -228,6 +228,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cycles", type=int, default=CYCLES, help="10 requests per cycle")
     ap.add_argument("--settle", type=float, default=SETTLE_S)
+    ap.add_argument("--json", type=Path, default=None, help="also write a summary to this file")
     args = ap.parse_args()
     rounds = []
     with tempfile.TemporaryDirectory(prefix="bench-demo-rss-") as tmp:
@@ -259,6 +260,14 @@ def main() -> None:
             for ph in ("ready", "after")
         }
     print(json.dumps(result, indent=1))
+    if args.json:  # for tools/bench_issue10.py; VmRSS is in kB, shown in MB as above
+        cand = medians["candidate"]
+        ready, after = cand["ready"], cand["after"]
+        args.json.write_text(json.dumps({
+            "rss_ready_mb": ready["VmRSS"] / 1000, "rss_after_mb": after["VmRSS"] / 1000,
+            "anon_after_mb": after["RssAnon"] / 1000, "file_after_mb": after["RssFile"] / 1000,
+            "threads": after["Threads"], "rounds": args.rounds,
+        }, indent=2) + "\n")
     summary = {lab: {ph: f"{medians[lab][ph]['VmRSS'] / 1000:.1f} MB" for ph in phases} for lab in labels}
     print(json.dumps({"summary": summary, "delta_kB": result.get("delta_kB"), "ratio": result.get("ratio")}),
           file=sys.stderr)
