@@ -27,10 +27,19 @@ DIGITS = REPO / "models" / "digits_small_int8.onnx"
 PROFILE = (REPO / "device_profiles" / "cpu-generic.toml").read_text()
 
 
-def profile_text(spin: bool) -> str:
-    """cpu-generic with spinning explicitly on or off."""
+#: The daemons compared: their cpu-generic profile's onnxruntime session config entries.
+VARIANTS: dict[str, dict[str, str]] = {
+    "spin_on": {"session.intra_op.allow_spinning": "1"},
+    "spin_off": {"session.intra_op.allow_spinning": "0"},
+    # Spin while a Run is active, stop the moment it returns (onnxruntime's force_spinning_stop).
+    "spin_during_run": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
+}
+
+
+def profile_text(config: dict[str, str]) -> str:
+    """cpu-generic with exactly these session config entries on its CPU provider."""
     head, sep, tail = PROFILE.partition('name = "CPUExecutionProvider"')
-    entry = f'\nsession_config = {{ "session.intra_op.allow_spinning" = "{int(spin)}" }}'
+    entry = "\nsession_config = { " + ", ".join(f'"{k}" = "{v}"' for k, v in config.items()) + " }"
     tail = "\n".join(line for line in tail.splitlines() if "session_config" not in line)
     return head + sep + entry + tail
 
@@ -38,7 +47,7 @@ def profile_text(spin: bool) -> str:
 class SpinDaemon(Daemon):
     """A daemon serving MobileNetV2 and digits-small with spinning on or off."""
 
-    def __init__(self, tmp: Path, spin: bool) -> None:
+    def __init__(self, tmp: Path, name: str) -> None:
         import os
         import socket
         import subprocess
@@ -46,8 +55,8 @@ class SpinDaemon(Daemon):
         import psutil
 
         tmp.mkdir()
-        prof = tmp / f"cpu-spin{int(spin)}.toml"
-        prof.write_text(profile_text(spin).replace('name = "cpu-generic"', f'name = "cpu-spin{int(spin)}"'))
+        prof = tmp / f"cpu-{name}.toml"
+        prof.write_text(profile_text(VARIANTS[name]).replace('name = "cpu-generic"', f'name = "cpu-{name}"'))
         self.port = free_port()
         cfg = tmp / "edgert.toml"
         cfg.write_text(f"""
@@ -96,8 +105,8 @@ def digits_request() -> bytes:
     ) + body
 
 
-def run(rounds: int) -> dict:
-    """Interleaved rounds: bare, spin on, spin off, for each model."""
+def run(rounds: int, variants: list[str]) -> dict:
+    """Interleaved rounds: bare, then each variant's daemon, for each model."""
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # as edgert imports it
     import onnxruntime as ort
 
@@ -112,7 +121,7 @@ def run(rounds: int) -> dict:
     }
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        daemons = {"spin_on": SpinDaemon(tmp / "on", True), "spin_off": SpinDaemon(tmp / "off", False)}
+        daemons = {name: SpinDaemon(tmp / name, name) for name in variants}
         try:
             for d in daemons.values():
                 for req in reqs.values():
@@ -157,7 +166,9 @@ def run(rounds: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=200)
-    print(json.dumps(run(ap.parse_args().rounds), indent=2))
+    ap.add_argument("--variants", default="spin_on,spin_off", help=f"of {', '.join(VARIANTS)}")
+    args = ap.parse_args()
+    print(json.dumps(run(args.rounds, args.variants.split(",")), indent=2))
 
 
 if __name__ == "__main__":
