@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from bench_serving import free_port, json_request, wait_ready
+from bench_serving import daemon_config, free_port, json_request, spawn_daemon, wait_ready
 from loadgen import throughput
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,24 +46,11 @@ def start(
                 f'[[models]]\nname = "{w}-{mode}"\npath = "{MODELS / FILES[w]}"\nthreads = 1\n'
                 f"max_batch_size = {batch}\nmax_queue_delay_us = {delay_us}\n"
             )
-    cfg = tmp / "edgert.toml"
-    cfg.write_text(f"""
-[daemon]
-profile = "cpu-generic"
-state_dir = "{tmp / "state"}"
-allow_plaintext = true
-log_level = "error"
-[http]
-listen = "127.0.0.1:{port}"
-[metrics]
-listen = "127.0.0.1:{mport}"
-[socket]
-path = "{tmp / "edgert.sock"}"
-{models}
-""")
-    return subprocess.Popen(
-        [sys.executable, "-m", "edgert.cli.main", "daemon", "-c", str(cfg)], env={**os.environ, **env_extra}
+    cfg = daemon_config(
+        tmp, models, http=f"127.0.0.1:{port}", metrics=f"127.0.0.1:{mport}", socket_path=tmp / "edgert.sock",
+        log_level="error",
     )
+    return spawn_daemon(cfg, env=env_extra)
 
 
 def batch_counts(mport: int) -> dict[str, tuple[float, float]]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from bench_serving import free_port, json_request, wait_ready
+from bench_serving import daemon_config, free_port, json_request, spawn_daemon, wait_ready
 from loadgen import throughput
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,32 +35,10 @@ def start(
 ) -> tuple[psutil.Process, subprocess.Popen[bytes]]:
     """A daemon serving digits (threads = 1) with the given linger budget, from ``tree`` if given."""
     tmp.mkdir()
-    cfg = tmp / "edgert.toml"
-    cfg.write_text(f"""
-[daemon]
-profile = "cpu-generic"
-state_dir = "{tmp / "state"}"
-allow_plaintext = true
-log_level = "error"
-[http]
-listen = "127.0.0.1:{port}"
-[metrics]
-listen = ""
-[socket]
-path = "{tmp / "edgert.sock"}"
-[[models]]
-name = "digits"
-path = "{MODELS / "digits_small_int8.onnx"}"
-threads = 1
-""")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edgert.cli.main", "daemon", "-c", str(cfg)],
-        env={
-            **os.environ,
-            "EDGERT_LINGER_US": str(linger_us),
-            **({"PYTHONPATH": str(tree)} if tree else {}),
-        },
-    )
+    models = f'[[models]]\nname = "digits"\npath = "{MODELS / "digits_small_int8.onnx"}"\nthreads = 1\n'
+    sock = tmp / "edgert.sock"
+    cfg = daemon_config(tmp, models, http=f"127.0.0.1:{port}", socket_path=sock, log_level="error")
+    proc = spawn_daemon(cfg, tree, {"EDGERT_LINGER_US": str(linger_us)})
     try:
         wait_ready(tmp / "edgert.sock")
     except BaseException:

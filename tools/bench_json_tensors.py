@@ -14,8 +14,6 @@ import argparse
 import json
 import os
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import psutil
-from bench_serving import free_port
+from bench_serving import daemon_config, free_port, spawn_daemon
 from loadgen import throughput
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,29 +48,14 @@ def json_request(x: np.ndarray) -> bytes:
 class Daemon:
     """An edgert daemon from ``tree`` serving MobileNetV2 on its own port, in its own process."""
 
-    def __init__(self, tree: Path, tmp: Path) -> None:
+    def __init__(
+        self, tree: Path, tmp: Path, models: str | None = None, profile: str = "cpu-generic"
+    ) -> None:
         tmp.mkdir()
         self.port = free_port()
-        cfg = tmp / "edgert.toml"
-        cfg.write_text(f"""
-[daemon]
-profile = "cpu-generic"
-state_dir = "{tmp / "state"}"
-allow_plaintext = true
-log_level = "warning"
-[http]
-listen = "127.0.0.1:{self.port}"
-[metrics]
-listen = ""
-[socket]
-path = ""
-[[models]]
-name = "mobilenet"
-path = "{MODEL}"
-""")
-        env = dict(os.environ, PYTHONPATH=str(tree))
-        cmd = [sys.executable, "-m", "edgert.cli.main", "daemon", "-c", str(cfg)]
-        self.proc = subprocess.Popen(cmd, env=env)
+        models = models or f'[[models]]\nname = "mobilenet"\npath = "{MODEL}"\n'
+        cfg = daemon_config(tmp, models, http=f"127.0.0.1:{self.port}", profile=profile)
+        self.proc = spawn_daemon(cfg, tree)
         self.ps = psutil.Process(self.proc.pid)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

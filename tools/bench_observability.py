@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from bench_serving import free_port, json_request, pct, time_http
+from bench_serving import daemon_config, free_port, json_request, pct, spawn_daemon, time_http
 from loadgen import throughput
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,25 +99,11 @@ def proc_cpu_seconds(pid: int) -> float:
 
 def daemon_round(tree: Path, tmp: Path, seconds: float, on: bool) -> dict[str, float]:
     port, mport = free_port(), free_port()
-    cfg = tmp / "edgert.toml"
-    cfg.write_text(f"""
-[daemon]
-profile = "cpu-generic"
-state_dir = "{tmp / "state"}"
-allow_plaintext = true
-log_level = "warning"
-[http]
-listen = "127.0.0.1:{port}"
-[metrics]
-listen = "127.0.0.1:{mport}"
-[socket]
-path = "{tmp / "edgert.sock"}"
-[[models]]
-name = "digits"
-path = "{DIGITS}"
-""")
-    proc = subprocess.Popen([sys.executable, "-m", "edgert.cli.main", "daemon", "-c", str(cfg)],
-                            env=env_for(tree))
+    models = f'[[models]]\nname = "digits"\npath = "{DIGITS}"\n'
+    cfg = daemon_config(
+        tmp, models, http=f"127.0.0.1:{port}", metrics=f"127.0.0.1:{mport}", socket_path=tmp / "edgert.sock"
+    )
+    proc = spawn_daemon(cfg, tree)
     try:
         wait_http(port)
         x = np.load(MODELS / "digits_test.npz")["x"][:1]

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from loadgen import throughput
@@ -44,26 +45,52 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.array(xs), q))
 
 
-def start_daemon(tmp: Path, models: str, notify: str | None = None) -> subprocess.Popen[bytes]:
+def daemon_config(
+    tmp: Path,
+    models: str,
+    *,
+    http: str = "",
+    metrics: str = "",
+    socket_path: Path | None = None,
+    log_level: str = "warning",
+    profile: str = "cpu-generic",
+    plaintext: bool = True,
+) -> Path:
+    """Write the benchmark daemons' edgert.toml into ``tmp`` (state in tmp/state) and return its path.
+
+    ``models`` is the ``[[models]]`` TOML; listeners are off unless given (``http``/``metrics`` as
+    HOST:PORT, ``socket_path`` for the Unix socket).
+    """
     cfg = tmp / "edgert.toml"
     cfg.write_text(f"""
 [daemon]
-profile = "cpu-generic"
+profile = "{profile}"
 state_dir = "{tmp / "state"}"
-allow_plaintext = true
-log_level = "warning"
+allow_plaintext = {"true" if plaintext else "false"}
+log_level = "{log_level}"
 [http]
-listen = "127.0.0.1:{PORT}"
+listen = "{http}"
 [metrics]
-listen = ""
+listen = "{metrics}"
 [socket]
-path = "{tmp / "edgert.sock"}"
+path = "{socket_path or ""}"
 {models}
 """)
-    env = dict(os.environ)
-    if notify:
-        env["NOTIFY_SOCKET"] = notify
-    return subprocess.Popen([sys.executable, "-m", "edgert.cli.main", "daemon", "-c", str(cfg)], env=env)
+    return cfg
+
+
+def spawn_daemon(cfg: Path, tree: Path | None = None, env: dict[str, str] | None = None,
+                 **popen: Any) -> subprocess.Popen[bytes]:
+    """``edgert daemon -c cfg`` in its own process, from ``tree`` (PYTHONPATH) if given."""
+    full = {**os.environ, **(env or {}), **({"PYTHONPATH": str(tree)} if tree else {})}
+    cmd = [sys.executable, "-m", "edgert.cli.main", "daemon", "-c", str(cfg)]
+    return subprocess.Popen(cmd, env=full, **popen)
+
+
+def start_daemon(tmp: Path, models: str, notify: str | None = None) -> subprocess.Popen[bytes]:
+    """This script's daemon: HTTP on PORT and the Unix socket, ``models`` as given."""
+    cfg = daemon_config(tmp, models, http=f"127.0.0.1:{PORT}", socket_path=tmp / "edgert.sock")
+    return spawn_daemon(cfg, env={"NOTIFY_SOCKET": notify} if notify else None)
 
 
 def wait_ready(sock_path: Path, timeout: float = 60) -> None:

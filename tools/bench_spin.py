@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import orjson
-from bench_json_tensors import MODEL, REPO, Daemon, free_port, json_request
+from bench_json_tensors import MODEL, REPO, Daemon, json_request
 
 DIGITS = REPO / "models" / "digits_small_int8.onnx"
 PROFILE = (REPO / "device_profiles" / "cpu-generic.toml").read_text()
@@ -48,51 +47,11 @@ class SpinDaemon(Daemon):
     """A daemon serving MobileNetV2 and digits-small with spinning on or off."""
 
     def __init__(self, tmp: Path, name: str) -> None:
-        import os
-        import socket
-        import subprocess
-
-        import psutil
-
-        tmp.mkdir()
-        prof = tmp / f"cpu-{name}.toml"
+        prof = tmp.parent / f"cpu-{name}.toml"
         prof.write_text(profile_text(VARIANTS[name]).replace('name = "cpu-generic"', f'name = "cpu-{name}"'))
-        self.port = free_port()
-        cfg = tmp / "edgert.toml"
-        cfg.write_text(f"""
-[daemon]
-profile = "{prof}"
-state_dir = "{tmp / "state"}"
-allow_plaintext = true
-log_level = "warning"
-[http]
-listen = "127.0.0.1:{self.port}"
-[metrics]
-listen = ""
-[socket]
-path = ""
-[[models]]
-name = "mobilenet"
-path = "{MODEL}"
-[[models]]
-name = "digits"
-path = "{DIGITS}"
-""")
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        cmd = [sys.executable, "-m", "edgert.cli.main", "daemon", "-c", str(cfg)]
-        self.proc = subprocess.Popen(cmd, env=env)
-        self.ps = psutil.Process(self.proc.pid)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                self.sock = socket.create_connection(("127.0.0.1", self.port))
-                break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("daemon did not listen")
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = bytearray()
+        models = f'[[models]]\nname = "mobilenet"\npath = "{MODEL}"\n'
+        models += f'[[models]]\nname = "digits"\npath = "{DIGITS}"\n'
+        super().__init__(REPO, tmp, models, profile=str(prof))
 
 
 def digits_request() -> bytes:

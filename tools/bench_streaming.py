@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_serving import wait_ready
+from bench_serving import daemon_config, spawn_daemon, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
@@ -36,30 +36,11 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def start_daemon(tmp: Path) -> subprocess.Popen[bytes]:
-    cfg = tmp / "edgert.toml"
-    cfg.write_text(f"""
-[daemon]
-profile = "cpu-generic"
-state_dir = "{tmp / "state"}"
-allow_plaintext = true
-log_level = "warning"
-[http]
-listen = ""
-[metrics]
-listen = ""
-[socket]
-path = "{tmp / "edgert.sock"}"
-[[models]]
-name = "mobilenetv2"
-path = "{MODELS / "mobilenetv2_int8.onnx"}"
-[[models]]
-name = "tones"
-path = "{MODELS / "tones_int8.onnx"}"
-threads = 1
-""")
-    return subprocess.Popen(
-        [sys.executable, "-m", "edgert.cli.main", "daemon", "-c", str(cfg)], env=dict(os.environ)
+    models = (
+        f'[[models]]\nname = "mobilenetv2"\npath = "{MODELS / "mobilenetv2_int8.onnx"}"\n'
+        f'[[models]]\nname = "tones"\npath = "{MODELS / "tones_int8.onnx"}"\nthreads = 1\n'
     )
+    return spawn_daemon(daemon_config(tmp, models, socket_path=tmp / "edgert.sock"))
 
 
 def bare_ms(model: str, x: np.ndarray, threads: int | None) -> float:
